@@ -1,0 +1,7 @@
+"""slimopt's optimizers: one module per method, each a short recipe over ``core``."""
+from .galore import GaLore
+from .grassjump import GrassJump
+from .grasswalk import GrassWalk
+from .sara import SARA
+
+__all__ = ["GaLore", "GrassJump", "GrassWalk", "SARA"]

@@ -1,0 +1,34 @@
+"""SARA's policy: singular directions drawn at random with probability proportional to sigma.
+
+At each change take the SVD ``G = U Sigma V^T`` and draw ``r`` distinct indices without replacement,
+successively, with weights ``sigma_i / sum(sigma)`` (not squared), as
+``torch.multinomial(sigma, r, replacement=False)`` does. The drawn columns are kept in index order
+(descending singular value), so coordinate ``i`` of the moments keeps meaning "the i-th strongest
+drawn direction" across changes. Directions with a zero singular value are drawn only when fewer
+than ``r`` non-zero ones exist (then uniformly among them).
+"""
+from __future__ import annotations
+
+import torch
+
+from .base import BasisPolicy
+
+
+def sample_singular_indices(sigma: torch.Tensor, rank: int, gen: torch.Generator) -> torch.Tensor:
+    """``rank`` distinct indices drawn successively with weights proportional to ``sigma``, sorted."""
+    weights = sigma.clamp_min(0.0).to(torch.float64)
+    positive = int((weights > 0).sum())
+    if positive < rank:
+        # not enough mass to draw r distinct directions: the zero ones come after, uniformly
+        floor = weights.sum() * 1e-12 if positive > 0 else torch.ones((), dtype=weights.dtype)
+        weights = torch.where(weights > 0, weights, floor.to(weights))
+    if weights.device != gen.device:
+        weights = weights.to(gen.device)
+    picked = torch.multinomial(weights, rank, replacement=False, generator=gen)
+    return torch.sort(picked.to(sigma.device)).values
+
+
+class ImportanceSVD(BasisPolicy):
+    def next(self, basis, grad, rank, gen):
+        u, sigma, _ = torch.linalg.svd(grad, full_matrices=False)
+        return u[:, sample_singular_indices(sigma, rank, gen)].contiguous()

@@ -1,0 +1,35 @@
+"""The Adam rule as pure tensor functions, shared by the dense and the subspace paths.
+
+The bias-corrected direction follows ``torch.optim.AdamW`` exactly (eps is added to the
+bias-corrected ``sqrt(v)``), so that the dense fallback of every slimopt optimizer is AdamW.
+galore-torch puts eps on the uncorrected ``sqrt(v)`` instead; the two agree once
+``1 - beta2**t`` is near 1.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def adam_moments_(exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, grad: torch.Tensor,
+                  beta1: float, beta2: float) -> None:
+    """In place: ``m <- b1 m + (1-b1) g``, ``v <- b2 v + (1-b2) g^2``."""
+    exp_avg.lerp_(grad, 1.0 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+
+
+def adam_direction(exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, step: int,
+                   beta1: float, beta2: float, eps: float) -> torch.Tensor:
+    """Bias-corrected Adam direction ``m_hat / (sqrt(v_hat) + eps)`` (a new tensor).
+
+    ``step`` counts the updates already folded into the moments (1 after the first).
+    """
+    bias_correction1 = 1.0 - beta1 ** step
+    bias_correction2_sqrt = (1.0 - beta2 ** step) ** 0.5
+    denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+    return (exp_avg / bias_correction1).div_(denom)
+
+
+def decoupled_weight_decay_(param: torch.Tensor, lr: float, weight_decay: float) -> None:
+    """AdamW's decoupled decay, applied before the update as torch does."""
+    if weight_decay != 0.0:
+        param.mul_(1.0 - lr * weight_decay)

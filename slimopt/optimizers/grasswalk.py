@@ -1,0 +1,24 @@
+"""GrassWalk (Rajabi et al., arXiv 2510.01878): a random geodesic walk on the Grassmannian."""
+from __future__ import annotations
+
+from .bases import GrassmannWalk
+from .core import SubspaceAdam
+
+
+class GrassWalk(SubspaceAdam):
+    """Every ``update_interval`` steps the basis takes a random geodesic step of angle
+    ``walk_angle`` (radians; the geodesic distance moved), with the moments transported into the
+    new basis and Fira's recovery scaling of the residual.
+
+    ``walk_tangent_rank`` is 1 (one direction turns per move; SubTrack++'s finding) or ``"full"``;
+    ``walk_init`` is ``"svd"`` (top-r SVD of the first gradient) or ``"random"``. The paper's value
+    of the step size is not public; ``walk_angle=0.5`` is our default (see the README).
+    """
+
+    option_defaults = {**SubspaceAdam.option_defaults, "moment_rule": "transport",
+                       "recovery": True, "walk_angle": 0.5, "walk_tangent_rank": 1,
+                       "walk_init": "svd"}
+
+    @staticmethod
+    def policy_from_group(group):
+        return GrassmannWalk(group["walk_angle"], group["walk_tangent_rank"], group["walk_init"])

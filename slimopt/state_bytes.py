@@ -1,0 +1,34 @@
+"""Count the bytes an optimizer holds in state."""
+from __future__ import annotations
+
+import torch
+
+
+def _tensor_bytes(obj, seen: set) -> int:
+    if isinstance(obj, torch.Tensor):
+        key = (obj.untyped_storage().data_ptr(), obj.device, obj.dtype, obj.shape) \
+            if not obj.is_meta else id(obj)
+        if key in seen:
+            return 0
+        seen.add(key)
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v, seen) for v in obj.values())
+    if isinstance(obj, (list, tuple, set)):
+        return sum(_tensor_bytes(v, seen) for v in obj)
+    if hasattr(obj, "__dict__") and not isinstance(obj, type):
+        # objects kept in state by other libraries (galore-torch's projector holds its basis)
+        return sum(_tensor_bytes(v, seen) for v in vars(obj).values())
+    return 0
+
+
+def state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes held in ``optimizer.state``: every tensor counted once (``numel * element_size``),
+    including tensors inside objects that other libraries keep there (e.g. galore-torch's
+    projector). Python numbers are not counted. Works for any ``torch.optim.Optimizer`` and for
+    state allocated on the meta device."""
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"state_bytes expects a torch.optim.Optimizer, got "
+                        f"{type(optimizer).__name__}")
+    seen: set = set()
+    return sum(_tensor_bytes(s, seen) for s in optimizer.state.values())
