@@ -14,15 +14,17 @@ def _output_head(model: nn.Module):
     return head
 
 
-def param_groups(model: nn.Module, rank: int, *, targets=None, **low_rank_options) -> list[dict]:
-    """Two parameter groups: a low-rank one and a dense (``rank=None``) one.
+def param_groups(model: nn.Module, rank: int | None = None, *, targets=None,
+                 **low_rank_options) -> list[dict]:
+    """Two parameter groups: the matrix one and a dense one (``dense=True``, ``rank=None``).
 
     The low-rank group holds the weights of the ``nn.Linear`` modules whose name ends in one of
     ``targets`` (default: LLaMA's ``q/k/v/o_proj`` and ``gate/up/down_proj``); if the model has
     none of those (a plain module), every ``nn.Linear`` weight except the output head (the model's
     ``get_output_embeddings()`` or a module named ``lm_head``) and weights tied to an embedding.
     Everything else -- embeddings, the head, norms, biases -- goes to the dense group.
-    ``low_rank_options`` (``update_interval``, ``scale``, ...) apply to the low-rank group.
+    ``rank`` (if given) and ``low_rank_options`` (``update_interval``, ``scale``, ...) apply to
+    the matrix group; every slimopt optimizer gives the dense group AdamW.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"param_groups expects an nn.Module, got {type(model).__name__}")
@@ -44,7 +46,10 @@ def param_groups(model: nn.Module, rank: int, *, targets=None, **low_rank_option
             continue
         seen.add(id(p))
         (low if id(p) in low_rank_ids and p.dim() == 2 else dense).append(p)
-    groups = [{"params": low, "rank": rank, **low_rank_options}]
+    matrix_group = {"params": low, **low_rank_options}
+    if rank is not None:
+        matrix_group["rank"] = rank
+    groups = [matrix_group]
     if dense:
-        groups.append({"params": dense, "rank": None})
+        groups.append({"params": dense, "rank": None, "dense": True})
     return groups

@@ -37,7 +37,8 @@ def test_param_groups_split_a_real_llama():
     names = {id(p): n for n, p in model.named_parameters()}
     low_names = sorted(names[id(p)] for p in low["params"])
     dense_names = sorted(names[id(p)] for p in dense["params"])
-    assert low["rank"] == 16 and low["update_interval"] == 50 and dense["rank"] is None
+    assert low["rank"] == 16 and low["update_interval"] == 50
+    assert dense["rank"] is None and dense["dense"] is True
     assert len(low_names) == 2 * 7
     assert all(n.split(".")[-2] in slimopt.param_groups.__globals__["PROJECTION_NAMES"]
                for n in low_names)

@@ -7,12 +7,17 @@ Gram matrix), then for each step's ``(a, b, c)``::
 
 With every step at Muon's ``(3.4445, -4.7750, 2.0315)`` and ``dtype=torch.bfloat16`` this is
 exactly ``torch.optim.Muon``'s ``_zeropower_via_newtonschulz`` (same operation order).
+
+``newton_schulz`` is the entry point: Triton (``triton_newton_schulz``) or this reference, as
+``dispatch.backend`` decides.
 """
 from __future__ import annotations
 
 from typing import Sequence
 
 import torch
+
+from .dispatch import backend
 
 MUON_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
@@ -32,3 +37,12 @@ def newton_schulz_torch(grad: torch.Tensor, coefficients: Sequence[Sequence[floa
         poly = torch.addmm(gram, gram, gram, beta=b, alpha=c)
         x = torch.addmm(x, poly, x, beta=a)
     return x.T if tall else x
+
+
+def newton_schulz(grad: torch.Tensor, coefficients: Sequence[Sequence[float]],
+                  eps: float = 1e-7, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Orthogonalized ``grad`` in ``dtype``, same shape: Triton or the torch reference."""
+    if backend(grad) == "triton":
+        from . import triton_newton_schulz
+        return triton_newton_schulz.newton_schulz(grad, coefficients, eps, dtype)
+    return newton_schulz_torch(grad, coefficients, eps, dtype)

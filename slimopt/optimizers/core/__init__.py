@@ -1,5 +1,8 @@
-"""Pieces shared by every slimopt optimizer: the Adam rule, moment transport, recovery scaling,
-counter-based randomness, validation and the projected-Adam core that wires them."""
+"""Pieces shared by every slimopt optimizer: the Adam rule, moment rules, recovery scaling,
+counter-based randomness, validation, the optimizer base with its dense AdamW fallback, and the
+subspace frame the low-rank methods are recipes of."""
+from .base import SlimOptimizer
+from .subspace import SubspaceOptimizer
 from .subspace_adam import SubspaceAdam
 
-__all__ = ["SubspaceAdam"]
+__all__ = ["SlimOptimizer", "SubspaceOptimizer", "SubspaceAdam"]

@@ -1,32 +1,55 @@
-"""What happens to Adam's moments when the subspace basis changes.
+"""What happens to the subspace moments when the basis changes.
 
-Two rules: ``keep`` (GaLore, SARA: the moments are left as they are, so after a change they mix
-coordinates of two bases) and ``transport`` (LDAdam's projection-aware rule that SubTrack++,
-GrassWalk and GrassJump use): with ``C = S_new^T S_old`` (r x r),
+Three rules:
 
-    M <- C M
-    V <- | (C o C)(V - M o M) + (C M) o (C M) |
+- ``keep`` (GaLore, SARA): the moments are left as they are, so after a change they mix
+  coordinates of two bases;
+- ``reset`` (Subspace-Momentum): the moments are zeroed;
+- ``transport`` (LDAdam's projection-aware rule that SubTrack++, GrassWalk and GrassJump use):
+  with ``C = S_new^T S_old`` (r x r),
 
-where ``o`` is the element-wise product and the ``M`` inside is the old first moment. ``V - M o M``
-is the per-coordinate variance estimate; it is carried across with ``C o C`` (exact for
-independent coordinates) and the squared transported mean is added back.
+      M <- C M
+      V <- | (C o C)(V - M o M) + (C M) o (C M) |
+
+  where ``o`` is the element-wise product and the ``M`` inside is the old first moment.
+  ``V - M o M`` is the per-coordinate variance estimate; it is carried across with ``C o C``
+  (exact for independent coordinates) and the squared transported mean is added back.
 """
 from __future__ import annotations
 
 import torch
 
+MOMENT_RULES = ("keep", "reset", "transport")
 
-def transport_moments(exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+
+def transport_moments(exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor | None,
                       basis_old: torch.Tensor, basis_new: torch.Tensor):
     """Return ``(M', V')``, the moments expressed in ``basis_new`` (pure; inputs untouched).
 
-    Bases are ``d x r`` with orthonormal columns; moments are ``r x k``.
+    Bases are ``d x r`` with orthonormal columns; moments are ``r x k``. ``exp_avg_sq`` may be
+    ``None`` (a rule with a first moment only); then ``V'`` is ``None``.
     """
     change = basis_new.transpose(0, 1) @ basis_old
     new_avg = change @ exp_avg
+    if exp_avg_sq is None:
+        return new_avg, None
     variance = exp_avg_sq - exp_avg * exp_avg
     new_avg_sq = ((change * change) @ variance).add_(new_avg * new_avg).abs_()
     return new_avg, new_avg_sq
 
 
-MOMENT_RULES = ("keep", "transport")
+def apply_moment_rule_(rule: str, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor | None,
+                       basis_old: torch.Tensor, basis_new: torch.Tensor) -> None:
+    """Apply ``rule`` to the moments in place at a change from ``basis_old`` to ``basis_new``."""
+    if rule == "keep":
+        return
+    if rule == "reset":
+        exp_avg.zero_()
+        if exp_avg_sq is not None:
+            exp_avg_sq.zero_()
+        return
+    new_avg, new_avg_sq = transport_moments(exp_avg, exp_avg_sq, basis_old.to(exp_avg.dtype),
+                                            basis_new.to(exp_avg.dtype))
+    exp_avg.copy_(new_avg)
+    if exp_avg_sq is not None:
+        exp_avg_sq.copy_(new_avg_sq)

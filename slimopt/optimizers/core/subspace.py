@@ -1,0 +1,140 @@
+"""``SubspaceOptimizer``: the frame every low-rank method of slimopt is a recipe of.
+
+Per 2-D parameter whose group has an integer ``rank`` below the matrix's smaller side:
+
+1. Work in the canonical orientation: ``G`` (d x k) with ``d <= k`` (the matrix, or its transpose),
+   so the basis ``S`` is ``d x r`` and the moments ``r x k`` -- the smaller state, as GaLore does.
+2. Every ``update_interval`` steps (and at the first) the **basis policy** (``bases/``) gives a new
+   ``S``; the **moment rule** (``transport.py``: keep, reset or transport) acts on the moments.
+3. The **inner rule** (a subclass: Adam in the subspace, or subspace momentum with subset-norm
+   step sizes) turns ``(G, S, state)`` into an update ``U``;
+   ``W <- (1 - lr * wd) W - lr * U`` (decoupled weight decay, as AdamW).
+
+Every other parameter (not 2-D, a group with ``rank=None`` or ``dense=True``, or
+``rank >= min(m, n)``, with one warning per group) gets dense AdamW.
+
+Randomness: draw ``j`` of parameter ``key`` comes from a generator seeded with
+``(seed, key, j)`` (``rng.py``); the state holds only integers for it. A policy whose basis is a
+pure function of its draw (``stored = False``) has its basis regenerated instead of stored.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from .adam import decoupled_weight_decay_
+from .base import SlimOptimizer
+from .rng import generator_for
+from .transport import MOMENT_RULES, apply_moment_rule_
+from .validation import check_choice, check_int
+
+
+class SubspaceOptimizer(SlimOptimizer):
+    #: names of the (first, second) subspace moments in the state; second may be None
+    moment_names: tuple = ("exp_avg", "exp_avg_sq")
+
+    # ------------------------------------------------------------------ recipe hooks
+    @staticmethod
+    def policy_from_group(group: dict):
+        """The ``BasisPolicy`` for a group's hyperparameters (validates them)."""
+        raise NotImplementedError
+
+    def _init_inner_state(self, p, group, state, d: int, k: int, r: int) -> None:
+        raise NotImplementedError
+
+    def _inner_update(self, p, group, state, grad, basis) -> torch.Tensor:
+        """The canonical ``d x k`` update ``U`` (``W <- W - lr U``); advances ``state["step"]``."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ set-up
+    def check_group(self, group: dict) -> None:
+        check_int("rank", group["rank"], 1, allow_none=True)
+        check_int("update_interval", group["update_interval"], 1)
+        check_choice("moment_rule", group["moment_rule"], MOMENT_RULES)
+        self.policy_from_group(group)
+        if group["rank"] is None or group["dense"]:
+            return
+        dense_shapes = [tuple(p.shape) for p in group["params"]
+                        if p.dim() == 2 and group["rank"] >= min(p.shape)]
+        if dense_shapes:
+            warnings.warn(f"{type(self).__name__}: rank={group['rank']} is at or above the smaller "
+                          f"side of {len(dense_shapes)} matrix parameter(s) {dense_shapes[:4]}"
+                          f"{'...' if len(dense_shapes) > 4 else ''}; they get dense AdamW",
+                          stacklevel=6)
+
+    def takes_matrix_rule(self, param: torch.Tensor, group: dict) -> bool:
+        rank = group["rank"]
+        return (param.dim() == 2 and not group["dense"] and rank is not None
+                and rank < min(param.shape))
+
+    @staticmethod
+    def _canonical(t: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+        """The ``d x k`` (``d <= k``) view of a parameter-shaped matrix."""
+        return t.transpose(0, 1) if param.shape[0] > param.shape[1] else t
+
+    def _init_matrix_state(self, p, group, state) -> None:
+        d, k = sorted(p.shape)
+        r = group["rank"]
+        if self.policy_from_group(group).stored:
+            state["basis"] = torch.zeros(d, r, dtype=p.dtype, device=p.device)
+        self._init_inner_state(p, group, state, d, k, r)
+
+    # ------------------------------------------------------------------ bases
+    @staticmethod
+    def _work_dtype(p: torch.Tensor) -> torch.dtype:
+        return p.dtype if p.dtype in (torch.float32, torch.float64) else torch.float32
+
+    def _draw(self, policy, state, grad32, rank, interval, previous=None):
+        """The basis of ``interval``: the policy's first, or its move from ``previous``."""
+        gen = generator_for(grad32.device, self.seed, state["key"], interval)
+        if interval == 0:
+            return policy.initial(grad32, rank, gen)
+        return policy.next(previous, grad32, rank, gen)
+
+    def _basis_for_step(self, p, group, state, grad) -> torch.Tensor:
+        policy = self.policy_from_group(group)
+        rank, t = group["rank"], state["step"]
+        interval = t // group["update_interval"]
+        if t % group["update_interval"] != 0:
+            if policy.stored:
+                return state["basis"]
+            return self._draw(policy, state, grad.to(self._work_dtype(p)), rank, interval).to(p.dtype)
+        grad32 = grad.to(self._work_dtype(p))
+        if t == 0:
+            basis = self._draw(policy, state, grad32, rank, 0)
+        else:
+            old = state["basis"] if policy.stored else self._draw(policy, state, grad32, rank,
+                                                                  interval - 1)
+            basis = self._draw(policy, state, grad32, rank, interval, old.to(grad32.dtype))
+            first, second = self.moment_names
+            apply_moment_rule_(group["moment_rule"], state[first],
+                               state[second] if second else None, old, basis)
+        basis = basis.to(p.dtype)
+        if policy.stored:
+            state["basis"].copy_(basis)
+        return basis
+
+    @torch.no_grad()
+    def current_basis(self, p: torch.Tensor) -> torch.Tensor | None:
+        """The basis ``S`` (``d x r``, canonical orientation) a low-rank parameter used at its last
+        step, regenerated if the policy does not store it; ``None`` for dense parameters or before
+        the first step."""
+        group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
+        state = self.state.get(p)
+        if not state or not self.takes_matrix_rule(p, group) or state["step"] == 0:
+            return None
+        if "basis" in state:
+            return state["basis"]
+        dummy = torch.empty(sorted(p.shape), device=p.device, dtype=self._work_dtype(p))
+        interval = (state["step"] - 1) // group["update_interval"]
+        return self._draw(self.policy_from_group(group), state, dummy, group["rank"],
+                          interval).to(p.dtype)
+
+    # ------------------------------------------------------------------ step
+    def _matrix_step(self, p, group, state) -> None:
+        grad = self._canonical(p.grad, p)
+        basis = self._basis_for_step(p, group, state, grad)
+        update = self._inner_update(p, group, state, grad, basis)
+        decoupled_weight_decay_(p, group["lr"], group["weight_decay"])
+        p.add_(self._canonical(update, p), alpha=-group["lr"])
