@@ -3,5 +3,7 @@ from .galore import GaLore
 from .grassjump import GrassJump
 from .grasswalk import GrassWalk
 from .sara import SARA
+from .snsm import SNSM, SubspaceMomentum
+from .subset_norm import SubsetNorm
 
-__all__ = ["GaLore", "GrassJump", "GrassWalk", "SARA"]
+__all__ = ["GaLore", "GrassJump", "GrassWalk", "SARA", "SNSM", "SubspaceMomentum", "SubsetNorm"]

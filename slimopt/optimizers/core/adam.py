@@ -12,9 +12,13 @@ import torch
 
 def adam_moments_(exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, grad: torch.Tensor,
                   beta1: float, beta2: float) -> None:
-    """In place: ``m <- b1 m + (1-b1) g``, ``v <- b2 v + (1-b2) g^2``."""
+    """In place: ``m <- b1 m + (1-b1) g``, ``v <- b2 v + (1-b2) g^2`` (``v <- v + g^2`` when
+    ``b2 = 1``, AdaGrad's sum, which optimizers allowing ``b2 = 1`` use)."""
     exp_avg.lerp_(grad, 1.0 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+    if beta2 >= 1.0:
+        exp_avg_sq.addcmul_(grad, grad)
+    else:
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
 
 
 def adam_direction(exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, step: int,
@@ -24,7 +28,7 @@ def adam_direction(exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, step: int,
     ``step`` counts the updates already folded into the moments (1 after the first).
     """
     bias_correction1 = 1.0 - beta1 ** step
-    bias_correction2_sqrt = (1.0 - beta2 ** step) ** 0.5
+    bias_correction2_sqrt = (1.0 - beta2 ** step) ** 0.5 if beta2 < 1.0 else 1.0
     denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
     return (exp_avg / bias_correction1).div_(denom)
 

@@ -28,6 +28,9 @@ NONFINITE_MODES = ("skip", "raise", "off")
 class SlimOptimizer(Optimizer):
     #: the method's options and their defaults; a subclass overrides or extends this dict
     option_defaults: dict = {}
+    #: whether betas[1] = 1 is allowed (AdaGrad-style sums; the dense AdamW path then skips
+    #: its second-moment bias correction, which would be 0)
+    beta2_may_be_one: bool = False
 
     def __init__(self, params, defaults: dict, *, seed=0, nonfinite="skip", options=None):
         options = options or {}
@@ -62,7 +65,7 @@ class SlimOptimizer(Optimizer):
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        check_adam_group(group)
+        check_adam_group(group, self.beta2_may_be_one)
         if not isinstance(group["dense"], bool):
             raise ValueError(f"dense must be True or False, got {group['dense']!r}")
         self.check_group(group)

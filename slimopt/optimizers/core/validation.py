@@ -21,14 +21,16 @@ def check_positive(name: str, value) -> None:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
 
-def check_betas(betas) -> None:
+def check_betas(betas, beta2_may_be_one: bool = False) -> None:
     try:
         b1, b2 = betas
     except (TypeError, ValueError):
         raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}") from None
     for i, b in enumerate((b1, b2)):
-        if not _is_real(b) or not 0.0 <= b < 1.0:
-            raise ValueError(f"betas[{i}] must be in [0, 1), got {b!r} (betas={betas!r})")
+        closed = i == 1 and beta2_may_be_one
+        if not _is_real(b) or not (0.0 <= b <= 1.0 if closed else 0.0 <= b < 1.0):
+            interval = "[0, 1]" if closed else "[0, 1)"
+            raise ValueError(f"betas[{i}] must be in {interval}, got {b!r} (betas={betas!r})")
 
 
 def check_int(name: str, value, minimum: int, allow_none: bool = False) -> None:
@@ -44,10 +46,10 @@ def check_choice(name: str, value, choices) -> None:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
 
 
-def check_adam_group(group: dict) -> None:
+def check_adam_group(group: dict, beta2_may_be_one: bool = False) -> None:
     """The hyperparameters every slimopt Adam-style group shares."""
     check_nonnegative("lr", group["lr"])
-    check_betas(group["betas"])
+    check_betas(group["betas"], beta2_may_be_one)
     check_nonnegative("eps", group["eps"])
     check_nonnegative("weight_decay", group["weight_decay"])
 

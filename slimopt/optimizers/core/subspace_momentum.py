@@ -1,0 +1,19 @@
+"""Subspace-Momentum (Nguyen & Nguyen, arXiv 2411.07120) as a pure function.
+
+Momentum lives only in the subspace of basis ``S`` (``d x r``); the orthogonal complement gets
+plain SGD: ``m <- beta1 m + (1 - beta1) S^T g``, direction ``S m + (g - S S^T g)``. With a full
+square basis the residual vanishes and this is EMA-momentum SGD.
+"""
+from __future__ import annotations
+
+import torch
+
+from ...kernels import project, project_back
+
+
+def subspace_momentum_direction_(basis: torch.Tensor, grad: torch.Tensor,
+                                 exp_avg: torch.Tensor, beta1: float) -> torch.Tensor:
+    """Update ``exp_avg`` (r x k) in place and return ``S m + (g - S S^T g)`` (d x k)."""
+    projected = project(basis, grad)
+    exp_avg.lerp_(projected, 1.0 - beta1)
+    return project_back(basis, exp_avg - projected).add_(grad)
