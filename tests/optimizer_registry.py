@@ -6,7 +6,7 @@ import dataclasses
 import math
 
 import slimopt
-from slimopt.optimizers import SNSM, SubsetNorm, SubspaceMomentum
+from slimopt.optimizers import ROOT, SNSM, SubsetNorm, SubspaceMomentum
 
 
 def _sorted(p):
@@ -98,6 +98,12 @@ OPTIMIZERS = [
     OptimizerInfo(SubsetNorm, dict(lr=1e-2, weight_decay=0.1), subset_norm_floats,
                   [(dict(subset_size=0), "subset_size"), (dict(subset_size="rows"), "subset_size"),
                    (dict(rank=4), "unexpected")], group_bad={"subset_size": -1}, subspace=False),
+    OptimizerInfo(ROOT, dict(lr=1e-2, weight_decay=0.1), lambda p, kw: p.numel(),
+                  [(dict(percentile=2.0), "percentile"), (dict(ns_steps=0), "ns_steps")],
+                  group_bad={"momentum": 2.0}, subspace=False, ls_lr=0.05),
+    OptimizerInfo(ROOT, dict(lr=1e-2, weight_decay=0.1, percentile=None, coefficients="muon",
+                             nesterov=False), lambda p, kw: p.numel(), [],
+                  group_bad={"momentum": 2.0}, subspace=False, ls_lr=0.05),
 ]
 
 

@@ -2,8 +2,10 @@
 from .galore import GaLore
 from .grassjump import GrassJump
 from .grasswalk import GrassWalk
+from .root import ROOT
 from .sara import SARA
 from .snsm import SNSM, SubspaceMomentum
 from .subset_norm import SubsetNorm
 
-__all__ = ["GaLore", "GrassJump", "GrassWalk", "SARA", "SNSM", "SubspaceMomentum", "SubsetNorm"]
+__all__ = ["GaLore", "GrassJump", "GrassWalk", "ROOT", "SARA", "SNSM", "SubspaceMomentum",
+           "SubsetNorm"]

@@ -1,0 +1,134 @@
+"""ROOT (arXiv 2511.20626): robust orthogonalized momentum.
+
+Per 2-D parameter (m x n) not in a dense group:
+
+1. Nesterov momentum in torch Muon's EMA convention: ``B <- mu B + (1 - mu) G``,
+   ``U = (1 - mu) G + mu B`` (the paper's ``M <- mu M + G``, ``U = G + mu M`` is the same up to
+   the factor ``1 - mu``, which steps 2-3 are invariant to).
+2. Outlier suppression (the proximal step): ``eps`` = the ``percentile`` quantile of ``|U|``
+   over the whole matrix (``torch.kthvalue``: the ``ceil(q * numel)``-th smallest, no size
+   limit unlike ``torch.quantile``); the robust part ``B = clamp(U, -eps, eps)`` is kept and the
+   outliers ``O = U - B`` (the soft-threshold ``T_eps(U)``) are dropped. ``percentile=None``
+   switches it off.
+3. Newton-Schulz orthogonalization of ``B`` (``slimopt.kernels.newton_schulz``) with
+   shape-specific coefficients (``coefficients="adaptive"``: ours fitted per LLaMA shape, else
+   the paper's released table, else Muon's; ``"muon"``: Muon's fixed ones; or an explicit list of
+   ``(a, b, c)`` per step), computed in ``ns_dtype`` ("bfloat16" as Muon, "float32", "float64").
+4. ``W <- W (1 - lr wd) - lr * s * X`` with ``s = 0.2 sqrt(max(m, n))`` (``lr_scale="match_rms"``,
+   Moonlight's RMS matching, so one lr serves both this and AdamW) or Keller Jordan's
+   ``sqrt(max(1, m/n))`` (``lr_scale="original"``).
+
+Embeddings, lm_head, norms and biases (dense groups, and every non-2-D parameter) get AdamW with
+``betas`` (0.9, 0.95 by default) and ``eps``. With ``percentile=None``, ``coefficients="muon"``
+and ``lr_scale="match_rms"`` the update equals ``torch.optim.Muon(adjust_lr_fn=
+"match_rms_adamw")``'s (tested).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..kernels import MUON_COEFFICIENTS, newton_schulz
+from ..kernels.ns_coefficients import coefficients_for
+from .core import SlimOptimizer
+from .core.adam import decoupled_weight_decay_
+from .core.validation import check_choice, check_int, check_nonnegative
+
+LR_SCALES = ("match_rms", "original")
+
+
+def outlier_threshold(update: torch.Tensor, percentile: float) -> torch.Tensor:
+    """The ``percentile`` quantile of ``|update|`` (``ceil(q * numel)``-th smallest value)."""
+    flat = update.abs().reshape(-1)
+    if flat.dtype not in (torch.float32, torch.float64):
+        flat = flat.float()  # kthvalue is not implemented for every half type
+    k = min(flat.numel(), max(1, math.ceil(percentile * flat.numel())))
+    return flat.kthvalue(k).values.to(update.dtype)
+
+
+def suppress_outliers(update: torch.Tensor, percentile: float | None) -> torch.Tensor:
+    """The robust part ``clamp(U, -eps, eps)``; ``U - result`` is the soft-thresholded outliers."""
+    if percentile is None:
+        return update
+    eps = outlier_threshold(update, percentile)
+    return torch.minimum(torch.maximum(update, -eps), eps)
+
+
+def lr_scale_factor(shape, mode: str) -> float:
+    rows, cols = shape
+    if mode == "match_rms":
+        return 0.2 * math.sqrt(max(rows, cols))
+    return math.sqrt(max(1.0, rows / cols))
+
+
+class ROOT(SlimOptimizer):
+    """Robust orthogonalized momentum for matrices, AdamW for the rest (see the module docstring).
+
+    Defaults follow the paper: ``lr=1e-3``, ``momentum=0.95`` (Nesterov), ``weight_decay=0.1``,
+    ``percentile=0.9``, 5 Newton-Schulz steps, AdamW betas (0.9, 0.95).
+    """
+
+    option_defaults = dict(momentum=0.95, nesterov=True, percentile=0.9, ns_steps=5,
+                           coefficients="adaptive", lr_scale="match_rms", ns_eps=1e-7,
+                           ns_dtype="bfloat16")
+
+    def __init__(self, params, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8, *,
+                 nonfinite="skip", **options):
+        defaults = dict(lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
+        super().__init__(params, defaults, nonfinite=nonfinite, options=options)
+
+    def check_group(self, group):
+        mu = group["momentum"]
+        if not isinstance(mu, (int, float)) or isinstance(mu, bool) or not 0.0 <= mu < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {mu!r}")
+        if not isinstance(group["nesterov"], bool):
+            raise ValueError(f"nesterov must be True or False, got {group['nesterov']!r}")
+        q = group["percentile"]
+        if q is not None and (not isinstance(q, (int, float)) or isinstance(q, bool)
+                              or not 0.0 < q <= 1.0):
+            raise ValueError(f"percentile must be in (0, 1] or None, got {q!r}")
+        check_int("ns_steps", group["ns_steps"], 1)
+        check_choice("lr_scale", group["lr_scale"], LR_SCALES)
+        check_nonnegative("ns_eps", group["ns_eps"])
+        check_choice("ns_dtype", group["ns_dtype"], ("bfloat16", "float32", "float64"))
+        coeffs = group["coefficients"]
+        if isinstance(coeffs, str):
+            check_choice("coefficients", coeffs, ("adaptive", "muon"))
+        else:
+            try:
+                ok = len(coeffs) >= 1 and all(len(c) == 3 for c in coeffs)
+            except TypeError:
+                ok = False
+            if not ok:
+                raise ValueError("coefficients must be 'adaptive', 'muon' or a list of (a, b, c) "
+                                 f"triples, one per step; got {coeffs!r}")
+
+    def takes_matrix_rule(self, param, group):
+        return param.dim() == 2 and not group["dense"]
+
+    def _init_matrix_state(self, p, group, state):
+        state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    @staticmethod
+    def step_coefficients(shape, group):
+        """The per-step ``(a, b, c)`` list for a matrix of ``shape``."""
+        coeffs, steps = group["coefficients"], group["ns_steps"]
+        if coeffs == "muon":
+            return [MUON_COEFFICIENTS] * steps
+        if coeffs == "adaptive":
+            return coefficients_for(shape[0], shape[1], steps)
+        return [tuple(c) for c in coeffs]
+
+    def _matrix_step(self, p, group, state):
+        mu = group["momentum"]
+        grad = p.grad
+        buf = state["momentum_buffer"]
+        buf.lerp_(grad, 1.0 - mu)
+        update = grad.lerp(buf, mu) if group["nesterov"] else buf
+        robust = suppress_outliers(update, group["percentile"])
+        ortho = newton_schulz(robust, self.step_coefficients(p.shape, group),
+                              eps=group["ns_eps"], dtype=getattr(torch, group["ns_dtype"]))
+        state["step"] += 1
+        decoupled_weight_decay_(p, group["lr"], group["weight_decay"])
+        p.add_(ortho.to(p.dtype), alpha=-group["lr"] * lr_scale_factor(p.shape, group["lr_scale"]))
