@@ -34,8 +34,14 @@ LLAMA_SHAPES = {
     "1b": (2048, 5461, 32, 24),
     "7b": (4096, 11008, 32, 32),
 }
-SLIMOPT = {"GaLore (slimopt)": slimopt.GaLore, "SARA": slimopt.SARA,
-           "GrassWalk": slimopt.GrassWalk, "GrassJump": slimopt.GrassJump}
+from slimopt.optimizers import ROOT, SNSM, SubsetNorm  # noqa: E402
+
+#: name -> (class, takes a rank, param_groups options); SN-SM includes lm_head as its paper does
+SLIMOPT = {"GaLore (slimopt)": (slimopt.GaLore, True, {}), "SARA": (slimopt.SARA, True, {}),
+           "GrassWalk": (slimopt.GrassWalk, True, {}), "GrassJump": (slimopt.GrassJump, True, {}),
+           "SNSM": (SNSM, True, {"include_head": True}),
+           "SubsetNorm (AdamSN)": (SubsetNorm, False, {"include_head": True}),
+           "ROOT": (ROOT, False, {})}
 
 
 def llama_on_meta(size: str):
@@ -97,10 +103,10 @@ def peer_bytes(name: str, model, rank: int) -> int | None:
     return slimopt.state_bytes(opt)
 
 
-def slimopt_bytes(cls, model, rank: int) -> int:
+def slimopt_bytes(cls, model, rank: int | None, **group_options) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # rank >= hidden on the 60M model: dense, as intended
-        opt = cls(slimopt.param_groups(model, rank=rank), lr=1e-3)
+        opt = cls(slimopt.param_groups(model, rank=rank, **group_options), lr=1e-3)
     opt.init_state()
     return slimopt.state_bytes(opt)
 
@@ -120,13 +126,20 @@ def measure(sizes, ranks, progress=print):
         rows.append(dict(model=size, optimizer="APOLLO-Mini (apollo-torch)", rank=1,
                          bytes=peer_bytes("APOLLO-Mini (apollo-torch)", model, 1),
                          params=n_params))
+        for name, (cls, ranked, options) in SLIMOPT.items():
+            if not ranked:
+                rows.append(dict(model=size, optimizer=name, rank=None,
+                                 bytes=slimopt_bytes(cls, model, None, **options),
+                                 params=n_params))
         for rank in ranks:
             for name in PEERS[1:3]:
                 rows.append(dict(model=size, optimizer=name, rank=rank,
                                  bytes=peer_bytes(name, model, rank), params=n_params))
-            for name, cls in SLIMOPT.items():
-                rows.append(dict(model=size, optimizer=name, rank=rank,
-                                 bytes=slimopt_bytes(cls, model, rank), params=n_params))
+            for name, (cls, ranked, options) in SLIMOPT.items():
+                if ranked:
+                    rows.append(dict(model=size, optimizer=name, rank=rank,
+                                     bytes=slimopt_bytes(cls, model, rank, **options),
+                                     params=n_params))
             progress(f"[memory] {size} rank {rank}: done")
     return rows
 
@@ -146,8 +159,8 @@ def markdown(rows, sizes) -> str:
             keys.append(k)
     head = "| optimizer | rank | " + " | ".join(sizes) + " |"
     lines = [head, "|" + "---|" * (len(sizes) + 2)]
-    for name, rank in sorted(keys, key=lambda k: (k[1] or 0, PEERS.index(k[0])
-                                                  if k[0] in PEERS else 10)):
+    order = PEERS + list(SLIMOPT)
+    for name, rank in sorted(keys, key=lambda k: (k[1] or 0, order.index(k[0]))):
         cells = []
         for size in sizes:
             b = next((r["bytes"] for r in rows if r["model"] == size and r["optimizer"] == name

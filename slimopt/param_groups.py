@@ -15,14 +15,16 @@ def _output_head(model: nn.Module):
 
 
 def param_groups(model: nn.Module, rank: int | None = None, *, targets=None,
-                 **low_rank_options) -> list[dict]:
+                 include_head: bool = False, **low_rank_options) -> list[dict]:
     """Two parameter groups: the matrix one and a dense one (``dense=True``, ``rank=None``).
 
     The low-rank group holds the weights of the ``nn.Linear`` modules whose name ends in one of
     ``targets`` (default: LLaMA's ``q/k/v/o_proj`` and ``gate/up/down_proj``); if the model has
     none of those (a plain module), every ``nn.Linear`` weight except the output head (the model's
     ``get_output_embeddings()`` or a module named ``lm_head``) and weights tied to an embedding.
-    Everything else -- embeddings, the head, norms, biases -- goes to the dense group.
+    Everything else -- embeddings, the head, norms, biases -- goes to the dense group, except that
+    ``include_head=True`` puts the output head's weight in the matrix group (SN-SM's split),
+    unless it is tied to the input embedding.
     ``rank`` (if given) and ``low_rank_options`` (``update_interval``, ``scale``, ...) apply to
     the matrix group; every slimopt optimizer gives the dense group AdamW.
     """
@@ -40,6 +42,11 @@ def param_groups(model: nn.Module, rank: int | None = None, *, targets=None,
     if targets is not None and not chosen:
         raise ValueError(f"param_groups: no nn.Linear module named {list(names)} in the model")
     low_rank_ids = {id(m.weight) for m in chosen}
+    if include_head:
+        named_head = dict(linears).get("lm_head")
+        head_module = head if isinstance(head, nn.Linear) else named_head
+        if head_module is not None and id(head_module.weight) not in embedding_weights:
+            low_rank_ids.add(id(head_module.weight))
     low, dense, seen = [], [], set()
     for p in model.parameters():  # model.parameters() already skips shared duplicates
         if not p.requires_grad or id(p) in seen:

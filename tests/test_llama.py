@@ -87,3 +87,14 @@ def test_tiny_llama_trains_close_to_adamw(cls):
     assert final < adamw_final * 1.15
     assert slimopt.state_bytes(opt) < 0.8 * 2 * 4 * sum(
         p.numel() for g in opt.param_groups for p in g["params"])
+
+
+def test_param_groups_include_head_for_snsm():
+    model = tiny_llama()
+    low, dense = slimopt.param_groups(model, rank=16, include_head=True)
+    assert any(p is model.lm_head.weight for p in low["params"])
+    assert not any(p is model.lm_head.weight for p in dense["params"])
+    tied = transformers.LlamaForCausalLM(transformers.LlamaConfig(**CONFIG,
+                                                                  tie_word_embeddings=True))
+    low, dense = slimopt.param_groups(tied, rank=16, include_head=True)
+    assert not any(p is tied.lm_head.weight for p in low["params"])
