@@ -69,9 +69,10 @@ def evaluate(model, data, batch, seq):
 
 def train(name, args, train_data, eval_data):
     model = tiny_llama(args.seed)
-    options = {} if name == "adamw" else {"rank": args.rank, "update_interval": args.interval}
+    from slimopt.launch.registry import RANKED
+    options = {"update_interval": args.interval} if name in RANKED else {}
     lr = args.lr if name != "adamw" else args.adamw_lr
-    opt = build_optimizer(name, model, lr=lr, **options)
+    opt = build_optimizer(name, model, lr=lr, rank=args.rank, **options)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda t: min(1.0, (t + 1) / args.warmup) * 0.5 * (1 + math.cos(math.pi * t / args.steps)))
     start, tokens = time.time(), 0
