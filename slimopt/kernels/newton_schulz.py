@@ -18,6 +18,7 @@ from typing import Sequence
 import torch
 
 from .dispatch import backend
+from .projection import TRITON_DTYPES
 
 MUON_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
@@ -41,8 +42,9 @@ def newton_schulz_torch(grad: torch.Tensor, coefficients: Sequence[Sequence[floa
 
 def newton_schulz(grad: torch.Tensor, coefficients: Sequence[Sequence[float]],
                   eps: float = 1e-7, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """Orthogonalized ``grad`` in ``dtype``, same shape: Triton or the torch reference."""
-    if backend(grad) == "triton":
+    """Orthogonalized ``grad`` in ``dtype``, same shape: Triton or the torch reference (always
+    torch for a ``dtype`` the Triton kernels do not take, such as float64)."""
+    if backend(grad) == "triton" and dtype in TRITON_DTYPES:
         from . import triton_newton_schulz
         return triton_newton_schulz.newton_schulz(grad, coefficients, eps, dtype)
     return newton_schulz_torch(grad, coefficients, eps, dtype)

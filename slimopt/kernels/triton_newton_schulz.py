@@ -2,9 +2,9 @@
 
 Per step, for ``X`` (m x n, m <= n) and coefficients ``(a, b, c)``::
 
-    A = X X^T                    gram(X)                        symmetric: one triangle of tiles
-    P = b A + c A A = b A + c A A^T  gram(A, alpha=c, addend=A, beta=b)   (A is symmetric)
-    X <- a X + P X               matmul(P, X, addend=X, beta=a)
+    A = X X^T                 gram(X)                               one triangle of tiles
+    P = b A + c A A^T         gram(A, alpha=c, addend=A, beta=b)    A A = A A^T: A is symmetric
+    X <- a X + P X            matmul(P, X, addend=X, beta=a)
 
 so a step costs about ``3 m^2 n + m^3`` multiply-adds (times 2 FLOPs) instead of the dense
 ``4 m^2 n + 2 m^3``. Every intermediate is stored in the working dtype (bfloat16 by default) at the
@@ -18,8 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_projection import (check_matrix, dot_options, launch_config, on_device, matmul,
-                                output, rounded, tile_dot, tile_ptrs)
+from .triton_projection import (check_matrix, dot_options, launch_config, matmul, on_device,
+                                store_axpby, tile_dot, tile_ptrs, with_addend)
 
 
 @triton.jit
@@ -40,14 +40,8 @@ def _gram_kernel(X, C, Out, M, K, s_xm, s_xk, s_cm, s_cn, s_om, s_on, alpha, bet
     i, j = lower_tile(tl.program_id(0))
     acc = tile_dot(X, X, M, M, K, s_xm, s_xk, s_xk, s_xm, i, j, BLOCK, BLOCK, BLOCK_K,
                    PRECISION, FIX_INTERPRETER)
-    out_ptrs, mask = tile_ptrs(Out, i, j, M, M, s_om, s_on, BLOCK, BLOCK)
-    if HAS_C:
-        c_ptrs, _ = tile_ptrs(C, i, j, M, M, s_cm, s_cn, BLOCK, BLOCK)
-        acc = alpha * acc + beta * tl.load(c_ptrs, mask=mask, other=0.0).to(tl.float32)
-    elif alpha != 1.0:
-        acc = alpha * acc
-    tile = rounded(acc, Out.dtype.element_ty, FIX_INTERPRETER)
-    tl.store(out_ptrs, tile, mask=mask)
+    tile = store_axpby(acc, Out, C, i, j, M, M, s_om, s_on, s_cm, s_cn, alpha, beta, HAS_C, BLOCK,
+                       BLOCK, FIX_INTERPRETER)
     if i != j:
         mirror_ptrs, mirror_mask = tile_ptrs(Out, j, i, M, M, s_om, s_on, BLOCK, BLOCK)
         tl.store(mirror_ptrs, tl.trans(tile), mask=mirror_mask)
@@ -65,15 +59,12 @@ def gram(x: torch.Tensor, out: torch.Tensor | None = None, *, alpha: float = 1.0
     ``addend`` must be symmetric (only its lower triangle of tiles is read)."""
     check_matrix("x", x)
     m, k = x.shape
-    out = output(out, (m, m), x)
-    if addend is not None:
-        check_matrix("addend", addend, (m, m), device=x.device)
+    out, c = with_addend(out, addend, (m, m), x)
     if out.numel() == 0:
         return out
     config = launch_config("matmul", x.dtype)
     block = config.pop("BLOCK_M")
     del config["BLOCK_N"], config["GROUP_M"]
-    c = out if addend is None else addend  # with HAS_C false, C is never read
     with on_device(x):
         _gram_kernel[(gram_tiles(m, block),)](
             x, c, out, m, k, *x.stride(), *c.stride(), *out.stride(), float(alpha),

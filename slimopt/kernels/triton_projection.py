@@ -18,8 +18,7 @@ import triton
 import triton.language as tl
 
 from .dispatch import interpreting
-
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+from .projection import TRITON_DTYPES as SUPPORTED_DTYPES
 
 # Tile sizes. The interpreter runs every program instance in numpy, so tests use small tiles (still
 # several per dimension on their 33 x 70 shapes); on a GPU, the usual tensor-core tiles.
@@ -99,14 +98,32 @@ def tile_ptrs(P, pid_m, pid_n, M, N, s_m, s_n, BLOCK_M: tl.constexpr, BLOCK_N: t
 @triton.jit
 def rounded(x, dtype: tl.constexpr, FIX_INTERPRETER: tl.constexpr):
     """Float32 ``x`` cast to ``dtype``, rounding to nearest even as the GPU does. The interpreter
-    truncates float32 to bfloat16 instead, so there the rounding is done on the bits first (and
-    the low bits cleared: its conversion of float32 subnormals is wrong, zero included)."""
+    truncates float32 to bfloat16 instead, so there the rounding is done on the bits first, and
+    the low bits cleared so that its truncation is exact (it mangles float32 subnormals, and
+    ``0 + 0x7FFF`` would be one)."""
     if FIX_INTERPRETER:
         if dtype == tl.bfloat16:
             bits = x.to(tl.uint32, bitcast=True)
             bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
             x = bits.to(tl.float32, bitcast=True)
     return x.to(dtype)
+
+
+@triton.jit
+def store_axpby(acc, Out, C, pid_m, pid_n, M, N, s_om, s_on, s_cm, s_cn, alpha, beta,
+                HAS_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                FIX_INTERPRETER: tl.constexpr):
+    """The epilogue: ``alpha acc + beta C`` (``C`` only when ``HAS_C``) stored as tile
+    ``(pid_m, pid_n)`` of ``Out`` in its dtype; returns the stored tile."""
+    out_ptrs, mask = tile_ptrs(Out, pid_m, pid_n, M, N, s_om, s_on, BLOCK_M, BLOCK_N)
+    if HAS_C:
+        c_ptrs, _ = tile_ptrs(C, pid_m, pid_n, M, N, s_cm, s_cn, BLOCK_M, BLOCK_N)
+        acc = alpha * acc + beta * tl.load(c_ptrs, mask=mask, other=0.0).to(tl.float32)
+    elif alpha != 1.0:
+        acc = alpha * acc
+    tile = rounded(acc, Out.dtype.element_ty, FIX_INTERPRETER)
+    tl.store(out_ptrs, tile, mask=mask)
+    return tile
 
 
 @triton.jit
@@ -118,13 +135,8 @@ def _matmul_kernel(A, B, C, Out, M, N, K, s_am, s_ak, s_bk, s_bn, s_cm, s_cn, s_
     pid_m, pid_n = tile_coords(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     acc = tile_dot(A, B, M, N, K, s_am, s_ak, s_bk, s_bn, pid_m, pid_n, BLOCK_M, BLOCK_N,
                    BLOCK_K, PRECISION, FIX_INTERPRETER)
-    out_ptrs, mask = tile_ptrs(Out, pid_m, pid_n, M, N, s_om, s_on, BLOCK_M, BLOCK_N)
-    if HAS_C:
-        c_ptrs, _ = tile_ptrs(C, pid_m, pid_n, M, N, s_cm, s_cn, BLOCK_M, BLOCK_N)
-        acc = alpha * acc + beta * tl.load(c_ptrs, mask=mask, other=0.0).to(tl.float32)
-    elif alpha != 1.0:
-        acc = alpha * acc
-    tl.store(out_ptrs, rounded(acc, Out.dtype.element_ty, FIX_INTERPRETER), mask=mask)
+    store_axpby(acc, Out, C, pid_m, pid_n, M, N, s_om, s_on, s_cm, s_cn, alpha, beta, HAS_C,
+                BLOCK_M, BLOCK_N, FIX_INTERPRETER)
 
 
 @triton.jit
@@ -176,8 +188,9 @@ def check_matrix(name: str, t: torch.Tensor, shape=None, dtype=None, device=None
         raise ValueError(f"{name} must have dtype {dtype}, got {t.dtype}")
     if device is not None and t.device != device:
         raise ValueError(f"{name} is on {t.device}, the other operands on {device}")
-    if t.numel() >= 2**31:
-        raise ValueError(f"{name} has {t.numel()} elements: the kernels index with int32")
+    if sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride())) >= 2**31:
+        raise ValueError(f"{name} {tuple(t.shape)} with strides {t.stride()} spans 2^31 "
+                         "elements or more: the kernels index with int32")
 
 
 def output(out, shape, like: torch.Tensor) -> torch.Tensor:
@@ -186,6 +199,16 @@ def output(out, shape, like: torch.Tensor) -> torch.Tensor:
         return torch.empty(shape, dtype=like.dtype, device=like.device)
     check_matrix("out", out, shape, like.dtype, like.device)
     return out
+
+
+def with_addend(out, addend, shape, like: torch.Tensor):
+    """``(out, C)`` for a kernel with the ``alpha A B + beta C`` epilogue: ``out`` as ``output``
+    makes it, and ``C`` the checked ``addend``, or ``out`` as a never-read placeholder."""
+    out = output(out, shape, like)
+    if addend is None:
+        return out, out
+    check_matrix("addend", addend, shape, device=like.device)
+    return out, addend
 
 
 def on_device(t: torch.Tensor):
@@ -201,14 +224,11 @@ def matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None, *,
     check_matrix("b", b, (a.shape[1], None), a.dtype, a.device)
     m, k = a.shape
     n = b.shape[1]
-    out = output(out, (m, n), a)
-    if addend is not None:
-        check_matrix("addend", addend, (m, n), device=a.device)
+    out, c = with_addend(out, addend, (m, n), a)
     if out.numel() == 0:
         return out
     config = launch_config("matmul", a.dtype)
     grid = (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]),)
-    c = out if addend is None else addend  # with HAS_C false, C is never read
     with on_device(a):
         _matmul_kernel[grid](a, b, c, out, m, n, k, *a.stride(), *b.stride(), *c.stride(),
                              *out.stride(), float(alpha), float(beta), HAS_C=addend is not None,

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from ...kernels import project, project_back
-from .adam import adam_direction, adam_moments_
+from ...kernels import project_adam_moments_, project_back
+from .adam import adam_direction
 from .recovery import RESIDUAL_MODES, recovery_term
 from .subspace import SubspaceOptimizer
 from .validation import check_choice, check_nonnegative, check_positive
@@ -51,8 +51,8 @@ class SubspaceAdam(SubspaceOptimizer):
 
     def _inner_update(self, p, group, state, grad, basis) -> torch.Tensor:
         beta1, beta2 = group["betas"]
-        projected = project(basis, grad)
-        adam_moments_(state["exp_avg"], state["exp_avg_sq"], projected, beta1, beta2)
+        projected = project_adam_moments_(basis, grad, state["exp_avg"], state["exp_avg_sq"],
+                                          beta1, beta2)
         state["step"] += 1
         direction = adam_direction(state["exp_avg"], state["exp_avg_sq"], state["step"],
                                    beta1, beta2, group["eps"])
