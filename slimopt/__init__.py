@@ -1,11 +1,15 @@
 """slimopt: low-memory optimizers for LLM pretraining.
 
 ``GrassWalk``, ``GrassJump``, ``SARA`` and the ``GaLore`` baseline keep Adam's moments in a
-low-rank subspace of each weight matrix; every other parameter gets AdamW in the same optimizer.
+low-rank subspace of each weight matrix; ``SNSM`` keeps momentum in a subspace with subset-norm
+step sizes (``SubspaceMomentum`` and ``SubsetNorm`` are its halves); ``ROOT`` orthogonalizes
+momentum robustly. Every other parameter gets AdamW in the same optimizer.
 """
-from .optimizers import GaLore, GrassJump, GrassWalk, SARA
+from .optimizers import (ROOT, SARA, SNSM, GaLore, GrassJump, GrassWalk, SubsetNorm,
+                         SubspaceMomentum)
 from .param_groups import param_groups
 from .state_bytes import state_bytes
 
 __version__ = "0.1.0"
-__all__ = ["GrassWalk", "GrassJump", "SARA", "GaLore", "param_groups", "state_bytes"]
+__all__ = ["GrassWalk", "GrassJump", "SARA", "GaLore", "SNSM", "SubspaceMomentum", "SubsetNorm",
+           "ROOT", "param_groups", "state_bytes"]
