@@ -94,7 +94,7 @@ def train(name, args, train_data, eval_data):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Tiny LLaMA on the Python stdlib: slimopt vs AdamW")
-    p.add_argument("--optimizer", default="grasswalk", choices=sorted(OPTIMIZERS))
+    p.add_argument("--optimizer", default="grasswalk", choices=sorted(OPTIMIZERS) + ["adamw"])
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--rank", type=int, default=32)
     p.add_argument("--interval", type=int, default=50, help="update_interval")
@@ -117,7 +117,7 @@ def main(argv=None):
     print(f"corpus: {len(data):,} bytes of Python stdlib source "
           f"({sys.version.split()[0]}), held-out {len(eval_data):,}")
     results = [train(args.optimizer, args, train_data, eval_data)]
-    if not args.no_adamw:
+    if not args.no_adamw and args.optimizer != "adamw":
         results.append(train("adamw", args, train_data, eval_data))
     print(f"\n{'optimizer':<10} {'eval loss':>9} {'eval ppl':>9} {'state bytes':>12} {'time':>7}")
     for r in results:
