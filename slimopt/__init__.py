@@ -3,13 +3,14 @@
 ``GrassWalk``, ``GrassJump``, ``SARA`` and the ``GaLore`` baseline keep Adam's moments in a
 low-rank subspace of each weight matrix; ``SNSM`` keeps momentum in a subspace with subset-norm
 step sizes (``SubspaceMomentum`` and ``SubsetNorm`` are its halves); ``ROOT`` orthogonalizes
-momentum robustly. Every other parameter gets AdamW in the same optimizer.
+momentum robustly; ``AdaPreLoRA`` preconditions LoRA factor pairs. Every other parameter gets AdamW in the same optimizer.
 """
-from .optimizers import (ROOT, SARA, SNSM, GaLore, GrassJump, GrassWalk, SubsetNorm,
+from . import lora
+from .optimizers import (ROOT, AdaPreLoRA, SARA, SNSM, GaLore, GrassJump, GrassWalk, SubsetNorm,
                          SubspaceMomentum)
 from .param_groups import param_groups
 from .state_bytes import state_bytes
 
 __version__ = "0.1.0"
 __all__ = ["GrassWalk", "GrassJump", "SARA", "GaLore", "SNSM", "SubspaceMomentum", "SubsetNorm",
-           "ROOT", "param_groups", "state_bytes"]
+           "ROOT", "AdaPreLoRA", "lora", "param_groups", "state_bytes"]

@@ -1,4 +1,5 @@
 """slimopt's optimizers: one module per method, each a short recipe over ``core``."""
+from .adaprelora import AdaPreLoRA
 from .galore import GaLore
 from .grassjump import GrassJump
 from .grasswalk import GrassWalk
@@ -7,5 +8,5 @@ from .sara import SARA
 from .snsm import SNSM, SubspaceMomentum
 from .subset_norm import SubsetNorm
 
-__all__ = ["GaLore", "GrassJump", "GrassWalk", "ROOT", "SARA", "SNSM", "SubspaceMomentum",
+__all__ = ["AdaPreLoRA", "GaLore", "GrassJump", "GrassWalk", "ROOT", "SARA", "SNSM", "SubspaceMomentum",
            "SubsetNorm"]

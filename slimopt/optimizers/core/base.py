@@ -115,18 +115,22 @@ class SlimOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                check_gradient(p.grad, p.shape)
-                state = self._init_state(p, group)
-                if not self._grad_is_finite(p.grad, state, p.shape):
-                    continue
-                if self.takes_matrix_rule(p, group):
-                    self._matrix_step(p, group, state)
-                else:
-                    self._dense_step(p, group, state)
+            self._step_group(group)
         return loss
+
+    def _step_group(self, group: dict) -> None:
+        """One step for every parameter of ``group`` (a subclass may treat a group as a unit)."""
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            check_gradient(p.grad, p.shape)
+            state = self._init_state(p, group)
+            if not self._grad_is_finite(p.grad, state, p.shape):
+                continue
+            if self.takes_matrix_rule(p, group):
+                self._matrix_step(p, group, state)
+            else:
+                self._dense_step(p, group, state)
 
     @staticmethod
     def _dense_step(p, group, state):

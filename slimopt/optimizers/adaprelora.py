@@ -1,0 +1,137 @@
+"""AdaPreLoRA (arXiv 2605.08734): Adafactor-preconditioned LoRA factor updates."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .core import SlimOptimizer
+from .core.adam import decoupled_weight_decay_
+from .core.lora_preconditioner import (adafactor_statistics_, adafactor_weights, factor_update,
+                                       reachable_gradient, step_rms)
+from .core.validation import check_gradient, check_nonnegative, check_positive
+
+
+class AdaPreLoRA(SlimOptimizer):
+    """Adafactor-preconditioned updates for LoRA pairs ``W = W0 + s B A``; AdamW for the rest.
+
+    ``AdaPreLoRA(model, lr=...)`` finds the pairs itself (peft's LoRA layers or
+    ``slimopt.lora.apply_lora``'s); ``AdaPreLoRA(slimopt.lora.lora_param_groups(model))`` is the
+    same with the groups visible. A pair group is ``{"params": [A, B], "lora_scale": s}``.
+
+    Per pair and step (formulas in ``core/lora_preconditioner.py``):
+
+    1. Adafactor's row/column statistics ``R`` (m) and ``C`` (n), as ``torch.optim.Adafactor``
+       keeps them (``beta2_t = 1 - t^-0.8``), fed with the part of ``G`` the pair can see, its
+       projection onto ``{B X + Y A}`` rebuilt from the factor gradients (``statistics=
+       "reachable"``). Our choice: with ``W0`` frozen autograd never forms ``G``.
+    2. The closed-form factor step ``(dA, dB)`` whose W-space step ``s (B dA + dB A)`` is the
+       H-weighted projection of Adafactor's direction, split evenly between the factors; ``B^T P B``
+       and ``A Q A^T`` damped by ``damping * (trace / r)`` (peft starts from ``B = 0``).
+    3. Adafactor's update clipping: the step is scaled down to W-space RMS ``clip_threshold``
+       (``None``: off).
+    4. Momentum on the factor steps (``beta1``; ``0`` keeps no momentum and no state for it),
+       bias-corrected; decoupled weight decay on the factors; ``A -= lr mA``, ``B -= lr mB``.
+
+    State per pair: ``m + n`` statistics, plus ``(m + n) r`` momentum when ``beta1 > 0``.
+    ``lr`` also serves the AdamW group; ``betas``/``eps`` are AdamW's.
+    """
+
+    option_defaults = dict(beta1=0.9, beta2_decay=-0.8, eps1=1e-30, damping=1e-6,
+                           clip_threshold=1.0, statistics="reachable", lora_scale=1.0)
+
+    def __init__(self, params, lr=1e-3, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8, *,
+                 nonfinite="skip", **options):
+        if isinstance(params, nn.Module):
+            from ..lora import lora_param_groups
+            params = lora_param_groups(params)
+        defaults = dict(lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
+        super().__init__(params, defaults, nonfinite=nonfinite, options=options)
+
+    # ------------------------------------------------------------------ set-up
+    @staticmethod
+    def is_pair(group: dict) -> bool:
+        return not group["dense"]
+
+    def check_group(self, group):
+        b1 = group["beta1"]
+        if not isinstance(b1, (int, float)) or isinstance(b1, bool) or not 0.0 <= b1 < 1.0:
+            raise ValueError(f"beta1 must be in [0, 1), got {b1!r}")
+        if not isinstance(group["beta2_decay"], (int, float)) or group["beta2_decay"] >= 0:
+            raise ValueError(f"beta2_decay must be a negative number, got {group['beta2_decay']!r}")
+        check_positive("eps1", group["eps1"])
+        check_nonnegative("damping", group["damping"])
+        if group["clip_threshold"] is not None:
+            check_positive("clip_threshold", group["clip_threshold"])
+        if group["statistics"] != "reachable":
+            raise ValueError(f"statistics must be 'reachable', got {group['statistics']!r}")
+        check_positive("lora_scale", group["lora_scale"])
+        if not self.is_pair(group):
+            return
+        params = group["params"]
+        if len(params) != 2:
+            raise ValueError(f"a LoRA pair group holds [A, B], got {len(params)} parameter(s); "
+                             "build groups with slimopt.lora.lora_param_groups(model)")
+        A, B = params
+        if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
+            raise ValueError(f"LoRA pair: expected A (r x n) and B (m x r) with the same r, got "
+                             f"A {tuple(A.shape)} and B {tuple(B.shape)} (rank mismatch or "
+                             "mis-shaped factors)")
+
+    def takes_matrix_rule(self, param, group):
+        return self.is_pair(group)
+
+    def _init_matrix_state(self, p, group, state):
+        A, B = group["params"]
+        if p is A:
+            state["row_var"] = torch.zeros(B.shape[0], dtype=p.dtype, device=p.device)
+            state["col_var"] = torch.zeros(A.shape[1], dtype=p.dtype, device=p.device)
+        if group["beta1"] > 0:
+            state["exp_avg"] = torch.zeros_like(p)
+
+    @torch.no_grad()
+    def reset_pair(self, A: torch.Tensor, B: torch.Tensor) -> None:
+        """After a ReLoRA merge: zero the factor momentum, keep the W-space statistics and the
+        step count (the statistics' decay schedule continues)."""
+        for p in (A, B):
+            if "exp_avg" in self.state.get(p, {}):
+                self.state[p]["exp_avg"].zero_()
+                self.state[p]["momentum_steps"] = 0
+
+    # ------------------------------------------------------------------ step
+    def _step_group(self, group):
+        if not self.is_pair(group):
+            return super()._step_group(group)
+        A, B = group["params"]
+        if A.grad is None or B.grad is None:
+            return
+        for p in (A, B):
+            check_gradient(p.grad, p.shape)
+        state_a, state_b = self._init_state(A, group), self._init_state(B, group)
+        if not (self._grad_is_finite(A.grad, state_a, A.shape)
+                and self._grad_is_finite(B.grad, state_b, B.shape)):
+            return
+        self._pair_step(group, A, B, state_a, state_b)
+
+    def _pair_step(self, group, A, B, state_a, state_b):
+        s, damping = group["lora_scale"], group["damping"]
+        state_a["step"] += 1
+        state_b["step"] += 1
+        t = state_a["step"]
+        seen = reachable_gradient(A, B, A.grad, B.grad, s, damping)
+        adafactor_statistics_(state_a["row_var"], state_a["col_var"], seen, t,
+                              group["beta2_decay"])
+        p, q = adafactor_weights(state_a["row_var"], state_a["col_var"], group["eps1"])
+        d_a, d_b = factor_update(A, B, A.grad, B.grad, p, q, s, damping)
+        if group["clip_threshold"] is not None:
+            rms = float(step_rms(A, B, d_a, d_b, s))
+            if rms > group["clip_threshold"]:
+                d_a.mul_(group["clip_threshold"] / rms)
+                d_b.mul_(group["clip_threshold"] / rms)
+        lr, b1 = group["lr"], group["beta1"]
+        for param, state, direction in ((A, state_a, d_a), (B, state_b, d_b)):
+            if b1 > 0:
+                state["momentum_steps"] = state.get("momentum_steps", 0) + 1
+                state["exp_avg"].lerp_(direction, 1.0 - b1)
+                direction = state["exp_avg"] / (1.0 - b1 ** state["momentum_steps"])
+            decoupled_weight_decay_(param, lr, group["weight_decay"])
+            param.add_(direction, alpha=-lr)
