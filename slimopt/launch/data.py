@@ -1,0 +1,165 @@
+"""Pretraining data: documents, a byte-level BPE tokenizer trained and cached on first use, packing
+into fixed-length blocks, a held-out split, and a resumable batch order.
+
+Sources (``load_documents``):
+- ``None``: the embedded default, the Python standard library's own ``.py`` files read from the
+  running interpreter (works offline on any machine with Python);
+- a local ``.txt``/``.json``/``.jsonl``/``.parquet`` file or a folder of them, through ``datasets``;
+- any other string: a hub dataset name, streamed through ``datasets`` (needs a network; the first
+  ``max_documents`` documents are used).
+
+The batch order is a pure function of ``(seed, epoch)``: batch ``i`` of the run is block
+permutation ``perm_epoch[(i mod n) * B : ...]``, so the data position in a checkpoint is one
+integer and a resumed run neither repeats nor skips a batch.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sysconfig
+
+import torch
+
+EOS = "<|endoftext|>"
+TEXT_SUFFIXES = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+SKIP_DIRS = {"test", "tests", "site-packages", "dist-packages", "idlelib", "__pycache__"}
+
+
+class DataError(ValueError):
+    """A data problem the CLI reports as a one-line message."""
+
+
+def stdlib_documents(max_chars: int) -> list[str]:
+    """The standard library's ``.py`` files, in a fixed order, up to ``max_chars`` characters."""
+    root = sysconfig.get_paths()["stdlib"]
+    docs, total = [], 0
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS)
+        for name in sorted(files):
+            if name.endswith(".py"):
+                with open(os.path.join(folder, name), encoding="utf-8", errors="replace") as f:
+                    text = f.read()
+                docs.append(text)
+                total += len(text)
+                if total >= max_chars:
+                    return docs
+    if not docs:
+        raise DataError(f"no Python source under {root}: pass --data")
+    return docs
+
+
+def _local_files(path: str):
+    if os.path.isdir(path):
+        files = sorted(os.path.join(path, f) for f in os.listdir(path)
+                       if os.path.splitext(f)[1] in TEXT_SUFFIXES)
+        if not files:
+            raise DataError(f"--data {path}: no {sorted(TEXT_SUFFIXES)} files in this folder")
+        return files
+    if os.path.splitext(path)[1] not in TEXT_SUFFIXES:
+        raise DataError(f"--data {path}: unsupported file type; use one of {sorted(TEXT_SUFFIXES)}")
+    return [path]
+
+
+def load_documents(source: str | None, *, text_column: str = "text", max_chars: int = 20_000_000,
+                   max_documents: int = 200_000) -> tuple[list[str], str]:
+    """``(documents, corpus id)``; the id keys the tokenizer and token caches."""
+    if source is None:
+        docs = stdlib_documents(max_chars)
+        import sys
+        return docs, f"stdlib-{sys.version.split()[0]}-{max_chars}"
+    try:
+        import datasets
+    except ImportError:
+        raise DataError("--data needs the datasets package: pip install datasets") from None
+    looks_local = os.path.sep in source or os.path.splitext(source)[1] in TEXT_SUFFIXES \
+        or source.startswith(".")
+    if looks_local or os.path.exists(source):
+        if not os.path.exists(source):
+            raise DataError(f"--data {source}: no such file or folder")
+        files = _local_files(source)
+        kind = TEXT_SUFFIXES[os.path.splitext(files[0])[1]]
+        dataset = datasets.load_dataset(kind, data_files=files, split="train")
+        stamp = [(f, os.path.getsize(f), int(os.path.getmtime(f))) for f in files]
+        corpus_id = "local-" + hashlib.sha1(json.dumps(stamp).encode()).hexdigest()[:12]
+    else:
+        try:
+            dataset = datasets.load_dataset(source, split="train", streaming=True)
+        except Exception as err:  # network, unknown name, auth: one line for the CLI
+            raise DataError(f"--data {source}: could not open it as a hub dataset ({err})") from None
+        corpus_id = "hub-" + source.replace("/", "--")
+    docs, total = [], 0
+    for row in dataset:
+        if text_column not in row:
+            raise DataError(f"--data {source}: no column {text_column!r} (columns: "
+                            f"{sorted(row)}); pass --text-column")
+        text = row[text_column]
+        if text:
+            docs.append(text)
+            total += len(text)
+        if total >= max_chars or len(docs) >= max_documents:
+            break
+    if not docs:
+        raise DataError(f"--data {source}: no text found")
+    return docs, f"{corpus_id}-{max_chars}"
+
+
+def tokenizer_for(docs: list[str], corpus_id: str, vocab_size: int, cache_dir: str):
+    """A byte-level BPE (``tokenizers``) trained on ``docs``, cached by corpus and vocabulary."""
+    from tokenizers import ByteLevelBPETokenizer, Tokenizer
+    path = os.path.join(cache_dir, f"bpe-{corpus_id}-{vocab_size}.json")
+    if os.path.exists(path):
+        return Tokenizer.from_file(path)
+    tok = ByteLevelBPETokenizer()
+    tok.train_from_iterator(docs, vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS],
+                            show_progress=False)
+    os.makedirs(cache_dir, exist_ok=True)
+    tmp = path + f".tmp{os.getpid()}"
+    tok.save(tmp)
+    os.replace(tmp, path)
+    return Tokenizer.from_file(path)
+
+
+def token_blocks(docs: list[str], tokenizer, seq_len: int, corpus_id: str, cache_dir: str,
+                 eval_fraction: float = 0.02):
+    """``(train, eval)``: ``(n, seq_len)`` int tensors of packed tokens (documents joined with the
+    end-of-text token); the last ``eval_fraction`` of the documents is held out. Cached."""
+    key = hashlib.sha1(f"{corpus_id}-{tokenizer.get_vocab_size()}-{seq_len}-{eval_fraction}"
+                       .encode()).hexdigest()[:16]
+    path = os.path.join(cache_dir, f"tokens-{key}.pt")
+    if os.path.exists(path):
+        cached = torch.load(path, weights_only=True)
+        return cached["train"], cached["eval"]
+    eos = tokenizer.token_to_id(EOS)
+    n_eval = max(1, int(len(docs) * eval_fraction))
+    if len(docs) - n_eval < 1:
+        raise DataError("the corpus needs at least two documents (one for training, one held out)")
+
+    def pack(part):
+        ids = []
+        for enc in tokenizer.encode_batch(part):
+            ids.extend(enc.ids)
+            ids.append(eos)
+        usable = len(ids) // seq_len * seq_len
+        if usable == 0:
+            raise DataError(f"too little text for one block of {seq_len} tokens")
+        return torch.tensor(ids[:usable], dtype=torch.int32).view(-1, seq_len)
+
+    train, held_out = pack(docs[:-n_eval]), pack(docs[-n_eval:])
+    os.makedirs(cache_dir, exist_ok=True)
+    tmp = path + f".tmp{os.getpid()}"
+    torch.save({"train": train, "eval": held_out}, tmp)
+    os.replace(tmp, path)
+    return train, held_out
+
+
+def batch_at(blocks: torch.Tensor, index: int, batch_size: int, seed: int) -> torch.Tensor:
+    """Global batch number ``index`` of the run (``batch_size`` blocks), in a per-epoch shuffled
+    order that depends only on ``(seed, epoch)``."""
+    per_epoch = len(blocks) // batch_size
+    if per_epoch == 0:
+        raise DataError(f"{len(blocks)} training blocks is fewer than one batch of {batch_size}")
+    epoch, within = divmod(index, per_epoch)
+    perm = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(seed * 100_003
+                                                                             + epoch))
+    return blocks[perm[within * batch_size:(within + 1) * batch_size]].long()

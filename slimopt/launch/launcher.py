@@ -1,0 +1,516 @@
+"""``slimopt-launch``: build and run the real launcher's command for many GPUs and nodes.
+
+Usage::
+
+    slimopt-launch [LAUNCHER OPTIONS] -- [PRETRAIN ARGS...]
+    python -m slimopt.launch.launcher [LAUNCHER OPTIONS] -- [PRETRAIN ARGS...]
+
+Everything after the first ``--`` goes unchanged to the training module (by default
+``slimopt.launch.pretrain``, change it with ``--module``). ``--dry-run`` prints the command(s),
+one per line and shell-quoted, and runs nothing. Otherwise the command is printed to stderr, run,
+and its exit status becomes ours (``128 + N`` when it died of signal ``N``).
+
+Launchers
+---------
+``torchrun`` (default)
+    One command per node, run on every node (``PY`` is this interpreter, ``sys.executable``, so
+    it works in a virtualenv that is not activated)::
+
+        PY -m torch.distributed.run --nnodes N --nproc_per_node G --node_rank R \\
+            --master_addr A --master_port P -m MODULE ARGS...
+
+    One node: ``A`` defaults to ``127.0.0.1``. Several nodes: ``A`` is ``--master-addr`` or the
+    first host of ``--hostfile``; without either it is an error. With a hostfile ``--dry-run``
+    prints the command of every node (``--node_rank`` 0..N-1, in hostfile order), each after a
+    ``# on HOST`` line; a real run runs only this node's command, ``--node-rank`` (default
+    ``$SLURM_NODEID`` when set, else 0), so start ``slimopt-launch`` once on every node.
+
+``deepspeed``
+    DeepSpeed's runner (flag names as in ``deepspeed/launcher/runner.py``, 0.19)::
+
+        deepspeed --num_nodes N --num_gpus G [--hostfile H] [--master_addr A] \\
+            --master_port P --no_local_rank --module MODULE ARGS...
+
+    One command in all: with a hostfile the runner itself starts every node (pdsh/ssh).
+    ``--no_local_rank`` stops DeepSpeed from appending ``--local_rank=K`` to ``ARGS``; the
+    workers get ``RANK``/``LOCAL_RANK``/``WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT`` in the
+    environment as with torchrun. Several nodes need ``--hostfile``; ``--master_addr`` is given
+    for one node (``127.0.0.1``) or when ``--master-addr`` is, else the runner finds node 0's
+    address itself (``hostname -I`` on the first host). A hostfile whose hosts have different
+    slot counts is accepted here only (``--num_gpus`` is then left out and each host uses its
+    slots).
+
+``slurm``
+    The usual recipe for torchrun under SLURM: one ``srun`` task per node, each a torchrun
+    agent that starts the node's ``G`` workers, meeting at a c10d rendezvous on node 0::
+
+        srun --nodes N --ntasks N --ntasks-per-node 1 --kill-on-bad-exit=1 \\
+            PY -m torch.distributed.run --nnodes N --nproc_per_node G \\
+            --rdzv_id JOBID --rdzv_backend c10d --rdzv_endpoint A:P -m MODULE ARGS...
+
+    (Not ``--ntasks-per-node G``: that would start ``G`` agents per node, ``G*G`` workers.)
+    Run it from inside an allocation, typically an ``sbatch`` script with
+    ``#SBATCH --nodes=N --ntasks-per-node=1 --gpus-per-node=G --cpus-per-task=C`` (give the one
+    task all the node's CPUs: its workers share them). ``A`` is ``--master-addr`` or the first
+    host of ``$SLURM_JOB_NODELIST`` (expanded with ``scontrol show hostnames`` when available);
+    outside an allocation, ``--dry-run`` included, ``--master-addr`` is required. ``N`` defaults
+    to ``$SLURM_JOB_NUM_NODES``, ``G`` to ``$SLURM_GPUS_ON_NODE``, ``JOBID`` is
+    ``$SLURM_JOB_ID`` (``slimopt`` outside an allocation). ``--hostfile`` is not used.
+
+``PY`` must exist at the same path on every node (a shared filesystem), as usual for these
+launchers. ``--num-gpus`` defaults to ``torch.cuda.device_count()``, or 1 without CUDA.
+
+Hostfile
+--------
+DeepSpeed's format: one ``HOSTNAME slots=N`` a line; ``#`` starts a comment, blank lines are
+skipped. The number of hosts gives ``--num-nodes`` and their (equal) slots ``--num-gpus``; an
+explicit ``--num-nodes``/``--num-gpus`` that disagrees is an error.
+
+``build_commands(options, pretrain_args)`` is the pure part, returning ``[(host or None,
+argv), ...]``; ``options`` is what ``parse_args`` returns (an ``argparse.Namespace``).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+__all__ = ["LAUNCHERS", "DEFAULT_MODULE", "DEFAULT_MASTER_PORT", "LaunchError", "Plan",
+           "read_hostfile", "first_slurm_host", "parse_args", "resolve", "commands_for",
+           "build_commands", "run_command", "main"]
+
+LAUNCHERS = ("torchrun", "deepspeed", "slurm")
+DEFAULT_MODULE = "slimopt.launch.pretrain"
+DEFAULT_MASTER_PORT = 29500
+PROG = "slimopt-launch"
+
+
+class LaunchError(ValueError):
+    """A user error: bad option, hostfile or environment. ``main`` reports it like argparse."""
+
+
+# ---------------------------------------------------------------------------------------------
+# hostfile and SLURM node lists
+
+
+def read_hostfile(path) -> list[tuple[str, int]]:
+    """``[(host, slots), ...]`` in file order, from a DeepSpeed hostfile (``HOST slots=N``)."""
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        raise LaunchError(f"hostfile {path}: no such file") from None
+    except IsADirectoryError:
+        raise LaunchError(f"hostfile {path}: is a directory") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise LaunchError(f"hostfile {path}: cannot read it ({e})") from None
+    hosts: list[tuple[str, int]] = []
+    seen: dict[str, int] = {}
+    for lineno, raw in enumerate(lines, 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        where = f"hostfile {path}, line {lineno}"
+        fields = line.split()
+        if len(fields) != 2 or not fields[1].startswith("slots="):
+            raise LaunchError(f"{where}: expected 'HOSTNAME slots=N', got {raw.strip()!r}")
+        host, value = fields[0], fields[1][len("slots="):]
+        if not re.fullmatch(r"[0-9]+", value) or int(value) < 1:
+            raise LaunchError(f"{where}: slots must be a positive integer, got {value!r}")
+        if host in seen:
+            raise LaunchError(f"{where}: host {host!r} is already listed on line {seen[host]}")
+        seen[host] = lineno
+        hosts.append((host, int(value)))
+    if not hosts:
+        raise LaunchError(f"hostfile {path}: lists no hosts")
+    return hosts
+
+
+def _expand_first(nodelist: str) -> str:
+    """First host of a SLURM node list such as ``gpu[003-010,012],cpu1`` (``gpu003``)."""
+    # the first top-level, comma-separated entry (commas inside [...] do not split)
+    depth, end = 0, len(nodelist)
+    for i, ch in enumerate(nodelist):
+        if ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            end = i
+            break
+    entry = nodelist[:end].strip()
+    # in each [...] take the first item, and of a range its start (zero padding kept)
+    return re.sub(r"\[([^\]]*)\]", lambda m: m.group(1).split(",")[0].split("-")[0], entry)
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """First host of ``$SLURM_JOB_NODELIST``: ``scontrol show hostnames`` when it is available,
+    else expanded here."""
+    scontrol = shutil.which("scontrol")
+    if scontrol:
+        try:
+            out = subprocess.run([scontrol, "show", "hostnames", nodelist], capture_output=True,
+                                 text=True, timeout=30, check=True).stdout.split()
+            if out:
+                return out[0]
+        except (OSError, subprocess.SubprocessError):
+            pass
+    host = _expand_first(nodelist)
+    if not host:
+        raise LaunchError(f"cannot find a host in SLURM_JOB_NODELIST={nodelist!r}; "
+                          "give --master-addr")
+    return host
+
+
+# ---------------------------------------------------------------------------------------------
+# options
+
+
+def _int_type(minimum: int, maximum: int | None = None, what: str = "an integer"):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+    return parse
+
+
+_positive = _int_type(1, what="an integer >= 1")
+_nonnegative = _int_type(0, what="an integer >= 0")
+_port = _int_type(1, 65535, what="a port number in 1..65535")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        usage=f"{PROG} [options] -- [pretrain args ...]",
+        description="Build and run the torchrun / DeepSpeed / SLURM command that starts the "
+                    "slimopt pretraining CLI (or --module) on many GPUs and nodes. Arguments "
+                    "after '--' go to the module unchanged.")
+    p.add_argument("--launcher", choices=LAUNCHERS, default="torchrun",
+                   help="the real launcher (default: torchrun)")
+    p.add_argument("--num-nodes", type=_positive, default=None, metavar="N",
+                   help="number of nodes (default: 1, the hostfile's host count, or "
+                        "$SLURM_JOB_NUM_NODES with --launcher slurm)")
+    p.add_argument("--num-gpus", type=_positive, default=None, metavar="N",
+                   help="processes (GPUs) per node (default: the hostfile's slots, else "
+                        "torch.cuda.device_count(), or 1 without CUDA)")
+    p.add_argument("--node-rank", type=_nonnegative, default=None, metavar="R",
+                   help="this node's rank for torchrun (default: $SLURM_NODEID or 0)")
+    p.add_argument("--master-addr", default=None, metavar="ADDR",
+                   help="address of node 0 (default: 127.0.0.1 on one node, else the first "
+                        "host of --hostfile or of $SLURM_JOB_NODELIST)")
+    p.add_argument("--master-port", type=_port, default=DEFAULT_MASTER_PORT, metavar="PORT",
+                   help=f"port on node 0 (default: {DEFAULT_MASTER_PORT})")
+    p.add_argument("--hostfile", default=None, metavar="PATH",
+                   help="DeepSpeed hostfile ('HOSTNAME slots=N' lines); gives the nodes and "
+                        "GPUs per node")
+    p.add_argument("--module", default=DEFAULT_MODULE,
+                   help=f"Python module to run (default: {DEFAULT_MODULE})")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the command(s), one per line, and run nothing")
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
+    """``(options, pretrain_args)`` from ``[options] -- [pretrain args]``; argparse errors exit."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--" in argv:
+        cut = argv.index("--")
+        ours, theirs = argv[:cut], argv[cut + 1:]
+    else:
+        ours, theirs = argv, []
+    return _parser().parse_args(ours), theirs
+
+
+# ---------------------------------------------------------------------------------------------
+# resolution and command building
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything ``options`` + hostfile + environment settle."""
+    launcher: str
+    num_nodes: int
+    num_gpus: int | None        # None: deepspeed with per-host slots from the hostfile
+    node_rank: int
+    master_addr: str | None     # None: deepspeed finds it
+    master_port: int
+    hostfile: str | None
+    hosts: tuple[tuple[str, int], ...] | None
+    module: str
+    rdzv_id: str = "slimopt"
+
+
+def _env_int(env: Mapping[str, str], name: str) -> int | None:
+    value = env.get(name, "").strip()
+    # SLURM_GPUS_ON_NODE etc. are plain integers; anything else is ignored
+    return int(value) if value.isdigit() and int(value) > 0 else None
+
+
+def _default_num_gpus() -> int:
+    try:
+        import torch
+        return torch.cuda.device_count() or 1
+    except Exception:  # noqa: BLE001 - no usable torch/CUDA: one process
+        return 1
+
+
+def _opt(options, name, default=None):
+    return getattr(options, name, default)
+
+
+def resolve(options, env: Mapping[str, str] | None = None) -> Plan:
+    """Settle the launch from ``options`` (a ``parse_args`` namespace), the hostfile and
+    ``env`` (default ``os.environ``). Raises ``LaunchError`` on contradictions."""
+    env = os.environ if env is None else env
+    launcher = _opt(options, "launcher", "torchrun")
+    if launcher not in LAUNCHERS:
+        raise LaunchError(f"unknown launcher {launcher!r}; choose from {', '.join(LAUNCHERS)}")
+    num_nodes = _opt(options, "num_nodes")
+    num_gpus = _opt(options, "num_gpus")
+    node_rank = _opt(options, "node_rank")
+    master_addr = _opt(options, "master_addr")
+    master_port = _opt(options, "master_port", DEFAULT_MASTER_PORT)
+    hostfile = _opt(options, "hostfile")
+    module = _opt(options, "module", DEFAULT_MODULE)
+    for flag, value, low in (("--num-nodes", num_nodes, 1), ("--num-gpus", num_gpus, 1),
+                             ("--node-rank", node_rank, 0), ("--master-port", master_port, 1)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or value < low):
+            raise LaunchError(f"{flag} must be an integer >= {low}, got {value!r}")
+    if master_port > 65535:
+        raise LaunchError(f"--master-port must be at most 65535, got {master_port}")
+    if not module or not isinstance(module, str) or module.startswith("-"):
+        raise LaunchError(f"--module must name a Python module, got {module!r}")
+    if master_addr is not None and not str(master_addr).strip():
+        raise LaunchError("--master-addr is empty")
+
+    hosts = None
+    if hostfile is not None:
+        hostfile = os.fspath(hostfile)
+        if launcher == "slurm":
+            raise LaunchError("--hostfile is not used with --launcher slurm (the nodes are the "
+                              "SLURM allocation's)")
+        hosts = tuple(read_hostfile(hostfile))
+        if num_nodes is not None and num_nodes != len(hosts):
+            raise LaunchError(f"--num-nodes {num_nodes} contradicts hostfile {hostfile}, which "
+                              f"lists {len(hosts)} host(s)")
+        num_nodes = len(hosts)
+        slots = sorted({s for _, s in hosts})
+        if len(slots) == 1:
+            if num_gpus is not None and num_gpus != slots[0]:
+                raise LaunchError(f"--num-gpus {num_gpus} contradicts hostfile {hostfile}, "
+                                  f"which gives slots={slots[0]} per host")
+            num_gpus = slots[0]
+        else:
+            listed = ", ".join(f"{h} slots={s}" for h, s in hosts)
+            if launcher != "deepspeed":
+                raise LaunchError(f"hostfile {hostfile}: {launcher} needs the same slots on "
+                                  f"every host, got {listed}")
+            if num_gpus is not None:
+                raise LaunchError(f"--num-gpus {num_gpus} contradicts hostfile {hostfile}, "
+                                  f"whose hosts have different slots ({listed})")
+
+    if launcher == "slurm":
+        num_nodes = num_nodes or _env_int(env, "SLURM_JOB_NUM_NODES") or _env_int(
+            env, "SLURM_NNODES")
+        if num_gpus is None:
+            num_gpus = _env_int(env, "SLURM_GPUS_ON_NODE")
+    num_nodes = num_nodes or 1
+    if num_gpus is None and not (launcher == "deepspeed" and hosts is not None):
+        num_gpus = _default_num_gpus()
+
+    if node_rank is None:
+        slurm_rank = env.get("SLURM_NODEID", "").strip()
+        node_rank = int(slurm_rank) if slurm_rank.isdigit() else 0
+    if launcher == "torchrun" and node_rank >= num_nodes:
+        raise LaunchError(f"--node-rank {node_rank} is out of range for {num_nodes} node(s) "
+                          f"(0..{num_nodes - 1})")
+
+    rdzv_id = "slimopt"
+    if launcher == "torchrun":
+        if master_addr is None:
+            if hosts is not None:
+                master_addr = hosts[0][0]
+            elif num_nodes == 1:
+                master_addr = "127.0.0.1"
+            else:
+                raise LaunchError(f"{num_nodes} nodes need a master address: give "
+                                  "--master-addr (the address of node 0) or --hostfile")
+    elif launcher == "deepspeed":
+        if num_nodes > 1 and hosts is None:
+            raise LaunchError(f"--launcher deepspeed on {num_nodes} nodes needs --hostfile "
+                              "(DeepSpeed starts the other nodes from it)")
+        if master_addr is None and num_nodes == 1:
+            master_addr = "127.0.0.1"
+    else:  # slurm
+        if master_addr is None:
+            nodelist = env.get("SLURM_JOB_NODELIST", "").strip()
+            if not nodelist:
+                raise LaunchError("--launcher slurm outside a SLURM allocation "
+                                  "($SLURM_JOB_NODELIST is not set) needs --master-addr, the "
+                                  "address of the first node")
+            master_addr = first_slurm_host(nodelist)
+        rdzv_id = env.get("SLURM_JOB_ID", "").strip() or "slimopt"
+    return Plan(launcher=launcher, num_nodes=num_nodes, num_gpus=num_gpus, node_rank=node_rank,
+                master_addr=master_addr, master_port=master_port, hostfile=hostfile,
+                hosts=hosts, module=module, rdzv_id=rdzv_id)
+
+
+def _torchrun(plan: Plan, node_rank: int, args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run",
+            "--nnodes", str(plan.num_nodes), "--nproc_per_node", str(plan.num_gpus),
+            "--node_rank", str(node_rank), "--master_addr", plan.master_addr,
+            "--master_port", str(plan.master_port), "-m", plan.module, *args]
+
+
+def _deepspeed(plan: Plan, args: list[str]) -> list[str]:
+    cmd = ["deepspeed", "--num_nodes", str(plan.num_nodes)]
+    if plan.num_gpus is not None:
+        cmd += ["--num_gpus", str(plan.num_gpus)]
+    if plan.hostfile is not None:
+        cmd += ["--hostfile", plan.hostfile]
+    if plan.master_addr is not None:
+        cmd += ["--master_addr", plan.master_addr]
+    cmd += ["--master_port", str(plan.master_port), "--no_local_rank", "--module", plan.module,
+            *args]
+    return cmd
+
+
+def _slurm(plan: Plan, args: list[str]) -> list[str]:
+    addr = plan.master_addr
+    if ":" in addr and not addr.startswith("["):  # IPv6
+        addr = f"[{addr}]"
+    n = str(plan.num_nodes)
+    return ["srun", "--nodes", n, "--ntasks", n, "--ntasks-per-node", "1",
+            "--kill-on-bad-exit=1",
+            sys.executable, "-m", "torch.distributed.run", "--nnodes", n,
+            "--nproc_per_node", str(plan.num_gpus), "--rdzv_id", plan.rdzv_id,
+            "--rdzv_backend", "c10d", "--rdzv_endpoint", f"{addr}:{plan.master_port}",
+            "-m", plan.module, *args]
+
+
+def commands_for(plan: Plan, pretrain_args: Sequence[str]) -> list[tuple[str | None, list[str]]]:
+    args = [str(a) for a in pretrain_args]
+    if plan.launcher == "torchrun":
+        if plan.hosts is not None:
+            return [(host, _torchrun(plan, rank, args)) for rank, (host, _) in
+                    enumerate(plan.hosts)]
+        return [(None, _torchrun(plan, plan.node_rank, args))]
+    if plan.launcher == "deepspeed":
+        return [(None, _deepspeed(plan, args))]
+    return [(None, _slurm(plan, args))]
+
+
+def build_commands(options, pretrain_args: Sequence[str],
+                   env: Mapping[str, str] | None = None) -> list[tuple[str | None, list[str]]]:
+    """``[(host or None, argv), ...]`` for ``options`` (a ``parse_args`` namespace).
+
+    torchrun with a hostfile gives one entry per host, node rank = position; otherwise a single
+    entry whose host is None (torchrun: this node's command; deepspeed/slurm: the one command
+    that starts every node). Raises ``LaunchError`` on bad or contradictory options."""
+    return commands_for(resolve(options, env), pretrain_args)
+
+
+# ---------------------------------------------------------------------------------------------
+# running
+
+
+def _find_executable(name: str) -> str | None:
+    """``name`` on ``PATH``, else next to this interpreter (a virtualenv that is not active)."""
+    found = shutil.which(name)
+    if found:
+        return found
+    sibling = os.path.join(os.path.dirname(sys.executable), name)
+    return sibling if os.path.isfile(sibling) and os.access(sibling, os.X_OK) else None
+
+
+def run_command(argv: Sequence[str]) -> int:
+    """Run ``argv``, forwarding SIGTERM/SIGHUP to it; its exit status (``128 + N`` for signal
+    ``N``). On Ctrl-C (which the child gets too) wait for it to shut down; a second Ctrl-C or
+    30 s later it is killed."""
+    proc = subprocess.Popen(list(argv))
+    previous = {}
+
+    def forward(signum, _frame):
+        if proc.poll() is None:
+            proc.send_signal(signum)
+
+    for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if sig is None:
+            continue
+        try:
+            previous[sig] = signal.signal(sig, forward)
+        except (ValueError, OSError):  # not the main thread
+            pass
+    try:
+        try:
+            rc = proc.wait()
+        except KeyboardInterrupt:
+            try:
+                rc = proc.wait(timeout=30)
+            except (KeyboardInterrupt, subprocess.TimeoutExpired):
+                proc.kill()
+                rc = proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 128 - rc if rc < 0 else rc
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    options, pretrain_args = parse_args(argv)
+    try:
+        plan = resolve(options)
+    except LaunchError as e:
+        parser.error(str(e))
+    commands = commands_for(plan, pretrain_args)
+    if options.dry_run:
+        for host, cmd in commands:
+            if host is not None:
+                print(f"# on {host}")
+            print(shlex.join(cmd))
+        sys.stdout.flush()
+        return 0
+
+    if len(commands) > 1:  # torchrun from a hostfile: this node's command only
+        host, cmd = commands[plan.node_rank]
+    else:
+        host, cmd = commands[0]
+    cmd = list(cmd)
+    if plan.launcher in ("deepspeed", "slurm"):
+        name = "deepspeed" if plan.launcher == "deepspeed" else "srun"
+        exe = _find_executable(name)
+        if exe is None:
+            if name == "deepspeed":
+                parser.error("the 'deepspeed' launcher was not found (not on PATH nor next to "
+                             f"{sys.executable}); install it with 'pip install deepspeed', or "
+                             "use --launcher torchrun")
+            parser.error("'srun' was not found: run inside a SLURM allocation (e.g. from an "
+                         "sbatch script), use --dry-run to see the command, or use "
+                         "--launcher torchrun")
+        cmd[0] = exe
+    if host is not None:
+        print(f"# on {host} (node rank {plan.node_rank})", file=sys.stderr)
+    print(shlex.join(cmd), file=sys.stderr, flush=True)
+    try:
+        return run_command(cmd)
+    except OSError as e:
+        parser.error(f"cannot run {cmd[0]}: {e}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,408 @@
+"""``slimopt-pretrain``: pretrain a LLaMA-style model from scratch with any slimopt optimizer or a
+peer, single process or under torchrun (DDP), offline by default.
+
+    slimopt-pretrain --preset tiny                          # GrassWalk on the stdlib corpus
+    slimopt-pretrain --preset tiny --optimizer adamw
+    torchrun --nproc_per_node 2 -m slimopt.launch.pretrain --preset tiny
+    slimopt-pretrain --preset 60m --data corpus.jsonl --optimizer grassjump --rank 128
+
+What it does: a ``transformers.LlamaForCausalLM`` of the preset's shape; data through
+``slimopt.launch.data`` (default: the Python standard library's source, byte-level BPE trained by
+``tokenizers`` on first use and cached); cosine schedule with linear warmup down to
+``--min-lr-ratio``; gradient clipping; bf16 autocast where the hardware has it; TensorBoard logs
+(loss, eval perplexity, lr, gradient norm, tokens/s, optimizer-state bytes, subspace movement and
+recovery norms) under ``OUTPUT/tb``; a progress bar; checkpoints every ``--save-every`` steps
+holding model, optimizer, schedule, RNG and the data position, so ``--resume`` continues without
+repeating or skipping a batch. At the end it prints the eval perplexity and the optimizer-state
+bytes next to what AdamW would hold.
+
+Every user error (missing data, unknown preset or optimizer, a bad or mismatched checkpoint) is a
+one-line message and exit code 2, not a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+
+from .data import DataError, batch_at, load_documents, token_blocks, tokenizer_for
+from .presets import PRESETS, llama_config
+from .registry import KNOWN, RANKED, build_optimizer
+
+CHECKPOINT_VERSION = 1
+#: arguments a resumed run must share with the checkpoint (they decide model, data and order)
+RESUME_KEYS = ("preset", "optimizer", "seq_len", "batch_size", "vocab_size", "data", "seed",
+               "max_chars",
+               "rank", "update_interval")
+
+
+class UsageError(Exception):
+    """Reported as ``slimopt-pretrain: error: ...`` with exit code 2."""
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="slimopt-pretrain", description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="tiny", help=f"model preset: {', '.join(PRESETS)}")
+    p.add_argument("--optimizer", default="grasswalk", help=f"one of {sorted(KNOWN)}")
+    p.add_argument("--opt-args", default="{}", help="extra optimizer keyword arguments as JSON")
+    p.add_argument("--lr", type=float)
+    p.add_argument("--rank", type=int, help="subspace rank (ranked optimizers)")
+    p.add_argument("--update-interval", type=int)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--steps", type=int)
+    p.add_argument("--batch-size", type=int, help="global batch, in sequences")
+    p.add_argument("--seq-len", type=int)
+    p.add_argument("--warmup", type=int)
+    p.add_argument("--min-lr-ratio", type=float, default=0.1)
+    p.add_argument("--grad-clip", type=float, default=1.0, help="0 disables clipping")
+    p.add_argument("--data", help="local .txt/.json/.jsonl/.parquet file or folder, or a hub "
+                                  "dataset name; default: the Python stdlib source")
+    p.add_argument("--text-column", default="text")
+    p.add_argument("--vocab-size", type=int)
+    p.add_argument("--max-chars", type=int, help="characters of the corpus to use (default: "
+                   "the preset's)")
+    p.add_argument("--eval-every", type=int)
+    p.add_argument("--eval-batches", type=int, default=8)
+    p.add_argument("--save-every", type=int, default=0, help="checkpoint period (0: at the end)")
+    p.add_argument("--output-dir", help="default: runs/<preset>-<optimizer>")
+    p.add_argument("--cache-dir", default=os.path.join(os.path.expanduser("~"), ".cache",
+                                                       "slimopt"))
+    p.add_argument("--resume", help="a checkpoint file, or 'auto' for OUTPUT/checkpoint-latest.pt")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--bf16", choices=("auto", "on", "off"), default="auto")
+    p.add_argument("--deepspeed", help="DeepSpeed JSON config (not available yet)")
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-tensorboard", action="store_true")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    # testing aid: stop right after step N as if the run had been killed there
+    p.add_argument("--halt-after", type=int, default=0, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.preset not in PRESETS:
+        p.error(f"unknown preset {args.preset!r}; known: {', '.join(PRESETS)}")
+    args.optimizer = args.optimizer.lower()
+    if args.optimizer not in KNOWN:
+        p.error(f"unknown optimizer {args.optimizer!r}; known: {', '.join(sorted(KNOWN))}")
+    try:
+        args.opt_args = json.loads(args.opt_args)
+        if not isinstance(args.opt_args, dict):
+            raise ValueError
+    except ValueError:
+        p.error(f"--opt-args must be a JSON object, got {args.opt_args!r}")
+    defaults = PRESETS[args.preset][1]
+    for key in ("lr", "rank", "update_interval", "steps", "batch_size", "seq_len", "warmup",
+                "eval_every", "vocab_size", "max_chars"):
+        if getattr(args, key) is None:
+            setattr(args, key, defaults[key])
+    for key in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches", "log_every",
+                "rank", "update_interval", "vocab_size", "max_chars"):
+        if getattr(args, key) < 1:
+            p.error(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
+    for key in ("warmup", "save_every"):
+        if getattr(args, key) < 0:
+            p.error(f"--{key.replace('_', '-')} must be >= 0, got {getattr(args, key)}")
+    if not (args.lr > 0 and math.isfinite(args.lr)):
+        p.error(f"--lr must be a finite number > 0, got {args.lr}")
+    if args.vocab_size < 260:
+        p.error(f"--vocab-size must be >= 260 (256 bytes + specials), got {args.vocab_size}")
+    if args.deepspeed:
+        p.error("--deepspeed is not available yet: slimopt's DeepSpeed ZeRO integration is not "
+                "done; use plain single-process or torchrun (DDP) runs")
+    args.output_dir = args.output_dir or os.path.join("runs", f"{args.preset}-{args.optimizer}")
+    return args
+
+
+# ---------------------------------------------------------------------------- distributed
+def setup_distributed():
+    """``(rank, world, device)``; initializes the process group under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def all_mean(value: float, world: int, device) -> float:
+    if world == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t)
+    return float(t) / world
+
+
+# ---------------------------------------------------------------------------- schedule
+def lr_lambda(args):
+    def factor(step):
+        if step < args.warmup:
+            return (step + 1) / args.warmup
+        progress = min(1.0, (step - args.warmup) / max(1, args.steps - args.warmup))
+        cosine = 0.5 * (1 + math.cos(math.pi * progress))
+        return args.min_lr_ratio + (1 - args.min_lr_ratio) * cosine
+    return factor
+
+
+# ---------------------------------------------------------------------------- diagnostics
+class SubspaceDiagnostics:
+    """How far each low-rank basis moved at its last change (``1 - ||S_old^T S_new||_F^2 / r``:
+    0 = same subspace, 1 = orthogonal) and the mean recovery norm, read from the optimizer."""
+
+    def __init__(self):
+        self.previous = {}
+
+    def collect(self, opt) -> dict:
+        if not hasattr(opt, "current_basis"):
+            return {}
+        moves, recovery = [], []
+        for group in opt.param_groups:
+            for p in group["params"]:
+                state = opt.state.get(p, {})
+                if "recovery_norm" in state:
+                    recovery.append(state["recovery_norm"])
+                if not state or state.get("step", 0) == 0 or not opt.takes_matrix_rule(p, group):
+                    continue
+                if (state["step"] - 1) % group["update_interval"] != 0:
+                    continue
+                basis = opt.current_basis(p).float()
+                old = self.previous.get(id(p))
+                if old is not None:
+                    overlap = float((old.T @ basis).square().sum()) / basis.shape[1]
+                    moves.append(1.0 - overlap)
+                self.previous[id(p)] = basis.clone()
+        out = {}
+        if moves:
+            out["optimizer/subspace_move"] = sum(moves) / len(moves)
+        if recovery:
+            out["optimizer/recovery_norm"] = sum(recovery) / len(recovery)
+        return out
+
+
+def adamw_state_bytes(config) -> int:
+    """What torch's AdamW would hold for this model: counted on the meta device."""
+    import transformers
+    from ..state_bytes import state_bytes
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(config)
+    opt = torch.optim.AdamW(model.parameters(), foreach=False)
+    for p in model.parameters():
+        p.grad = torch.empty_like(p)
+    opt.step()
+    return state_bytes(opt)
+
+
+# ---------------------------------------------------------------------------- checkpoints
+def save_checkpoint(path, model, opt, sched, step, args, world):
+    payload = {"version": CHECKPOINT_VERSION, "step": step, "data_position": step,
+               "model": model.state_dict(), "optimizer": opt.state_dict(),
+               "scheduler": sched.state_dict(), "rng": torch.get_rng_state(),
+               "args": {k: getattr(args, k) for k in RESUME_KEYS}, "world_size": world}
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+    latest = os.path.join(os.path.dirname(path), "checkpoint-latest.pt")
+    if os.path.abspath(latest) != os.path.abspath(path):
+        tmp = latest + ".tmp"
+        torch.save(payload, tmp)
+        os.replace(tmp, latest)
+
+
+def load_checkpoint(path, args):
+    if path == "auto":
+        path = os.path.join(args.output_dir, "checkpoint-latest.pt")
+    if not os.path.exists(path):
+        raise UsageError(f"--resume {path}: no such checkpoint")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:
+        raise UsageError(f"--resume {path}: not a readable checkpoint ({type(err).__name__}: "
+                         f"{err})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("version") != CHECKPOINT_VERSION:
+        raise UsageError(f"--resume {path}: not a slimopt-pretrain checkpoint (version "
+                         f"{ckpt.get('version') if isinstance(ckpt, dict) else None})")
+    saved = ckpt["args"]
+    mismatched = [f"{k}: checkpoint {saved.get(k)!r}, now {getattr(args, k)!r}"
+                  for k in RESUME_KEYS if saved.get(k) != getattr(args, k)]
+    if mismatched:
+        raise UsageError(f"--resume {path}: the run's settings differ from the checkpoint's ("
+                         + "; ".join(mismatched) + ")")
+    return ckpt
+
+
+# ---------------------------------------------------------------------------- main loop
+@torch.no_grad()
+def evaluate(model, blocks, args, device, autocast):
+    model.eval()
+    losses = []
+    n = min(args.eval_batches, max(1, len(blocks) // args.batch_size))
+    for i in range(n):
+        ids = blocks[i * args.batch_size:(i + 1) * args.batch_size].long().to(device)
+        with autocast():
+            losses.append(float(model(input_ids=ids, labels=ids).loss))
+    model.train()
+    return sum(losses) / len(losses)
+
+
+def run(args):
+    import transformers
+    rank, world, device = setup_distributed()
+    is_main = rank == 0
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.batch_size % world:
+        raise UsageError(f"--batch-size {args.batch_size} is not divisible by the "
+                         f"{world} ranks")
+    say = print if is_main else (lambda *a, **k: None)
+
+    docs, corpus_id = load_documents(args.data, text_column=args.text_column,
+                                     max_chars=args.max_chars)
+    tokenizer = tokenizer_for(docs, corpus_id, args.vocab_size, args.cache_dir)
+    train_blocks, eval_blocks = token_blocks(docs, tokenizer, args.seq_len, corpus_id,
+                                             args.cache_dir)
+    say(f"data: {len(docs):,} documents ({corpus_id}), {train_blocks.numel():,} train tokens, "
+        f"{eval_blocks.numel():,} held out, vocab {tokenizer.get_vocab_size():,}")
+
+    config = llama_config(args.preset, tokenizer.get_vocab_size(), args.seq_len)
+    torch.manual_seed(args.seed)
+    model = transformers.LlamaForCausalLM(config).to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    options = dict(args.opt_args)
+    if args.optimizer in RANKED:
+        options.setdefault("update_interval", args.update_interval)
+    if args.weight_decay:
+        options.setdefault("weight_decay", args.weight_decay)
+    elif args.optimizer not in ("muon", "galore"):
+        options.setdefault("weight_decay", 0.0)
+    try:
+        opt = build_optimizer(args.optimizer, model, lr=args.lr, rank=args.rank, **options)
+    except (TypeError, ValueError) as err:
+        raise UsageError(f"--optimizer {args.optimizer}: {err}") from None
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args))
+    train_model = model
+    if world > 1:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    start = 0
+    if args.resume:
+        ckpt = load_checkpoint(args.resume, args)
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        torch.set_rng_state(ckpt["rng"])
+        start = ckpt["data_position"]
+        say(f"resumed from step {start}")
+
+    use_bf16 = args.bf16 == "on" or (args.bf16 == "auto" and device.type == "cuda"
+                                     and torch.cuda.is_bf16_supported())
+
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+    writer = None
+    if is_main and not args.no_tensorboard:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            writer = SummaryWriter(os.path.join(args.output_dir, "tb"))
+        except ImportError:
+            say("tensorboard not installed: no TensorBoard logs (pip install tensorboard)")
+    progress = None
+    if is_main and not args.no_progress:
+        try:
+            from tqdm import tqdm
+            progress = tqdm(total=args.steps, initial=start, desc=args.optimizer, unit="step")
+        except ImportError:
+            pass
+
+    diagnostics = SubspaceDiagnostics()
+    rows = args.batch_size // world
+    tokens_seen, t0, eval_loss = 0, time.time(), None
+    for step in range(start, args.steps):
+        batch = batch_at(train_blocks, step, args.batch_size, args.seed)
+        ids = batch[rank * rows:(rank + 1) * rows].to(device)
+        with autocast():
+            loss = train_model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            model.parameters(), args.grad_clip if args.grad_clip > 0 else float("inf"))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+        tokens_seen += ids.numel() * world
+        done = step + 1
+        loss_value = all_mean(float(loss.detach()), world, device)
+        rate = tokens_seen / max(time.time() - t0, 1e-9)
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{rate:,.0f}")
+        if writer is not None and (done % args.log_every == 0 or done == args.steps):
+            writer.add_scalar("train/loss", loss_value, done)
+            writer.add_scalar("train/lr", sched.get_last_lr()[0], done)
+            writer.add_scalar("train/grad_norm", float(grad_norm), done)
+            writer.add_scalar("train/tokens_per_s", rate, done)
+            from ..state_bytes import state_bytes
+            writer.add_scalar("optimizer/state_bytes", state_bytes(opt), done)
+        if writer is not None:
+            for key, value in diagnostics.collect(opt).items():
+                writer.add_scalar(key, value, done)
+        if done % args.eval_every == 0 or done == args.steps:
+            eval_loss = all_mean(evaluate(model, eval_blocks, args, device, autocast), world,
+                                 device)
+            if writer is not None:
+                writer.add_scalar("eval/loss", eval_loss, done)
+                writer.add_scalar("eval/perplexity", math.exp(min(eval_loss, 50)), done)
+            if progress is None:
+                say(f"step {done}: train loss {loss_value:.4f}, eval loss {eval_loss:.4f}")
+        if is_main and (args.save_every and done % args.save_every == 0 or done == args.steps):
+            save_checkpoint(os.path.join(args.output_dir, f"checkpoint-{done}.pt"), model, opt,
+                            sched, done, args, world)
+        if args.halt_after and done >= args.halt_after:
+            say(f"halted after step {done} (--halt-after)")
+            break
+    if progress is not None:
+        progress.close()
+    if writer is not None:
+        writer.close()
+
+    if eval_loss is None:  # halted before the first evaluation
+        eval_loss = all_mean(evaluate(model, eval_blocks, args, device, autocast), world, device)
+    from ..state_bytes import state_bytes
+    ours, adamw = state_bytes(opt), adamw_state_bytes(config)
+    result = dict(optimizer=args.optimizer, preset=args.preset, params=n_params,
+                  steps=args.steps, eval_loss=eval_loss,
+                  eval_perplexity=math.exp(eval_loss) if eval_loss is not None else None,
+                  state_bytes=ours, adamw_state_bytes=adamw,
+                  seconds=time.time() - t0, tokens=tokens_seen)
+    say(f"\nfinal eval loss {eval_loss:.4f}, perplexity {result['eval_perplexity']:.2f} "
+        f"({args.preset}, {n_params / 1e6:.2f}M parameters, {args.steps} steps)")
+    say(f"optimizer state: {ours:,} bytes ({args.optimizer}); torch AdamW would hold {adamw:,} "
+        f"bytes ({ours / adamw:.0%})")
+    if is_main:
+        with open(os.path.join(args.output_dir, "result.json"), "w") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except (UsageError, DataError) as err:
+        print(f"slimopt-pretrain: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
