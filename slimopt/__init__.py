@@ -8,9 +8,11 @@ momentum robustly; ``AdaPreLoRA`` preconditions LoRA factor pairs. Every other p
 from . import lora
 from .optimizers import (ROOT, AdaPreLoRA, SARA, SNSM, GaLore, GrassJump, GrassWalk, SubsetNorm,
                          SubspaceMomentum)
+from .launch.torch_registry import register_with_torch_optim
 from .param_groups import param_groups
 from .state_bytes import state_bytes
 
 __version__ = "0.1.0"
 __all__ = ["GrassWalk", "GrassJump", "SARA", "GaLore", "SNSM", "SubspaceMomentum", "SubsetNorm",
-           "ROOT", "AdaPreLoRA", "lora", "param_groups", "state_bytes"]
+           "ROOT", "AdaPreLoRA", "lora", "param_groups", "state_bytes",
+           "register_with_torch_optim"]

@@ -26,7 +26,11 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes held in ``optimizer.state``: every tensor counted once (``numel * element_size``),
     including tensors inside objects that other libraries keep there (e.g. galore-torch's
     projector). Python numbers are not counted. Works for any ``torch.optim.Optimizer`` and for
-    state allocated on the meta device."""
+    state allocated on the meta device; a DeepSpeed ZeRO wrapper counts its client optimizer
+    (this rank's share of the state; DeepSpeed's own fp32 master weights are not counted)."""
+    while not isinstance(optimizer, torch.optim.Optimizer) and isinstance(
+            getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+        optimizer = optimizer.optimizer  # a DeepSpeed wrapper: count the client optimizer's state
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"state_bytes expects a torch.optim.Optimizer, got "
                         f"{type(optimizer).__name__}")

@@ -250,3 +250,9 @@ def test_least_squares_loss_decreases(info):
         opt.step()
         losses.append(loss.item())
     assert math.isfinite(losses[-1]) and losses[-1] < 0.1 * losses[0]
+
+
+
+def test_register_with_torch_optim(info):
+    names = slimopt.register_with_torch_optim()
+    assert getattr(torch.optim, info.name) is info.cls and info.name in names

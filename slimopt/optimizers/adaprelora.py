@@ -67,6 +67,7 @@ class AdaPreLoRA(SlimOptimizer):
         check_positive("lora_scale", group["lora_scale"])
         if not self.is_pair(group):
             return
+        group["zero_unit"] = "group"  # under ZeRO the pair is stepped together on one rank
         params = group["params"]
         if len(params) != 2:
             raise ValueError(f"a LoRA pair group holds [A, B], got {len(params)} parameter(s); "
@@ -104,6 +105,10 @@ class AdaPreLoRA(SlimOptimizer):
         A, B = group["params"]
         if A.grad is None or B.grad is None:
             return
+        for p in (A, B):
+            if p not in self._param_keys:
+                raise RuntimeError("AdaPreLoRA was handed tensors that are not its parameters "
+                                   "(DeepSpeed ZeRO shards?): use slimopt.launch.initialize")
         for p in (A, B):
             check_gradient(p.grad, p.shape)
         state_a, state_b = self._init_state(A, group), self._init_state(B, group)

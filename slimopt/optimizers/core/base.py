@@ -41,6 +41,9 @@ class SlimOptimizer(Optimizer):
         check_choice("nonfinite", nonfinite, NONFINITE_MODES)
         check_int("seed", seed, 0)
         self._param_keys: dict[torch.Tensor, int] = {}
+        self._zero_bridge = None
+        #: set by slimopt.launch.initialize while DeepSpeed may take its zero-gradient first step
+        self.skip_zero_first_step = False
         self.nonfinite = nonfinite
         self.seed = int(seed)
         if isinstance(defaults.get("betas"), list):
@@ -114,15 +117,46 @@ class SlimOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self.skip_zero_first_step and not self.state and self._all_grads_zero():
+            return loss  # DeepSpeed's step inside initialize (ZeRO-0 + bf16): not a real step
         for group in self.param_groups:
-            self._step_group(group)
+            if self._zero_bridge is not None and "zero_index" in group:
+                self._zero_bridge.step_group(self, group)
+            else:
+                self._step_group(group)
         return loss
+
+    def _all_grads_zero(self) -> bool:
+        return all(p.grad is None or not bool(p.grad.any())
+                   for g in self.param_groups for p in g["params"])
+
+    # ------------------------------------------------------------------ DeepSpeed ZeRO
+    def attach_zero_bridge(self, bridge) -> None:
+        """Route steps of DeepSpeed's flat partitions through ``bridge`` (see
+        ``slimopt.launch.zero``); ``slimopt.launch.initialize`` does this."""
+        self._zero_bridge = bridge
+
+    def state_dict(self):
+        if self._zero_bridge is not None:
+            return self._zero_bridge.state_dict(self)
+        return super().state_dict()
+
+    def load_state_dict(self, state_dict):
+        if self._zero_bridge is not None:
+            return self._zero_bridge.load_state_dict(self, state_dict)
+        return super().load_state_dict(state_dict)
 
     def _step_group(self, group: dict) -> None:
         """One step for every parameter of ``group`` (a subclass may treat a group as a unit)."""
         for p in group["params"]:
             if p.grad is None:
                 continue
+            if p not in self._param_keys:
+                raise RuntimeError(
+                    f"{type(self).__name__} was handed a tensor of shape {tuple(p.shape)} that is "
+                    "not one of its parameters: DeepSpeed ZeRO replaces the parameters by flat "
+                    "shards, which would silently turn matrix rules into vector rules. Create "
+                    "the engine with slimopt.launch.initialize instead of deepspeed.initialize.")
             check_gradient(p.grad, p.shape)
             state = self._init_state(p, group)
             if not self._grad_is_finite(p.grad, state, p.shape):

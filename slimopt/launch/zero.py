@@ -1,0 +1,237 @@
+"""DeepSpeed integration: ``initialize`` (a drop-in for ``deepspeed.initialize`` that reads
+``{"optimizer": {"type": "slimopt.NAME", ...}}``) and the ZeRO-1/2 bridge that keeps the matrix
+math exact on DeepSpeed's flat partitions.
+
+Under ZeRO-1/2 DeepSpeed hands the client optimizer one flat 1-D fp32 partition per param group and
+rank: a matrix-aware rule run on it would silently become a vector rule. The bridge instead runs
+every rule on whole matrices, once, on an owner rank (the design "whole matrices per rank"):
+
+1. all-gather the group's gradient partitions and fp32 master partitions (every rank now sees
+   every full matrix: the offsets of the parameters in DeepSpeed's flat buffer are read from
+   their storage, not re-derived from its padding rules);
+2. each matrix (or LoRA pair) has one owner rank, chosen once by balancing sizes; the owner keeps
+   the optimizer state for it (so state per rank is about total / world size) and steps a
+   persistent full-size fp32 "shadow" copy with the exact single-process code;
+3. the owners' new values are summed into a flat buffer (``all_reduce``) and each rank copies
+   its own partition back; DeepSpeed then all-gathers the low-precision weights as usual.
+
+Communication per step and group of ``N`` elements: all-gather of gradients (N) and of masters
+(N), all-reduce of the new values (about 2N with ring all-reduce): about 4N floats, against ZeRO's
+own 2N (reduce-scatter + all-gather). Memory: the state of the owned matrices plus their fp32
+shadow copies (about 1/world of the model in fp32) and transient flat buffers of the group's size.
+
+ZeRO-3 partitions the parameters themselves; it is refused with an error (use stage 0, 1 or 2).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import torch
+
+from ..optimizers.core.base import SlimOptimizer
+from ..param_groups import param_groups
+from .registry import HEAD_IN_MATRIX_GROUP, OPTIMIZERS, RANKED
+
+PREFIX = "slimopt."
+
+
+class ZeroBridge:
+    """Maps DeepSpeed's flat partitions of each param group to whole matrices (see the module
+    docstring). Built from a ``DeepSpeedZeroOptimizer`` (ZeRO-1/2)."""
+
+    def __init__(self, optimizer: SlimOptimizer, zero_optimizer):
+        import torch.distributed as dist
+        self.dist = dist
+        self.zero = zero_optimizer
+        self.rank = dist.get_rank(group=zero_optimizer.real_dp_process_group[0])
+        self.world = dist.get_world_size(group=zero_optimizer.real_dp_process_group[0])
+        self.groups = []   # per group: list of units; a unit is a list of (key, offset, shape)
+        self.owner = {}    # (group, unit) -> rank
+        self.shadows = {}  # key -> persistent full-size fp32 tensor (owned units only)
+        load = [0] * self.world
+        for i, lp_params in enumerate(zero_optimizer.bit16_groups):
+            flat = zero_optimizer.bit16_groups_flat[i]
+            entries = []
+            for p in lp_params:
+                offset = (p.data_ptr() - flat.data_ptr()) // p.element_size()
+                if p not in optimizer._param_keys:
+                    raise RuntimeError("slimopt ZeRO bridge: a DeepSpeed parameter is unknown to "
+                                       "the optimizer")
+                entries.append((optimizer._param_keys[p], offset, tuple(p.shape)))
+            group = optimizer.param_groups[i]
+            units = [entries] if group.get("zero_unit") == "group" else [[e] for e in entries]
+            self.groups.append(units)
+            for u in sorted(range(len(units)), key=lambda u: -sum(_numel(s) for _, _, s in units[u])):
+                target = min(range(self.world), key=lambda r: (load[r], r))
+                self.owner[(i, u)] = target
+                load[target] += sum(_numel(s) for _, _, s in units[u])
+            group["zero_index"] = i
+
+    def owned_keys(self):
+        return [key for (i, u), r in self.owner.items() if r == self.rank
+                for key, _, _ in self.groups[i][u]]
+
+    def _shadow(self, optimizer, key, shape, like):
+        shadow = self.shadows.get(key)
+        if shadow is None:
+            shadow = torch.zeros(shape, dtype=torch.float32, device=like.device)
+            self.shadows[key] = shadow
+            optimizer._param_keys[shadow] = key
+        return shadow
+
+    def _gather(self, part):
+        chunks = [torch.empty_like(part) for _ in range(self.world)]
+        self.dist.all_gather(chunks, part.contiguous(),
+                             group=self.zero.real_dp_process_group[0])
+        return torch.cat(chunks)
+
+    @torch.no_grad()
+    def step_group(self, optimizer, group):
+        i = group["zero_index"]
+        part = group["params"][0]
+        if part.grad is None:
+            return
+        full_grad = self._gather(part.grad.to(part.dtype))
+        full_param = self._gather(part.data)
+        new_values = torch.zeros_like(full_param)
+        for u, unit in enumerate(self.groups[i]):
+            if self.owner[(i, u)] != self.rank:
+                continue
+            shadows = []
+            for key, offset, shape in unit:
+                n = _numel(shape)
+                shadow = self._shadow(optimizer, key, shape, part)
+                shadow.copy_(full_param[offset:offset + n].view(shape))
+                shadow.grad = full_grad[offset:offset + n].view(shape).clone()
+                shadows.append(shadow)
+            optimizer._step_group(dict(group, params=shadows))
+            for (key, offset, shape), shadow in zip(unit, shadows):
+                new_values[offset:offset + _numel(shape)].copy_(shadow.view(-1))
+                shadow.grad = None
+        self.dist.all_reduce(new_values, group=self.zero.real_dp_process_group[0])
+        size = part.numel()
+        part.data.copy_(new_values[self.rank * size:(self.rank + 1) * size])
+
+    # ---------------------------------------------------------------- checkpoints
+    def state_dict(self, optimizer):
+        """Plain data: the owned matrices' states keyed by their optimizer-wide index."""
+        state = {str(key): optimizer.state[self.shadows[key]] for key in self.owned_keys()
+                 if key in self.shadows and self.shadows[key] in optimizer.state}
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+        return {"slimopt_zero": 1, "world_size": self.world, "state": state,
+                "param_groups": groups}
+
+    def load_state_dict(self, optimizer, state_dict):
+        if state_dict.get("slimopt_zero") != 1:
+            raise ValueError("not a slimopt ZeRO optimizer state (was it saved by another "
+                             "optimizer?)")
+        for group, saved in zip(optimizer.param_groups, state_dict["param_groups"]):
+            group.update({k: v for k, v in saved.items() if k not in ("params", "zero_index")})
+        owned = set(self.owned_keys())
+        shapes = {key: shape for units in self.groups for unit in units
+                  for key, _, shape in unit}
+        for key_text, entry in state_dict["state"].items():
+            key = int(key_text)
+            if key not in owned:
+                continue
+            part = optimizer.param_groups[0]["params"][0]
+            shadow = self._shadow(optimizer, key, shapes[key], part)
+            optimizer.state[shadow] = {k: (v.to(shadow.device) if torch.is_tensor(v) else v)
+                                       for k, v in entry.items()}
+
+
+def _numel(shape):
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _load_config(config):
+    if config is None:
+        return {}
+    if isinstance(config, (str, os.PathLike)):
+        with open(config) as f:
+            return json.load(f)
+    if isinstance(config, dict):
+        return copy.deepcopy(config)
+    raise TypeError(f"config must be a dict or a JSON file path, got {type(config).__name__}")
+
+
+def build_from_config(section: dict, model) -> SlimOptimizer:
+    """The slimopt optimizer an ``{"type": "slimopt.NAME", "params": {...}}`` section names,
+    with ``param_groups(model)`` applied (``rank`` goes to the matrix group)."""
+    kind = str(section.get("type", ""))
+    name = kind[len(PREFIX):].lower()
+    name = {"galore": "galore-slimopt"}.get(name, name)  # inside slimopt's namespace: ours
+    known = sorted(PREFIX + cls.__name__ for cls in OPTIMIZERS.values()) + ["slimopt.AdaPreLoRA"]
+    if name == "adaprelora":
+        from ..optimizers import AdaPreLoRA
+        return AdaPreLoRA(model, **section.get("params", {}))
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown slimopt optimizer {kind!r}; known: {', '.join(known)}")
+    params = dict(section.get("params", {}))
+    rank = params.pop("rank", None) if name in RANKED else None
+    groups = param_groups(model, rank=rank, include_head=name in HEAD_IN_MATRIX_GROUP)
+    try:
+        return OPTIMIZERS[name](groups, **params)
+    except TypeError as err:
+        raise ValueError(f"{kind}: {err}") from None
+
+
+def initialize(args=None, model=None, optimizer=None, model_parameters=None, config=None,
+               **kwargs):
+    """``deepspeed.initialize`` with slimopt's optimizers: a config whose ``optimizer.type``
+    starts with ``slimopt.`` builds that optimizer (``param_groups`` applied); a slimopt
+    optimizer (built here or passed in) under ZeRO-1/2 gets the exact-matrix bridge; ZeRO-3 is
+    refused. Everything else goes to DeepSpeed unchanged. Returns DeepSpeed's 4-tuple."""
+    import deepspeed
+    cfg = _load_config(config if config is not None else kwargs.pop("config_params", None))
+    section = cfg.get("optimizer")
+    if isinstance(section, dict) and str(section.get("type", "")).lower().startswith(PREFIX):
+        if optimizer is not None:
+            raise ValueError("both an optimizer object and a slimopt optimizer in the config: "
+                             "pass one")
+        if model is None:
+            raise ValueError("a slimopt optimizer from the config needs model=")
+        optimizer = build_from_config(section, model)
+        del cfg["optimizer"]
+        model_parameters = None
+    stage = int(cfg.get("zero_optimization", {}).get("stage", 0))
+    if isinstance(optimizer, SlimOptimizer):
+        if stage >= 3:
+            raise ValueError(f"{type(optimizer).__name__} under ZeRO stage 3 is not supported: "
+                             "ZeRO-3 partitions every matrix across ranks, and slimopt does not "
+                             "yet gather them for its matrix rules. Use ZeRO stage 1 or 2 (the "
+                             "optimizer state is still sharded across ranks) or stage 0.")
+        if cfg.get("fp16", {}).get("enabled"):
+            raise ValueError("fp16 with slimopt optimizers is not supported; use bf16")
+        if stage >= 1:
+            cfg["zero_allow_untested_optimizer"] = True
+        optimizer.skip_zero_first_step = True
+    engine, opt, loader, sched = deepspeed.initialize(
+        args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
+        config=cfg, **kwargs)
+    if isinstance(optimizer, SlimOptimizer):
+        optimizer.skip_zero_first_step = False
+        if stage in (1, 2):
+            optimizer.attach_zero_bridge(ZeroBridge(optimizer, engine.optimizer))
+        else:
+            register_master_copies(optimizer, engine.optimizer)
+    return engine, opt, loader, sched
+
+
+def register_master_copies(optimizer: SlimOptimizer, wrapper) -> None:
+    """ZeRO-0 with bf16: DeepSpeed's wrapper steps fp32 master copies of the parameters (whole
+    matrices, real shapes); give each copy its parameter's key so the rules (and their random
+    draws) are those of the parameter."""
+    low = getattr(wrapper, "fp16_groups", None)
+    high = getattr(wrapper, "fp32_groups", None)
+    if low is None or high is None:
+        return
+    for lp_group, hp_group in zip(low, high):
+        for lp, hp in zip(lp_group, hp_group):
+            if lp in optimizer._param_keys:
+                optimizer._param_keys[hp] = optimizer._param_keys[lp]

@@ -1,0 +1,194 @@
+"""Run under torchrun (2 CPU ranks, gloo): for each scenario, train a tiny LLaMA k steps with
+slimopt.launch.initialize under a ZeRO stage and compare with the same optimizer run in one
+process on the same global batch. Prints one JSON line per scenario on rank 0.
+
+    torchrun --nproc_per_node 2 tests/distributed/zero_worker.py SCENARIO [SCENARIO ...]
+
+A scenario is OPTIMIZER:STAGE:DTYPE:ACCUM (e.g. grasswalk:1:fp32:1), ckpt:OPTIMIZER:STAGE
+(save, load into a fresh engine, continue: equal to the uninterrupted run), or
+naive:OPTIMIZER:STAGE (the negative control: deepspeed.initialize without slimopt's bridge, the
+optimizer run on DeepSpeed's flat shards as if they were parameters).
+"""
+import json
+import os
+import sys
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import transformers  # noqa: E402
+
+import slimopt  # noqa: E402
+from slimopt.launch.zero import initialize  # noqa: E402
+
+STEPS = int(os.environ.get("ZERO_STEPS", "3"))
+MICRO = 2  # sequences per rank per micro-step
+SEQ = 8
+OPT_PARAMS = {
+    "grasswalk": {"lr": 1e-2, "rank": 4, "update_interval": 2},
+    "grassjump": {"lr": 1e-2, "rank": 4, "update_interval": 2},
+    "sara": {"lr": 1e-2, "rank": 4, "update_interval": 2},
+    "snsm": {"lr": 1e-2, "rank": 4, "update_interval": 2},
+    "root": {"lr": 1e-2},
+    "adaprelora": {"lr": 1e-2},
+}
+TYPES = {"grasswalk": "GrassWalk", "grassjump": "GrassJump", "sara": "SARA", "snsm": "SNSM",
+         "root": "ROOT", "adaprelora": "AdaPreLoRA"}
+
+
+def tiny_llama(lora):
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=24, intermediate_size=40,
+                                      num_hidden_layers=2, num_attention_heads=2,
+                                      num_key_value_heads=2, max_position_embeddings=SEQ)
+    model = transformers.LlamaForCausalLM(config)
+    if lora:
+        slimopt.lora.apply_lora(model, rank=3, alpha=6)
+        for name, p in model.named_parameters():  # non-zero B so the pair math is exercised
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.02)
+    return model
+
+
+def batches(world, accum):
+    g = torch.Generator().manual_seed(1)
+    total = STEPS * accum * world * MICRO
+    return torch.randint(0, 64, (total, SEQ), generator=g)
+
+
+def reference(name, accum, world):
+    """The same optimizer, one process, the whole global batch per step (mean of the losses)."""
+    model = tiny_llama(name == "adaprelora")
+    section = {"type": "slimopt." + TYPES[name], "params": dict(OPT_PARAMS[name])}
+    from slimopt.launch.zero import build_from_config
+    opt = build_from_config(section, model)
+    data = batches(world, accum)
+    per_step = accum * world * MICRO
+    params = [p for p in model.parameters() if p.requires_grad]
+    for step in range(STEPS):
+        chunk = data[step * per_step:(step + 1) * per_step].view(accum, world, MICRO, SEQ)
+        per_rank = []
+        # as DeepSpeed: each rank accumulates (loss / accum) over its micro-batches, then the
+        # ranks' gradients are summed and scaled by 1 / world
+        for rank in range(world):
+            opt.zero_grad()
+            for a in range(accum):
+                rows = chunk[a, rank]
+                (model(input_ids=rows, labels=rows).loss / accum).backward()
+            per_rank.append([p.grad.clone() for p in params])
+        for i, p in enumerate(params):
+            total = per_rank[0][i]
+            for other in per_rank[1:]:
+                total = total + other[i]
+            p.grad = total * (1.0 / world)
+        opt.step()
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def ds_config(name, stage, dtype, accum):
+    return {"train_micro_batch_size_per_gpu": MICRO, "gradient_accumulation_steps": accum,
+            "zero_optimization": {"stage": stage}, "bf16": {"enabled": dtype == "bf16"},
+            "optimizer": {"type": "slimopt." + TYPES[name], "params": dict(OPT_PARAMS[name])},
+            "steps_per_print": 10 ** 9, "gradient_clipping": 0.0}
+
+
+def train(engine, rank, world, accum, steps, start=0):
+    data = batches(world, accum)
+    per_step = accum * world * MICRO
+    for step in range(start, start + steps):
+        chunk = data[step * per_step:(step + 1) * per_step].view(accum, world, MICRO, SEQ)
+        for a in range(accum):
+            rows = chunk[a, rank]
+            loss = engine(input_ids=rows, labels=rows).loss
+            engine.backward(loss)
+            engine.step()
+
+
+def params_of(engine):
+    return {n: p.detach().float().clone() for n, p in engine.module.named_parameters()}
+
+
+def max_diff(a, b):
+    return max(float((a[n] - b[n].float()).abs().max()) for n in b)
+
+
+def run_checkpoint(name, stage, tmp):
+    rank, world = dist.get_rank(), dist.get_world_size()
+    engine, _, _, _ = initialize(model=tiny_llama(name == "adaprelora"),
+                                 config=ds_config(name, stage, "fp32", 1))
+    train(engine, rank, world, 1, 2)
+    engine.save_checkpoint(tmp, tag="two")
+    train(engine, rank, world, 1, 1, start=2)
+    straight = params_of(engine)
+    fresh, _, _, _ = initialize(model=tiny_llama(name == "adaprelora"),
+                                config=ds_config(name, stage, "fp32", 1))
+    fresh.load_checkpoint(tmp, tag="two")
+    train(fresh, rank, world, 1, 1, start=2)
+    if rank == 0:
+        print(json.dumps({"scenario": f"ckpt:{name}:{stage}",
+                          "max_diff": max_diff(params_of(fresh), straight)}), flush=True)
+
+
+def run_naive(name, stage):
+    import deepspeed
+    rank, world = dist.get_rank(), dist.get_world_size()
+    from slimopt.launch.zero import build_from_config
+    model = tiny_llama(False)
+    cfg = ds_config(name, stage, "fp32", 1)
+    opt = build_from_config(cfg.pop("optimizer"), model)
+    cfg["zero_allow_untested_optimizer"] = True
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
+    for group in opt.param_groups:  # what a naive integration does: treat shards as parameters
+        for p in group["params"]:
+            opt._param_keys.setdefault(p, len(opt._param_keys))
+    train(engine, rank, world, 1, STEPS)
+    got = params_of(engine)
+    if rank == 0:
+        print(json.dumps({"scenario": f"naive:{name}:{stage}",
+                          "max_diff": max_diff(got, reference(name, 1, world))}), flush=True)
+
+
+RESULTS = {}
+
+
+def run(name, stage, dtype, accum):
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model = tiny_llama(name == "adaprelora")
+    initial = {n: p.detach().float().clone() for n, p in model.named_parameters()}
+    engine, opt, _, _ = initialize(model=model, config=ds_config(name, stage, dtype, accum))
+    dtype_t = next(engine.module.parameters()).dtype
+    init_moved = max_diff(params_of(engine), {n: v.to(dtype_t).float() for n, v in initial.items()})
+    train(engine, rank, world, accum, STEPS)
+    state = slimopt.state_bytes(opt)
+    got = params_of(engine)
+    t = torch.tensor([state], dtype=torch.float64)
+    gathered = [torch.zeros(1, dtype=torch.float64) for _ in range(world)]
+    dist.all_gather(gathered, t)
+    if rank == 0:
+        ref = reference(name, accum, world)
+        diffs = {n: float((got[n] - ref[n].float()).abs().max()) for n in ref}
+        if os.environ.get("ZERO_DEBUG"):
+            print(sorted(diffs.items(), key=lambda kv: -kv[1])[:4], flush=True)
+        diff = max(diffs.values())
+        baseline = RESULTS.get((name, 0, dtype, accum))
+        RESULTS[(name, stage, dtype, accum)] = got
+        print(json.dumps({"scenario": f"{name}:{stage}:{dtype}:{accum}", "max_diff": diff,
+                          "max_diff_vs_stage0": None if baseline is None else
+                          max_diff(got, baseline), "init_moved": init_moved,
+                          "state_bytes_per_rank": [int(x) for x in gathered]}), flush=True)
+
+
+if __name__ == "__main__":
+    import deepspeed
+    deepspeed.init_distributed(dist_backend="gloo")
+    import tempfile
+    for scenario in sys.argv[1:]:
+        parts = scenario.split(":")
+        if parts[0] == "ckpt":
+            tmp = os.environ.get("ZERO_CKPT_DIR") or tempfile.mkdtemp()
+            run_checkpoint(parts[1], int(parts[2]), os.path.join(tmp, scenario.replace(":", "-")))
+        elif parts[0] == "naive":
+            run_naive(parts[1], int(parts[2]))
+        else:
+            run(parts[0], int(parts[1]), parts[2], int(parts[3]))
