@@ -94,7 +94,7 @@ def train(name, args, train_data, eval_data):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Tiny LLaMA on the Python stdlib: slimopt vs AdamW")
-    p.add_argument("--optimizer", default="grasswalk", choices=sorted(OPTIMIZERS) + ["adamw"])
+    p.add_argument("--optimizer", default="grasswalk", choices=sorted(OPTIMIZERS) + ["adamw"])  # noqa: E501
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--rank", type=int, default=32)
     p.add_argument("--interval", type=int, default=50, help="update_interval")
