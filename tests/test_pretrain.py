@@ -64,7 +64,6 @@ def test_bad_input_is_one_clear_message(tmp_path, cache, capsys):
     _fails(base + ["--data", str(tmp_path / "missing.jsonl")], capsys, "no such file")
     _fails(["--preset", "huge"], capsys, "unknown preset")
     _fails(["--optimizer", "sgdw"], capsys, "unknown optimizer")
-    _fails(base + ["--deepspeed", "ds.json"], capsys, "not available yet")
     _fails(base + ["--opt-args", "[1]"], capsys, "--opt-args")
     _fails(base + ["--steps", "0"], capsys, "--steps")
     corrupt = tmp_path / "corrupt.pt"
@@ -105,3 +104,40 @@ def test_two_cpu_ranks_match_one_process(tmp_path, cache):
     # DDP averages the two half-batch gradients: the full batch's gradient up to rounding
     assert two["eval_loss"] == pytest.approx(single["eval_loss"], rel=1e-4)
     assert two["tokens"] == single["tokens"]
+
+
+def test_deepspeed_zero2_two_ranks_resume_and_contradictions(tmp_path, cache, capsys):
+    pytest.importorskip("deepspeed")
+    cfg = tmp_path / "z2.json"
+    cfg.write_text(json.dumps({"zero_optimization": {"stage": 2}, "optimizer": {
+        "type": "slimopt.GrassJump", "params": {"lr": 0.003, "rank": 8, "update_interval": 3}}}))
+    common = SMALL + ["--cache-dir", cache, "--deepspeed", str(cfg), "--no-tensorboard",
+                      "--steps", "6", "--eval-every", "3"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
+
+    def torchrun(*extra):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "--master_port", str(_free_port()), "-m", "slimopt.launch.pretrain", *common, *extra]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout
+
+    torchrun("--output-dir", str(tmp_path / "a"))
+    torchrun("--output-dir", str(tmp_path / "b"), "--save-every", "3", "--halt-after", "4")
+    out = torchrun("--output-dir", str(tmp_path / "b"), "--resume",
+                   str(tmp_path / "b" / "deepspeed" / "step3"))
+    assert "resumed from step 3" in out and "ZeRO shards it" in out
+    a = json.loads((tmp_path / "a" / "result.json").read_text())
+    b = json.loads((tmp_path / "b" / "result.json").read_text())
+    assert a["eval_loss"] == b["eval_loss"]
+
+    base = SMALL + ["--cache-dir", cache, "--output-dir", str(tmp_path / "x")]
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"train_batch_size": 64}))
+    _fails(base + ["--deepspeed", str(bad)], capsys, "contradicts --batch-size")
+    bad.write_text(json.dumps({"optimizer": {"type": "Adam"}}))
+    _fails(base + ["--deepspeed", str(bad)], capsys, "name a slimopt.* optimizer")
+    _fails(base + ["--deepspeed", str(cfg), "--optimizer", "root"], capsys, "but --optimizer")
+    bad.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    _fails(base + ["--deepspeed", str(bad)], capsys, "ZeRO stage 3")
+    _fails(base + ["--deepspeed", str(tmp_path / "none.json")], capsys, "No such file")

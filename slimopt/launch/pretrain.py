@@ -36,6 +36,7 @@ from .registry import KNOWN, RANKED, build_optimizer
 
 CHECKPOINT_VERSION = 1
 #: arguments a resumed run must share with the checkpoint (they decide model, data and order)
+DEFAULT_GRAD_CLIP = 1.0
 RESUME_KEYS = ("preset", "optimizer", "seq_len", "batch_size", "vocab_size", "data", "seed",
                "max_chars",
                "rank", "update_interval")
@@ -59,7 +60,7 @@ def parse_args(argv=None):
     p.add_argument("--seq-len", type=int)
     p.add_argument("--warmup", type=int)
     p.add_argument("--min-lr-ratio", type=float, default=0.1)
-    p.add_argument("--grad-clip", type=float, default=1.0, help="0 disables clipping")
+    p.add_argument("--grad-clip", type=float, help="0 disables clipping (default 1.0)")
     p.add_argument("--data", help="local .txt/.json/.jsonl/.parquet file or folder, or a hub "
                                   "dataset name; default: the Python stdlib source")
     p.add_argument("--text-column", default="text")
@@ -75,7 +76,8 @@ def parse_args(argv=None):
     p.add_argument("--resume", help="a checkpoint file, or 'auto' for OUTPUT/checkpoint-latest.pt")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bf16", choices=("auto", "on", "off"), default="auto")
-    p.add_argument("--deepspeed", help="DeepSpeed JSON config (not available yet)")
+    p.add_argument("--deepspeed", help="DeepSpeed JSON config (through slimopt.launch.initialize;"
+                   " ZeRO stage 0, 1 or 2)")
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--no-tensorboard", action="store_true")
@@ -106,13 +108,14 @@ def parse_args(argv=None):
     for key in ("warmup", "save_every"):
         if getattr(args, key) < 0:
             p.error(f"--{key.replace('_', '-')} must be >= 0, got {getattr(args, key)}")
+    if args.grad_clip is not None and args.grad_clip < 0:
+        p.error(f"--grad-clip must be >= 0, got {args.grad_clip}")
     if not (args.lr > 0 and math.isfinite(args.lr)):
         p.error(f"--lr must be a finite number > 0, got {args.lr}")
     if args.vocab_size < 260:
         p.error(f"--vocab-size must be >= 260 (256 bytes + specials), got {args.vocab_size}")
-    if args.deepspeed:
-        p.error("--deepspeed is not available yet: slimopt's DeepSpeed ZeRO integration is not "
-                "done; use plain single-process or torchrun (DDP) runs")
+    args.optimizer_given = any(a == "--optimizer" or a.startswith("--optimizer=")
+                               for a in (argv if argv is not None else sys.argv[1:]))
     args.output_dir = args.output_dir or os.path.join("runs", f"{args.preset}-{args.optimizer}")
     return args
 
@@ -238,6 +241,75 @@ def load_checkpoint(path, args):
     return ckpt
 
 
+def load_deepspeed_config(args, world):
+    """The DeepSpeed JSON, checked against the CLI: the global batch, clipping and bf16 must
+    agree (a missing value is filled in from the CLI); a non-slimopt optimizer section is
+    refused, and a slimopt one must match an explicit --optimizer."""
+    try:
+        with open(args.deepspeed) as f:
+            cfg = json.load(f)
+    except OSError as err:
+        raise UsageError(f"--deepspeed {args.deepspeed}: {err.strerror}") from None
+    except ValueError as err:
+        raise UsageError(f"--deepspeed {args.deepspeed}: not valid JSON ({err})") from None
+    micro = cfg.get("train_micro_batch_size_per_gpu")
+    accum = cfg.get("gradient_accumulation_steps", 1)
+    if micro is None:
+        micro = args.batch_size // (world * accum)
+        cfg["train_micro_batch_size_per_gpu"] = micro
+    total = cfg.get("train_batch_size", micro * accum * world)
+    if micro * accum * world != args.batch_size or total != args.batch_size:
+        raise UsageError(f"--deepspeed {args.deepspeed} contradicts --batch-size "
+                         f"{args.batch_size}: micro batch {micro} x accumulation {accum} x "
+                         f"{world} ranks = {micro * accum * world}")
+    cfg.pop("train_batch_size", None)
+    clip = cfg.get("gradient_clipping")
+    if clip is not None and args.grad_clip is not None and clip != args.grad_clip:
+        raise UsageError(f"--deepspeed {args.deepspeed} sets gradient_clipping {clip} but "
+                         f"--grad-clip is {args.grad_clip}")
+    cfg["gradient_clipping"] = clip if clip is not None else (
+        args.grad_clip if args.grad_clip is not None else DEFAULT_GRAD_CLIP)
+    bf16 = bool(cfg.get("bf16", {}).get("enabled", False))
+    if (args.bf16 == "on" and not bf16) or (args.bf16 == "off" and bf16):
+        raise UsageError(f"--deepspeed {args.deepspeed} has bf16 {'on' if bf16 else 'off'} "
+                         f"but --bf16 is {args.bf16}")
+    section = cfg.get("optimizer")
+    if section is not None:
+        kind = str(section.get("type", ""))
+        if not kind.lower().startswith("slimopt."):
+            raise UsageError(f"--deepspeed {args.deepspeed} names optimizer {kind!r}: name a "
+                             "slimopt.* optimizer there, or drop the section and use --optimizer")
+        name = kind[len("slimopt."):].lower()
+        if args.optimizer_given and name != args.optimizer:
+            raise UsageError(f"--deepspeed {args.deepspeed} names {kind} but --optimizer is "
+                             f"{args.optimizer}")
+        args.optimizer = name
+    cfg.setdefault("steps_per_print", 10 ** 9)
+    return cfg
+
+
+def load_deepspeed_checkpoint(engine, args):
+    folder = os.path.join(args.output_dir, "deepspeed")
+    tag = None if args.resume == "auto" else os.path.basename(os.path.normpath(args.resume))
+    if args.resume != "auto":
+        folder = os.path.dirname(os.path.normpath(args.resume))
+    if not os.path.isdir(folder):
+        raise UsageError(f"--resume {args.resume}: no DeepSpeed checkpoint folder {folder}")
+    try:
+        path, client = engine.load_checkpoint(folder, tag=tag)
+    except Exception as err:
+        raise UsageError(f"--resume {args.resume}: DeepSpeed could not load it "
+                         f"({type(err).__name__}: {err})") from None
+    if path is None or not client:
+        raise UsageError(f"--resume {args.resume}: no checkpoint found")
+    saved = client.get("args", {})
+    mismatched = [k for k in RESUME_KEYS if saved.get(k) != getattr(args, k)]
+    if mismatched:
+        raise UsageError(f"--resume {args.resume}: the run's settings differ from the "
+                         f"checkpoint's ({', '.join(mismatched)})")
+    return int(client["data_position"])
+
+
 # ---------------------------------------------------------------------------- main loop
 @torch.no_grad()
 def evaluate(model, blocks, args, device, autocast):
@@ -282,18 +354,37 @@ def run(args):
         options.setdefault("weight_decay", args.weight_decay)
     elif args.optimizer not in ("muon", "galore"):
         options.setdefault("weight_decay", 0.0)
+    ds_config = load_deepspeed_config(args, world) if args.deepspeed else None
     try:
-        opt = build_optimizer(args.optimizer, model, lr=args.lr, rank=args.rank, **options)
+        section = ds_config.pop("optimizer", None) if ds_config else None
+        if section is not None:
+            from .zero import build_from_config
+            section.setdefault("params", {}).setdefault("lr", args.lr)
+            opt = build_from_config(section, model)
+        else:
+            opt = build_optimizer(args.optimizer, model, lr=args.lr, rank=args.rank, **options)
     except (TypeError, ValueError) as err:
         raise UsageError(f"--optimizer {args.optimizer}: {err}") from None
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args))
+    engine = None
     train_model = model
-    if world > 1:
+    if ds_config is not None:
+        from .zero import initialize
+        try:
+            engine, _, _, sched = initialize(model=model, optimizer=opt, lr_scheduler=sched,
+                                             config=ds_config)
+        except ValueError as err:
+            raise UsageError(f"--deepspeed {args.deepspeed}: {err}") from None
+        train_model = engine
+    elif world > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
 
     start = 0
-    if args.resume:
+    if args.resume and engine is not None:
+        start = load_deepspeed_checkpoint(engine, args)
+        say(f"resumed from step {start}")
+    elif args.resume:
         ckpt = load_checkpoint(args.resume, args)
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
@@ -329,14 +420,24 @@ def run(args):
     for step in range(start, args.steps):
         batch = batch_at(train_blocks, step, args.batch_size, args.seed)
         ids = batch[rank * rows:(rank + 1) * rows].to(device)
-        with autocast():
-            loss = train_model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            model.parameters(), args.grad_clip if args.grad_clip > 0 else float("inf"))
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sched.step()
+        if engine is not None:  # DeepSpeed: micro-batches, clipping and the schedule inside
+            micro = engine.train_micro_batch_size_per_gpu()
+            for a in range(engine.gradient_accumulation_steps()):
+                part = ids[a * micro:(a + 1) * micro]
+                loss = engine(input_ids=part, labels=part).loss
+                engine.backward(loss)
+                engine.step()
+            grad_norm = engine.get_global_grad_norm() or 0.0
+        else:
+            with autocast():
+                loss = train_model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            clip = args.grad_clip if args.grad_clip is not None else DEFAULT_GRAD_CLIP
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                model.parameters(), clip if clip > 0 else float("inf"))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sched.step()
         tokens_seen += ids.numel() * world
         done = step + 1
         loss_value = all_mean(float(loss.detach()), world, device)
@@ -362,7 +463,12 @@ def run(args):
                 writer.add_scalar("eval/perplexity", math.exp(min(eval_loss, 50)), done)
             if progress is None:
                 say(f"step {done}: train loss {loss_value:.4f}, eval loss {eval_loss:.4f}")
-        if is_main and (args.save_every and done % args.save_every == 0 or done == args.steps):
+        due = args.save_every and done % args.save_every == 0 or done == args.steps
+        if engine is not None and due:
+            engine.save_checkpoint(os.path.join(args.output_dir, "deepspeed"), tag=f"step{done}",
+                                   client_state={"data_position": done, "args": {
+                                       k: getattr(args, k) for k in RESUME_KEYS}})
+        elif is_main and due:
             save_checkpoint(os.path.join(args.output_dir, f"checkpoint-{done}.pt"), model, opt,
                             sched, done, args, world)
         if args.halt_after and done >= args.halt_after:
@@ -384,8 +490,9 @@ def run(args):
                   seconds=time.time() - t0, tokens=tokens_seen)
     say(f"\nfinal eval loss {eval_loss:.4f}, perplexity {result['eval_perplexity']:.2f} "
         f"({args.preset}, {n_params / 1e6:.2f}M parameters, {args.steps} steps)")
-    say(f"optimizer state: {ours:,} bytes ({args.optimizer}); torch AdamW would hold {adamw:,} "
-        f"bytes ({ours / adamw:.0%})")
+    share = " on this rank (ZeRO shards it)" if engine is not None and world > 1 else ""
+    say(f"optimizer state: {ours:,} bytes ({args.optimizer}){share}; torch AdamW would hold "
+        f"{adamw:,} bytes in one process ({ours / adamw:.0%})")
     if is_main:
         with open(os.path.join(args.output_dir, "result.json"), "w") as f:
             json.dump(result, f, indent=1)

@@ -187,6 +187,8 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, con
     starts with ``slimopt.`` builds that optimizer (``param_groups`` applied); a slimopt
     optimizer (built here or passed in) under ZeRO-1/2 gets the exact-matrix bridge; ZeRO-3 is
     refused. Everything else goes to DeepSpeed unchanged. Returns DeepSpeed's 4-tuple."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
     cfg = _load_config(config if config is not None else kwargs.pop("config_params", None))
     section = cfg.get("optimizer")
