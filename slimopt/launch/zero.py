@@ -50,6 +50,8 @@ class ZeroBridge:
         self.groups = []   # per group: list of units; a unit is a list of (key, offset, shape)
         self.owner = {}    # (group, unit) -> rank
         self.shadows = {}  # key -> persistent full-size fp32 tensor (owned units only)
+        #: elements this rank passed to each collective so far (for the communication report)
+        self.communicated = {"all_gather": 0, "all_reduce": 0}
         load = [0] * self.world
         for i, lp_params in enumerate(zero_optimizer.bit16_groups):
             flat = zero_optimizer.bit16_groups_flat[i]
@@ -82,6 +84,7 @@ class ZeroBridge:
         return shadow
 
     def _gather(self, part):
+        self.communicated["all_gather"] += part.numel()
         chunks = [torch.empty_like(part) for _ in range(self.world)]
         self.dist.all_gather(chunks, part.contiguous(),
                              group=self.zero.real_dp_process_group[0])
@@ -110,6 +113,7 @@ class ZeroBridge:
             for (key, offset, shape), shadow in zip(unit, shadows):
                 new_values[offset:offset + _numel(shape)].copy_(shadow.view(-1))
                 shadow.grad = None
+        self.communicated["all_reduce"] += new_values.numel()
         self.dist.all_reduce(new_values, group=self.zero.real_dp_process_group[0])
         size = part.numel()
         part.data.copy_(new_values[self.rank * size:(self.rank + 1) * size])

@@ -161,6 +161,10 @@ def run(name, stage, dtype, accum):
     init_moved = max_diff(params_of(engine), {n: v.to(dtype_t).float() for n, v in initial.items()})
     train(engine, rank, world, accum, STEPS)
     state = slimopt.state_bytes(opt)
+    inner = getattr(opt, "optimizer", opt)
+    bridge = getattr(inner, "_zero_bridge", None)
+    comm = None if bridge is None else {k: v // STEPS for k, v in bridge.communicated.items()}
+    n_params = sum(p.numel() for p in engine.module.parameters() if p.requires_grad)
     got = params_of(engine)
     t = torch.tensor([state], dtype=torch.float64)
     gathered = [torch.zeros(1, dtype=torch.float64) for _ in range(world)]
@@ -175,7 +179,8 @@ def run(name, stage, dtype, accum):
         RESULTS[(name, stage, dtype, accum)] = got
         print(json.dumps({"scenario": f"{name}:{stage}:{dtype}:{accum}", "max_diff": diff,
                           "max_diff_vs_stage0": None if baseline is None else
-                          max_diff(got, baseline), "init_moved": init_moved,
+                          max_diff(got, baseline), "init_moved": init_moved, "comm_elements_per_step": comm,
+                          "trainable": n_params,
                           "state_bytes_per_rank": [int(x) for x in gathered]}), flush=True)
 
 
