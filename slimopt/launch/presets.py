@@ -10,7 +10,7 @@ PRESETS = {
     # name: (model shape, training defaults)
     "tiny": (dict(hidden_size=128, intermediate_size=352, num_attention_heads=4,
                   num_hidden_layers=4),
-             dict(seq_len=128, batch_size=16, steps=300, lr=3e-3, warmup=30, rank=32,
+             dict(seq_len=128, batch_size=16, steps=200, lr=3e-3, warmup=20, rank=32,
                   update_interval=50, eval_every=100, vocab_size=2048, max_chars=4_000_000)),
     "60m": (dict(hidden_size=512, intermediate_size=1376, num_attention_heads=8,
                  num_hidden_layers=8),
