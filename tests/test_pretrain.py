@@ -25,7 +25,7 @@ def cache(tmp_path_factory):
 
 def _run(args, tmp_path, cache, name):
     out = tmp_path / name
-    result = pretrain.main(SMALL + ["--cache-dir", cache, "--output-dir", str(out)] + args)
+    result = pretrain.execute(SMALL + ["--cache-dir", cache, "--output-dir", str(out)] + args)
     return result, out
 
 
@@ -54,7 +54,7 @@ def test_killed_and_resumed_run_matches_the_uninterrupted_one(tmp_path, cache, o
 
 def _fails(args, capsys, needle):
     with pytest.raises(SystemExit) as err:
-        pretrain.main(args)
+        pretrain.execute(args)
     assert err.value.code == 2
     assert needle in capsys.readouterr().err
 
@@ -93,7 +93,7 @@ def _free_port():
 
 def test_two_cpu_ranks_match_one_process(tmp_path, cache):
     common = SMALL + ["--cache-dir", cache, "--optimizer", "grasswalk", "--no-tensorboard"]
-    single = pretrain.main(common + ["--output-dir", str(tmp_path / "one")])
+    single = pretrain.execute(common + ["--output-dir", str(tmp_path / "one")])
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "--master_port", str(_free_port()), "-m", "slimopt.launch.pretrain", *common,
@@ -141,3 +141,11 @@ def test_deepspeed_zero2_two_ranks_resume_and_contradictions(tmp_path, cache, ca
     bad.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
     _fails(base + ["--deepspeed", str(bad)], capsys, "ZeRO stage 3")
     _fails(base + ["--deepspeed", str(tmp_path / "none.json")], capsys, "No such file")
+
+
+def test_console_script_exits_zero(tmp_path, cache):
+    cmd = [sys.executable, "-m", "slimopt.launch.pretrain", *SMALL, "--steps", "2",
+           "--cache-dir", cache, "--output-dir", str(tmp_path / "cli"), "--no-tensorboard"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "final eval loss" in proc.stdout and "torch AdamW would hold" in proc.stdout

@@ -499,7 +499,8 @@ def run(args):
     return result
 
 
-def main(argv=None):
+def execute(argv=None) -> dict:
+    """Parse ``argv``, train, and return the result dict (``SystemExit(2)`` on user errors)."""
     args = parse_args(argv)
     try:
         return run(args)
@@ -511,5 +512,11 @@ def main(argv=None):
             torch.distributed.destroy_process_group()
 
 
+def main(argv=None) -> int:
+    """The console script: exit code 0 on success."""
+    execute(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
