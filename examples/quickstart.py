@@ -14,32 +14,21 @@ import argparse
 import math
 import os
 import sys
-import sysconfig
 import time
 
 import torch
 
 import slimopt
 from slimopt.launch import OPTIMIZERS, build_optimizer
+from slimopt.launch.data import stdlib_documents
+from slimopt.launch.registry import RANKED
 
 
 def stdlib_bytes(limit: int) -> torch.Tensor:
-    """Up to ``limit`` bytes of the standard library's .py files, in a fixed order."""
-    root = sysconfig.get_paths()["stdlib"]
-    chunks, total = [], 0
-    for folder, dirs, files in os.walk(root):
-        dirs[:] = sorted(d for d in dirs if d not in ("test", "tests", "site-packages", "idlelib"))
-        for name in sorted(files):
-            if name.endswith(".py"):
-                with open(os.path.join(folder, name), "rb") as f:
-                    data = f.read()
-                chunks.append(data)
-                total += len(data)
-                if total >= limit:
-                    return torch.frombuffer(bytearray(b"".join(chunks)[:limit]), dtype=torch.uint8)
-    if total == 0:
-        raise SystemExit(f"no Python source found under {root}")
-    return torch.frombuffer(bytearray(b"".join(chunks)), dtype=torch.uint8)
+    """Up to ``limit`` bytes (UTF-8) of the standard library's .py files, in a fixed order: the
+    same documents ``slimopt-pretrain`` uses as its default corpus."""
+    text = "".join(stdlib_documents(limit)).encode("utf-8")[:limit]
+    return torch.frombuffer(bytearray(text), dtype=torch.uint8)
 
 
 def batches(data: torch.Tensor, steps: int, batch: int, seq: int, seed: int):
@@ -69,7 +58,6 @@ def evaluate(model, data, batch, seq):
 
 def train(name, args, train_data, eval_data):
     model = tiny_llama(args.seed)
-    from slimopt.launch.registry import RANKED
     options = {"update_interval": args.interval} if name in RANKED else {}
     lr = args.lr if name != "adamw" else args.adamw_lr
     opt = build_optimizer(name, model, lr=lr, rank=args.rank, **options)
@@ -94,7 +82,7 @@ def train(name, args, train_data, eval_data):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Tiny LLaMA on the Python stdlib: slimopt vs AdamW")
-    p.add_argument("--optimizer", default="grasswalk", choices=sorted(OPTIMIZERS) + ["adamw"])  # noqa: E501
+    p.add_argument("--optimizer", default="grasswalk", choices=sorted(OPTIMIZERS) + ["adamw"])
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--rank", type=int, default=32)
     p.add_argument("--interval", type=int, default=50, help="update_interval")

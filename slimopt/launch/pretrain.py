@@ -30,6 +30,7 @@ import time
 
 import torch
 
+from ..state_bytes import state_bytes
 from .data import DataError, batch_at, load_documents, token_blocks, tokenizer_for
 from .presets import PRESETS, llama_config
 from .registry import KNOWN, RANKED, build_optimizer
@@ -192,7 +193,6 @@ class SubspaceDiagnostics:
 def adamw_state_bytes(config) -> int:
     """What torch's AdamW would hold for this model: counted on the meta device."""
     import transformers
-    from ..state_bytes import state_bytes
     with torch.device("meta"):
         model = transformers.LlamaForCausalLM(config)
     opt = torch.optim.AdamW(model.parameters(), foreach=False)
@@ -450,7 +450,6 @@ def run(args):
             writer.add_scalar("train/lr", sched.get_last_lr()[0], done)
             writer.add_scalar("train/grad_norm", float(grad_norm), done)
             writer.add_scalar("train/tokens_per_s", rate, done)
-            from ..state_bytes import state_bytes
             writer.add_scalar("optimizer/state_bytes", state_bytes(opt), done)
         if writer is not None:
             for key, value in diagnostics.collect(opt).items():
@@ -481,7 +480,6 @@ def run(args):
 
     if eval_loss is None:  # halted before the first evaluation
         eval_loss = all_mean(evaluate(model, eval_blocks, args, device, autocast), world, device)
-    from ..state_bytes import state_bytes
     ours, adamw = state_bytes(opt), adamw_state_bytes(config)
     result = dict(optimizer=args.optimizer, preset=args.preset, params=n_params,
                   steps=args.steps, eval_loss=eval_loss,
