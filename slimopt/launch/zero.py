@@ -65,10 +65,9 @@ class ZeroBridge:
             group = optimizer.param_groups[i]
             units = [entries] if group.get("zero_unit") == "group" else [[e] for e in entries]
             self.groups.append(units)
-            for u in sorted(range(len(units)), key=lambda u: -sum(_numel(s) for _, _, s in units[u])):
-                target = min(range(self.world), key=lambda r: (load[r], r))
+            sizes = [sum(_numel(s) for _, _, s in unit) for unit in units]
+            for u, target in enumerate(assign_owners(sizes, self.world, load)):
                 self.owner[(i, u)] = target
-                load[target] += sum(_numel(s) for _, _, s in units[u])
             group["zero_index"] = i
 
     def owned_keys(self):
@@ -144,6 +143,18 @@ class ZeroBridge:
             shadow = self._shadow(optimizer, key, shapes[key], part)
             optimizer.state[shadow] = {k: (v.to(shadow.device) if torch.is_tensor(v) else v)
                                        for k, v in entry.items()}
+
+
+def assign_owners(sizes, world: int, load=None) -> list[int]:
+    """The owner rank of each unit of ``sizes`` elements: largest first, each to the least loaded
+    rank (ties to the lowest rank). ``load`` (one entry per rank, updated in place) carries the
+    balance across param groups. Deterministic, so every rank computes the same assignment."""
+    load = [0] * world if load is None else load
+    owners = [0] * len(sizes)
+    for u in sorted(range(len(sizes)), key=lambda u: -sizes[u]):
+        owners[u] = min(range(world), key=lambda r: (load[r], r))
+        load[owners[u]] += sizes[u]
+    return owners
 
 
 def _numel(shape):

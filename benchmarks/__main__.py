@@ -1,0 +1,52 @@
+"""``python -m benchmarks SUITE [--quick] [--device cpu|cuda] [--out DIR]``.
+
+Suites: ``memory`` (optimizer-state bytes, counted exactly on the meta device, including per-rank
+bytes under ZeRO), ``steptime`` (``optimizer.step()`` time as a ratio to fused torch AdamW in the
+same process), ``convergence`` (loss and eval perplexity vs tokens on the tiny preset, with a small
+learning-rate sweep per method), ``all`` (the three). ``--quick`` runs smaller sizes and fewer steps
+(all three under 10 minutes on 2 CPU cores); it is what CI's smoke test runs. Results go to
+``benchmarks/results/<device>/`` (``--out`` to put them elsewhere).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+
+SUITES = ("memory", "steptime", "convergence")
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
+    parser.add_argument("suite", choices=SUITES + ("all",))
+    parser.add_argument("--quick", action="store_true",
+                        help="small sizes and few steps: all suites in under 10 minutes on 2 CPUs")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    parser.add_argument("--out", default=None,
+                        help="results base folder (default benchmarks/results); files go to OUT/<device>/")
+    modules = {name: importlib.import_module(f"benchmarks.{name}") for name in SUITES}
+    for name, module in modules.items():
+        group = parser.add_argument_group(f"{name} suite")
+        module.add_arguments(group)
+    args = parser.parse_args(argv)
+    if args.device not in ("cpu", "cuda") and not args.device.startswith("cuda:"):
+        parser.error(f"--device must be cpu or cuda, got {args.device!r}")
+    if args.device.startswith("cuda"):
+        import torch
+        if not torch.cuda.is_available():
+            parser.error("--device cuda but torch sees no GPU")
+    from .report import out_dir, stamp
+    folder = out_dir(args.device, args.out)
+    for name in SUITES if args.suite == "all" else (args.suite,):
+        t0 = time.time()
+        print(f"[benchmarks] {name}{' (quick)' if args.quick else ''} -> {folder}", file=sys.stderr)
+        paths = modules[name].run(args, folder, stamp(args.device, argv))
+        print(f"[benchmarks] {name} done in {time.time() - t0:.0f} s: {', '.join(paths)}",
+              file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
