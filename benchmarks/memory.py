@@ -1,30 +1,78 @@
-"""Optimizer-state bytes for the LLaMA shapes of the GaLore paper, counted exactly.
+"""Optimizer-state bytes for the GaLore paper's LLaMA shapes, counted exactly, for every optimizer
+slimopt has and every peer it is compared with, and per rank under ZeRO-1/2.
 
-How it counts: the model is built with ``transformers.LlamaForCausalLM`` on the **meta device**
-(real shapes, no memory), the optimizer is given the GaLore split (``slimopt.param_groups``:
-attention/MLP projections low-rank, embeddings, lm_head and norms dense) and its state is
-allocated by the library's own code -- slimopt's ``init_state()``, or one ``step()`` with meta
-gradients for the peers -- then ``slimopt.state_bytes`` adds up ``numel * element_size`` of every
-tensor the optimizer holds (including the projection matrix inside galore-torch's and
-apollo-torch's projector objects). Weights are float32, as in the papers' tables.
-apollo-torch draws its random projection with a generator that the meta device does not have;
-that one call is replaced by a shape-only ``torch.empty`` (the shape is unchanged).
+    python -m benchmarks memory                      # sizes 60m-7b, ranks 128/256/512, worlds 1-8
+    python -m benchmarks memory --quick              # 60m and 350m, rank 128 (a few seconds)
+    python -m benchmarks memory --memory-sizes 60m 1b --memory-ranks 256 --memory-world-sizes 1 4
+    python benchmarks/memory.py [same options]       # the same, without the other suites
 
-    python benchmarks/memory.py                 # all sizes, ranks 128/256/512
-    python benchmarks/memory.py --sizes 60m 1b --ranks 256 --out /tmp/mem
+How it counts: the model is ``transformers.LlamaForCausalLM`` built on the **meta device** (real
+shapes, no memory). Each optimizer is built the way the launcher builds it
+(``slimopt.launch.registry.build_optimizer``: slimopt's optimizers get ``slimopt.param_groups``,
+the GaLore split, with lm_head in the matrix group for SNSM, SubspaceMomentum and SubsetNorm as
+their papers do; the peers come from ``slimopt.launch.peers``). Its state is allocated by the
+library's own code -- slimopt's ``init_state()``, or one ``step()`` with meta gradients for the
+peers -- and ``slimopt.state_bytes`` adds up ``numel * element_size`` of every tensor the
+optimizer holds (including the projection matrices inside galore-torch's, fira's and
+apollo-torch's projector objects). Weights and state are float32, as in the papers' tables.
+Every state tensor with more than one element is checked to be on the meta device, i.e. really
+allocated by the optimizer for these shapes; the only tensors elsewhere are torch AdamW's
+0-dim ``step`` counters, which torch keeps on the CPU (4 bytes each, counted). Since nothing is
+computed on a real device, the numbers are the same on any machine; they live under
+``benchmarks/results/cpu/``.
+
+Two library calls cannot run on meta tensors and are replaced, for the duration of the count, by
+shape-only stand-ins (nothing in the state depends on them):
+
+* apollo-torch draws its random projection with a generator that the meta device does not have:
+  ``stable_randn`` becomes ``torch.empty`` of the same shape;
+* torch-optimizer's Adafactor clips its update with ``max(1.0, rms(update) / threshold)``, a
+  Python comparison (``.item()``) made after its state is allocated: on meta tensors that
+  ``max`` returns 1.0.
+
+torch's Muon accepts only matrices, so its row is Muon on the projections plus AdamW on the rest
+(``peers.torch_muon_with_adamw``). Fused AdamW holds the same tensors as foreach AdamW (and
+refuses meta tensors), so it has no row. APOLLO-Mini is rank 1 whatever ``--memory-ranks`` says.
+AdaPreLoRA (LoRA fine-tuning) is not a pretraining optimizer and is not counted here.
+
+Per rank under ZeRO-1/2 (one model size, default 1b, at one rank, default 256; world sizes
+default 1 2 4 8). This is a model of the layout, computed from the single-process meta-device
+state, not a measurement of a distributed run:
+
+* slimopt under its DeepSpeed bridge (``slimopt.launch.zero``): each parameter of each param group
+  (the projections and every dense parameter alike; a group marked ``zero_unit="group"`` is one
+  unit) has one owner rank, chosen by ``zero.assign_owners`` from the parameters' ``numel`` in
+  param-group order, the load carried across groups, exactly as ``ZeroBridge.__init__`` does.
+  A rank holds the state of the units it owns, plus a full-size fp32 "shadow" copy of each of
+  them (4 bytes x numel), reported in a separate column. Table cells are the maximum over ranks.
+* torch AdamW under DeepSpeed's own ZeRO-1/2: the state split evenly, total / world (rounded up;
+  DeepSpeed's padding of the flat partitions is ignored), and no shadow copies.
+* Not counted for either: DeepSpeed's fp32 master partition (4 bytes x params / world, present in
+  both cases), the 16-bit weights and gradients, and the bridge's transient flat buffers.
+Only slimopt's optimizers and AdamW are in this table: the peers cannot be given to the bridge.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
+import time
 import warnings
 from contextlib import contextmanager
 
 import torch
 
-import slimopt
+if __package__ in (None, ""):  # run as a script: make the ``benchmarks`` package importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import slimopt  # noqa: E402
+from slimopt.launch.registry import OPTIMIZERS, RANKED, build_optimizer  # noqa: E402
+from slimopt.launch.zero import assign_owners  # noqa: E402
+from slimopt.state_bytes import _tensor_bytes  # noqa: E402
+
+from benchmarks import report  # noqa: E402
 
 # hidden, intermediate, heads, layers (GaLore paper, App. C); vocab 32000 (T5 tokenizer)
 LLAMA_SHAPES = {
@@ -34,14 +82,24 @@ LLAMA_SHAPES = {
     "1b": (2048, 5461, 32, 24),
     "7b": (4096, 11008, 32, 32),
 }
-from slimopt.optimizers import ROOT, SNSM, SubsetNorm  # noqa: E402
+SIZES, RANKS, WORLD_SIZES = list(LLAMA_SHAPES), [128, 256, 512], [1, 2, 4, 8]
+QUICK_SIZES, QUICK_RANKS = ["60m", "350m"], [128]
+#: the ZeRO table's model and rank when they are among the sizes and ranks asked for
+ZERO_SIZE, ZERO_RANK = "1b", 256
 
-#: name -> (class, takes a rank, param_groups options); SN-SM includes lm_head as its paper does
-SLIMOPT = {"GaLore (slimopt)": (slimopt.GaLore, True, {}), "SARA": (slimopt.SARA, True, {}),
-           "GrassWalk": (slimopt.GrassWalk, True, {}), "GrassJump": (slimopt.GrassJump, True, {}),
-           "SNSM": (SNSM, True, {"include_head": True}),
-           "SubsetNorm (AdamSN)": (SubsetNorm, False, {"include_head": True}),
-           "ROOT": (ROOT, False, {})}
+#: display name -> launcher name (``slimopt.launch.registry``); slimopt's own GaLore is
+#: "galore-slimopt" there, galore-torch's is the peer "galore"
+SLIMOPT = {"GaLore (slimopt)": "galore-slimopt", "SARA": "sara", "GrassWalk": "grasswalk",
+           "GrassJump": "grassjump", "SNSM": "snsm", "SubspaceMomentum": "subspacemomentum",
+           "SubsetNorm (AdamSN)": "subsetnorm", "ROOT": "root"}
+PEERS = {"AdamW (torch)": "adamw", "Muon + AdamW (torch)": "muon",
+         "Adafactor (torch-optimizer)": "adafactor", "GaLoreAdamW (galore-torch)": "galore",
+         "APOLLO (apollo-torch)": "apollo", "APOLLO-Mini (apollo-torch)": "apollo-mini",
+         "FiraAdamW (fira)": "fira"}
+ORDER = list(PEERS) + list(SLIMOPT)
+ADAMW = "AdamW (torch)"
+#: peers whose rank is fixed by their recipe
+FIXED_RANK = {"apollo-mini": 1}
 
 
 def llama_on_meta(size: str):
@@ -55,18 +113,41 @@ def llama_on_meta(size: str):
         return transformers.LlamaForCausalLM(config)
 
 
-@contextmanager
-def _apollo_meta_draws():
-    import apollo_torch.random_projector as rp
-    original = rp.stable_randn
+def _first_not_meta(*args):
+    """``max`` for torch-optimizer's Adafactor on meta tensors: the Python number it compares
+    with (the clipping divisor becomes 1.0); the builtin ``max`` when no meta tensor is given."""
+    if any(torch.is_tensor(a) and a.is_meta for a in args):
+        return next((a for a in args if not torch.is_tensor(a)), args[0])
+    return max(*args)
 
-    def shape_only(shape, seed, device=None, dtype=torch.float32):
-        return torch.empty(shape, device=device, dtype=dtype)
-    rp.stable_randn = shape_only
+
+@contextmanager
+def _meta_patches():
+    """The two shape-only stand-ins of the module docstring, undone on exit."""
+    undo = []
+    try:
+        import apollo_torch.random_projector as rp
+    except ImportError:
+        rp = None
+    if rp is not None:
+        original = rp.stable_randn
+
+        def shape_only(shape, seed, device=None, dtype=torch.float32):
+            return torch.empty(shape, device=device, dtype=dtype)
+        rp.stable_randn = shape_only
+        undo.append(lambda: setattr(rp, "stable_randn", original))
+    try:
+        import torch_optimizer.adafactor as af
+    except ImportError:
+        af = None
+    if af is not None and "max" not in vars(af):
+        af.max = _first_not_meta  # module global: shadows the builtin inside that module only
+        undo.append(lambda: delattr(af, "max"))
     try:
         yield
     finally:
-        rp.stable_randn = original
+        for fn in reversed(undo):
+            fn()
 
 
 def _step_on_meta(opt, model):
@@ -75,92 +156,181 @@ def _step_on_meta(opt, model):
     opt.step()
 
 
-def peer_bytes(name: str, model, rank: int) -> int | None:
-    """State bytes of a peer optimizer; None when its package is not installed."""
-    low, dense = slimopt.param_groups(model, rank=rank)
-    dense = {"params": dense["params"]}  # the peers treat any group with a "rank" key as low-rank
-    if name == "AdamW (torch)":
-        opt = torch.optim.AdamW(model.parameters(), foreach=False)
-        _step_on_meta(opt, model)
-        return slimopt.state_bytes(opt)
-    try:
-        if name == "GaLoreAdamW (galore-torch)":
-            from galore_torch import GaLoreAdamW
-            opt = GaLoreAdamW([dict(low, update_proj_gap=200, scale=0.25, proj_type="std"),
-                               dense], lr=1e-3, no_deprecation_warning=True)
-            _step_on_meta(opt, model)
-            return slimopt.state_bytes(opt)
-        import apollo_torch
-    except ImportError:
-        return None
-    mini = name.startswith("APOLLO-Mini")
-    group = dict(low, rank=1 if mini else rank, proj="random", proj_type="std",
-                 scale_type="tensor" if mini else "channel", scale=128 if mini else 1,
-                 update_proj_gap=200)
-    opt = apollo_torch.APOLLOAdamW([group, dense], lr=1e-3)
-    with _apollo_meta_draws():
-        _step_on_meta(opt, model)
-    return slimopt.state_bytes(opt)
+def _state_tensors(obj):
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _state_tensors(v)
+    elif isinstance(obj, (list, tuple, set)):
+        for v in obj:
+            yield from _state_tensors(v)
+    elif hasattr(obj, "__dict__") and not isinstance(obj, type):
+        for v in vars(obj).values():
+            yield from _state_tensors(v)
 
 
-def slimopt_bytes(cls, model, rank: int | None, **group_options) -> int:
+def build_on_meta(key: str, model, rank: int | None):
+    """The optimizer the launcher builds for ``key``, with its state allocated on meta tensors.
+    Raises ``ValueError`` (from ``slimopt.launch.peers``) when a peer's package is missing and
+    ``RuntimeError`` when a state tensor (other than a scalar) is not on the meta device."""
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # rank >= hidden on the 60M model: dense, as intended
-        opt = cls(slimopt.param_groups(model, rank=rank, **group_options), lr=1e-3)
-    opt.init_state()
-    return slimopt.state_bytes(opt)
+        # rank >= hidden on the 60M model: slimopt falls back to dense, as intended; the peers'
+        # deprecation warnings
+        warnings.simplefilter("ignore")
+        opt = build_optimizer(key, model, lr=1e-3, rank=rank)
+        if key in OPTIMIZERS:
+            opt.init_state()
+        else:
+            with _meta_patches():
+                _step_on_meta(opt, model)
+    for t in _state_tensors(opt.state):
+        if t.numel() > 1 and not t.is_meta:
+            raise RuntimeError(f"memory benchmark: {key} holds a {tuple(t.shape)} state tensor "
+                               f"on {t.device}, not on the meta device")
+    return opt
 
 
-PEERS = ["AdamW (torch)", "GaLoreAdamW (galore-torch)", "APOLLO (apollo-torch)",
-         "APOLLO-Mini (apollo-torch)"]
+def _rank_of(key: str, rank: int):
+    return FIXED_RANK.get(key, rank if key in RANKED else None)
 
 
-def measure(sizes, ranks, progress=print):
+def _keys_and_ranks(ranks):
+    """(display name, launcher name, rank or None) for every row of one model size."""
+    out = []
+    for name in ORDER:
+        key = PEERS.get(name) or SLIMOPT[name]
+        if key in RANKED and key not in FIXED_RANK:
+            out += [(name, key, r) for r in ranks]
+        else:
+            out.append((name, key, _rank_of(key, 0)))
+    return out
+
+
+def measure(sizes, ranks, progress=print) -> list[dict]:
+    """One row per (model size, optimizer, rank): state bytes (None when a peer's package is
+    missing) and the model's parameter count."""
     rows = []
     for size in sizes:
+        t0 = time.time()
         model = llama_on_meta(size)
         n_params = sum(p.numel() for p in model.parameters())
-        progress(f"[memory] {size}: {n_params / 1e6:.1f}M parameters")
-        rows.append(dict(model=size, optimizer="AdamW (torch)", rank=None,
-                         bytes=peer_bytes("AdamW (torch)", model, 0), params=n_params))
-        rows.append(dict(model=size, optimizer="APOLLO-Mini (apollo-torch)", rank=1,
-                         bytes=peer_bytes("APOLLO-Mini (apollo-torch)", model, 1),
-                         params=n_params))
-        for name, (cls, ranked, options) in SLIMOPT.items():
-            if not ranked:
-                rows.append(dict(model=size, optimizer=name, rank=None,
-                                 bytes=slimopt_bytes(cls, model, None, **options),
-                                 params=n_params))
-        for rank in ranks:
-            for name in PEERS[1:3]:
-                rows.append(dict(model=size, optimizer=name, rank=rank,
-                                 bytes=peer_bytes(name, model, rank), params=n_params))
-            for name, (cls, ranked, options) in SLIMOPT.items():
-                if ranked:
-                    rows.append(dict(model=size, optimizer=name, rank=rank,
-                                     bytes=slimopt_bytes(cls, model, rank, **options),
-                                     params=n_params))
-            progress(f"[memory] {size} rank {rank}: done")
+        for name, key, rank in _keys_and_ranks(ranks):
+            try:
+                b = slimopt.state_bytes(build_on_meta(key, model, rank))
+            except ValueError as err:  # a peer's package is not installed
+                progress(f"[memory] {name}: {err}")
+                b = None
+            rows.append(dict(model=size, optimizer=name, key=key,
+                             library="slimopt" if name in SLIMOPT else "peer", rank=rank,
+                             bytes=b, params=n_params))
+        progress(f"[memory] {size} ({n_params / 1e6:.1f}M parameters): "
+                 f"{len(_keys_and_ranks(ranks))} optimizers in {time.time() - t0:.1f} s")
     return rows
 
 
+def zero_units(optimizer) -> list[list[tuple[int, int]]]:
+    """Per param group, the units the ZeRO bridge gives one owner each, as (numel, state bytes):
+    every parameter, or the whole group if it is marked ``zero_unit="group"``."""
+    groups = []
+    for group in optimizer.param_groups:
+        entries = [(p.numel(), _tensor_bytes(optimizer.state.get(p, {}), set()))
+                   for p in group["params"]]
+        if group.get("zero_unit") == "group" and entries:
+            entries = [(sum(n for n, _ in entries), sum(b for _, b in entries))]
+        groups.append(entries)
+    return groups
+
+
+def per_rank(units, world: int) -> tuple[list[int], list[int]]:
+    """(state bytes, fp32 shadow bytes) of each rank when ``assign_owners`` places ``units``
+    group by group with the load carried across groups, as ``ZeroBridge.__init__`` does."""
+    load = [0] * world
+    state, shadow = [0] * world, [0] * world
+    for entries in units:
+        for (numel, nbytes), owner in zip(entries, assign_owners([n for n, _ in entries], world,
+                                                                 load)):
+            state[owner] += nbytes
+            shadow[owner] += 4 * numel
+    return state, shadow
+
+
+def zero_table(size: str, rank: int, worlds, progress=print) -> list[dict]:
+    """One row per (optimizer, world size): the largest per-rank state, the largest per-rank
+    shadow and the largest per-rank sum of the two (see the module docstring)."""
+    model = llama_on_meta(size)
+    rows = []
+    total = slimopt.state_bytes(build_on_meta("adamw", model, None))
+    for world in worlds:
+        share = math.ceil(total / world)
+        rows.append(dict(model=size, optimizer=ADAMW, rank=None, world=world,
+                         scheme="DeepSpeed ZeRO-1/2 (total / world)", total=total,
+                         state_max=share, shadow_max=0, peak=share,
+                         state_per_rank=[share] * world, shadow_per_rank=[0] * world))
+    for name, key in SLIMOPT.items():
+        opt = build_on_meta(key, model, _rank_of(key, rank))
+        units = zero_units(opt)
+        total = slimopt.state_bytes(opt)
+        if sum(b for entries in units for _, b in entries) != total:
+            raise RuntimeError(f"memory benchmark: {name}'s per-parameter state does not add up "
+                               "to its total (state shared between parameters?)")
+        for world in worlds:
+            state, shadow = per_rank(units, world)
+            rows.append(dict(model=size, optimizer=name, rank=_rank_of(key, rank), world=world,
+                             scheme="slimopt ZeRO bridge (whole parameters, one owner each)",
+                             total=total, state_max=max(state), shadow_max=max(shadow),
+                             peak=max(s + h for s, h in zip(state, shadow)),
+                             state_per_rank=state, shadow_per_rank=shadow))
+    progress(f"[memory] ZeRO per-rank table: {size}, rank {rank}, world sizes "
+             f"{' '.join(map(str, worlds))}")
+    return rows
+
+
+def zero_config(sizes, ranks) -> tuple[str, int]:
+    """The ZeRO table's model (1b if asked for, else the largest size) and rank (the one nearest
+    256)."""
+    size = ZERO_SIZE if ZERO_SIZE in sizes else max(sizes, key=list(LLAMA_SHAPES).index)
+    return size, min(ranks, key=lambda r: (abs(r - ZERO_RANK), r))
+
+
+def collect(sizes, ranks, worlds, progress=print) -> dict:
+    rows = measure(sizes, ranks, progress)
+    zsize, zrank = zero_config(sizes, ranks)
+    return dict(sizes=list(sizes), ranks=list(ranks), world_sizes=list(worlds),
+                zero_model=zsize, zero_rank=zrank, rows=rows,
+                zero=zero_table(zsize, zrank, worlds, progress))
+
+
+# ------------------------------------------------------------------------------ tables, figure
 def _fmt(b):
     if b is None:
         return "n/a"
     return f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.1f} MiB"
 
 
-def markdown(rows, sizes) -> str:
-    adamw = {r["model"]: r["bytes"] for r in rows if r["optimizer"] == "AdamW (torch)"}
-    keys = []
-    for r in rows:
-        k = (r["optimizer"], r["rank"])
-        if k not in keys:
-            keys.append(k)
-    head = "| optimizer | rank | " + " | ".join(sizes) + " |"
-    lines = [head, "|" + "---|" * (len(sizes) + 2)]
-    order = PEERS + list(SLIMOPT)
-    for name, rank in sorted(keys, key=lambda k: (k[1] or 0, order.index(k[0]))):
+def _row_order(k):
+    name, rank = k
+    return (rank or 0, ORDER.index(name))
+
+
+def markdown(data: dict) -> str:
+    rows, sizes = data["rows"], data["sizes"]
+    adamw = {r["model"]: r["bytes"] for r in rows if r["optimizer"] == ADAMW}
+    keys = list(dict.fromkeys((r["optimizer"], r["rank"]) for r in rows))
+    lines = ["## Optimizer-state bytes (percent of torch AdamW)", "",
+             "Float32 weights and state of `transformers.LlamaForCausalLM` at the GaLore paper's "
+             "shapes (vocab 32000), allocated by each library's own code on the **meta device** "
+             "and counted with `slimopt.state_bytes`: exact, and the same on any device (the "
+             "file sits under `cpu/` for that reason). slimopt's optimizers use the GaLore split "
+             "(projections: the method's matrix rule; embeddings, lm_head, norms: AdamW; SNSM, "
+             "SubspaceMomentum and SubsetNorm put lm_head in the matrix group). Muon is torch's "
+             "Muon on the projections plus AdamW on the rest; Adafactor is factored on every "
+             "matrix; APOLLO-Mini is rank 1. Method and the two shape-only stand-ins "
+             "(apollo-torch's random draw, Adafactor's update clipping): "
+             "`benchmarks/memory.py`'s docstring.", "",
+             "| optimizer | rank | " + " | ".join(sizes) + " |",
+             "|" + "---|" * (len(sizes) + 2)]
+    for name, rank in sorted(keys, key=_row_order):
         cells = []
         for size in sizes:
             b = next((r["bytes"] for r in rows if r["model"] == size and r["optimizer"] == name
@@ -169,30 +339,134 @@ def markdown(rows, sizes) -> str:
             cells.append(_fmt(b) + ratio)
         lines.append(f"| {name} | {rank if rank is not None else '-'} | " + " | ".join(cells)
                      + " |")
+    zero, worlds = data["zero"], data["world_sizes"]
+    lines += ["", f"## Per-rank state under ZeRO-1/2: LLaMA {data['zero_model']}, "
+              f"rank {data['zero_rank']}", "",
+              "A model of the layout from the single-process counts above, not a measurement of "
+              "a distributed run. slimopt under its DeepSpeed bridge: every parameter (projection "
+              "or dense) is owned whole by one rank, chosen by `slimopt.launch.zero."
+              "assign_owners` (largest first to the least-loaded rank, in param-group order, as "
+              "`ZeroBridge` does); a rank holds the state of what it owns plus a full-size fp32 "
+              "shadow copy of it. torch AdamW under DeepSpeed's own ZeRO-1/2: its state split "
+              "evenly (total / world, padding ignored), no shadow. Cells: the largest rank's "
+              "bytes; state percentages are of AdamW's share at the same world size. Not counted "
+              "for either: DeepSpeed's fp32 master partition (4 bytes x params / world, held in "
+              "both cases), 16-bit weights and gradients, transient buffers.", "",
+              "| optimizer | rank | " + " | ".join(f"state, world {w}" for w in worlds) + " | "
+              + " | ".join(f"shadow, world {w}" for w in worlds) + " |",
+              "|" + "---|" * (2 * len(worlds) + 2)]
+    share = {r["world"]: r["state_max"] for r in zero if r["optimizer"] == ADAMW}
+    for name in [ADAMW] + list(SLIMOPT):
+        mine = {r["world"]: r for r in zero if r["optimizer"] == name}
+        if not mine:
+            continue
+        rank = mine[worlds[0]]["rank"]
+        state = [f"{_fmt(mine[w]['state_max'])} ({mine[w]['state_max'] / share[w]:.0%})"
+                 for w in worlds]
+        shadow = [_fmt(mine[w]["shadow_max"]) if mine[w]["shadow_max"] else "-" for w in worlds]
+        lines.append(f"| {name} | {rank if rank is not None else '-'} | "
+                     + " | ".join(state + shadow) + " |")
     return "\n".join(lines)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sizes", nargs="+", default=list(LLAMA_SHAPES),
-                        choices=list(LLAMA_SHAPES))
-    parser.add_argument("--ranks", nargs="+", type=int, default=[128, 256, 512])
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"),
-                        help="folder for memory.md and memory.json")
+def figure(data: dict):
+    plt = report.pyplot()
+    if plt is None:
+        return None
+    size, rank = data["zero_model"], data["zero_rank"]
+    rows = [r for r in data["rows"] if r["model"] == size and r["bytes"] is not None
+            and (r["rank"] in (None, rank) or r["key"] in FIXED_RANK)]
+    adamw = next(r["bytes"] for r in rows if r["optimizer"] == ADAMW)
+    rows.sort(key=lambda r: r["bytes"])
+    fig, (left, right) = plt.subplots(1, 2, figsize=(14, 5.5))
+    colours = {"slimopt": "tab:blue", "peer": "tab:orange"}
+    labels = [r["optimizer"] + (f", r={r['rank']}" if r["rank"] else "") for r in rows]
+    pct = [100 * r["bytes"] / adamw for r in rows]
+    left.barh(range(len(rows)), pct, color=[colours[r["library"]] for r in rows])
+    left.set_yticks(range(len(rows)), labels, fontsize=8)
+    for i, v in enumerate(pct):
+        left.text(v + 1, i, f"{v:.0f}%", va="center", fontsize=7)
+    left.axvline(100, color="grey", lw=0.8, ls=":")
+    left.set_xlabel("optimizer-state bytes, % of torch AdamW")
+    left.set_title(f"LLaMA {size}, float32 (rank {rank} where it applies)")
+    left.legend(handles=[plt.Rectangle((0, 0), 1, 1, color=c) for c in colours.values()],
+                labels=["slimopt", "peer"], loc="lower right", fontsize=8)
+    worlds = data["world_sizes"]
+    for name in [ADAMW] + list(SLIMOPT):
+        mine = {r["world"]: r for r in data["zero"] if r["optimizer"] == name}
+        if not mine:
+            continue
+        right.plot(worlds, [mine[w]["state_max"] / 2**30 for w in worlds], marker="o",
+                   color="black" if name == ADAMW else None, lw=2 if name == ADAMW else 1.2,
+                   label=name + (" (DeepSpeed ZeRO)" if name == ADAMW else ""))
+    shadow = [max(r["shadow_max"] for r in data["zero"] if r["world"] == w) / 2**30
+              for w in worlds]
+    right.plot(worlds, shadow, ls="--", color="grey",
+               label="fp32 shadow copies (slimopt bridge, on top of the state)")
+    right.set_xscale("log", base=2)
+    right.set_yscale("log")
+    right.set_xticks(worlds, [str(w) for w in worlds])
+    right.set_xlabel("ZeRO-1/2 world size")
+    right.set_ylabel("GiB on the largest rank")
+    right.set_title(f"Per-rank optimizer state, LLaMA {size}, rank {rank}")
+    right.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+# ------------------------------------------------------------------------------ suite interface
+def _positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def add_arguments(group) -> None:
+    group.add_argument("--memory-sizes", nargs="+", choices=list(LLAMA_SHAPES), default=None,
+                       help=f"LLaMA sizes (default {' '.join(SIZES)}; --quick: "
+                            f"{' '.join(QUICK_SIZES)})")
+    group.add_argument("--memory-ranks", nargs="+", type=_positive_int, default=None,
+                       help=f"ranks of the low-rank methods (default {' '.join(map(str, RANKS))};"
+                            f" --quick: {' '.join(map(str, QUICK_RANKS))})")
+    group.add_argument("--memory-world-sizes", nargs="+", type=_positive_int, default=None,
+                       help=f"ZeRO world sizes of the per-rank table (default "
+                            f"{' '.join(map(str, WORLD_SIZES))}); its model is 1b if among the "
+                            f"sizes (else the largest), its rank the one nearest 256")
+
+
+def run(args, folder: str, info: dict) -> list[str]:
+    """Count, then write ``memory.json``, ``memory.md`` and ``memory.png`` into ``folder``."""
+    quick = getattr(args, "quick", False)
+    sizes = getattr(args, "memory_sizes", None) or (QUICK_SIZES if quick else SIZES)
+    ranks = getattr(args, "memory_ranks", None) or (QUICK_RANKS if quick else RANKS)
+    worlds = getattr(args, "memory_world_sizes", None) or WORLD_SIZES
+    sizes = sorted(dict.fromkeys(sizes), key=list(LLAMA_SHAPES).index)
+    ranks, worlds = sorted(set(ranks)), sorted(set(worlds))
+    data = collect(sizes, ranks, worlds, progress=lambda s: print(s, file=sys.stderr))
+    return report.write(folder, "memory", info, data, markdown(data), figure(data))
+
+
+def main(argv=None) -> dict:
+    """``python benchmarks/memory.py [--quick] [--out DIR] [--memory-...]``: the memory suite
+    alone (the same code as ``python -m benchmarks memory``). Returns the data written."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="60m and 350m, rank 128")
+    parser.add_argument("--out", default=None,
+                        help="results base folder (default benchmarks/results); files go to "
+                             "OUT/cpu/")
+    add_arguments(parser)
     args = parser.parse_args(argv)
-    if any(r < 1 for r in args.ranks):
-        parser.error(f"--ranks must be >= 1, got {args.ranks}")
-    rows = measure(args.sizes, args.ranks, progress=lambda s: print(s, file=sys.stderr))
-    table = markdown(rows, args.sizes)
-    os.makedirs(args.out, exist_ok=True)
-    command = "python benchmarks/memory.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    with open(os.path.join(args.out, "memory.md"), "w") as f:
-        f.write(f"Optimizer-state bytes, float32, counted on the meta device "
-                f"(percent of torch AdamW). Command: `{command.strip()}`\n\n{table}\n")
-    with open(os.path.join(args.out, "memory.json"), "w") as f:
-        json.dump({"command": command.strip(), "rows": rows}, f, indent=1)
-    print(table)
-    return rows
+    folder = report.out_dir("cpu", args.out)
+    info = report.stamp("cpu", ["memory"] + argv)
+    info["command"] = ("python benchmarks/memory.py " + " ".join(argv)).strip()
+    paths = run(args, folder, info)
+    print(f"[memory] wrote {', '.join(paths)}", file=sys.stderr)
+    with open(paths[1]) as f:
+        print(f.read())
+    with open(paths[0]) as f:
+        return json.load(f)["data"]
 
 
 if __name__ == "__main__":

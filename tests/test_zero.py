@@ -16,15 +16,23 @@ pytest.importorskip("transformers")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OPTIMIZERS = ["grasswalk", "grassjump", "sara", "snsm", "root", "adaprelora"]
-SCENARIOS = ([f"{o}:{s}:fp32:1" for o in OPTIMIZERS for s in (0, 1, 2)]
-             + ["grasswalk:0:fp32:2", "grasswalk:2:fp32:2"]
-             + [f"grasswalk:{s}:bf16:1" for s in (0, 1, 2)]
-             + ["adaprelora:0:bf16:1", "adaprelora:2:bf16:1"]
-             + ["ckpt:grasswalk:2", "ckpt:adaprelora:1", "naive:grasswalk:1"])
+SCENARIOS = ([f"{o}:{s}:fp32:1" for o in OPTIMIZERS for s in (0, 1, 2, 3)]
+             + ["grasswalk:0:fp32:2", "grasswalk:2:fp32:2", "grasswalk:3:fp32:2"]
+             + [f"grasswalk:{s}:bf16:1" for s in (0, 1, 2, 3)]
+             + ["adaprelora:0:bf16:1", "adaprelora:2:bf16:1", "adaprelora:3:bf16:1"]
+             + ["ckpt:grasswalk:2", "ckpt:adaprelora:1", "ckpt:grasswalk:3", "ckpt:adaprelora:3"]
+             + ["naive:grasswalk:1", "naive:grasswalk:3", "grads:3"])
 # tolerances, measured values in brackets
 FP32_TOL = 1e-6        # ZeRO-0/1/2 vs one process, fp32 (0.0)
-ACCUM_TOL = 5e-4       # gradient accumulation 2 changes the summation order (6.4e-5)
+ACCUM_TOL = 5e-4       # gradient accumulation 2 changes the summation order (6.4e-5; ZeRO-3 2.5e-5)
 BF16_VS_FP32_TOL = 5e-2  # bf16 weights and activations vs the fp32 single process (2.0e-2)
+# ZeRO-3's own gradients differ from ZeRO-0's by float rounding (the grads:3 probe: 3e-8 on
+# gradients of 1e-2), and 3 steps carry that through each rule: GrassWalk 5.8e-6, GrassJump
+# 6.4e-7, SARA 2.4e-7, SNSM 1.2e-7, AdaPreLoRA 2.8e-7; ROOT 2.5e-4 (its percentile clamp picks
+# different entries). The negative control is at 1e-2.
+ZERO3_TOL = {"root": 1e-3}
+ZERO3_DEFAULT_TOL = 5e-5
+GRADIENT_ROUNDING_TOL = 1e-6
 
 
 def _free_port():
@@ -55,14 +63,18 @@ def test_equals_single_process(results, scenario):
         assert row["max_diff"] < BF16_VS_FP32_TOL
         if stage != "0":
             assert row["max_diff_vs_stage0"] <= FP32_TOL  # bf16 ZeRO-k equals bf16 ZeRO-0
+    elif accum != "1":
+        assert row["max_diff"] <= ACCUM_TOL
+    elif stage == "3":
+        assert row["max_diff"] <= ZERO3_TOL.get(name, ZERO3_DEFAULT_TOL)
     else:
-        assert row["max_diff"] <= (FP32_TOL if accum == "1" else ACCUM_TOL)
+        assert row["max_diff"] <= FP32_TOL
 
 
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_state_is_sharded(results, name):
     total = sum(results[f"{name}:0:fp32:1"]["state_bytes_per_rank"]) / 2  # replicated at ZeRO-0
-    for stage in (1, 2):
+    for stage in (1, 2, 3):
         per_rank = results[f"{name}:{stage}:fp32:1"]["state_bytes_per_rank"]
         assert sum(per_rank) == pytest.approx(total, rel=1e-9)
         assert max(per_rank) <= 0.75 * total
@@ -71,11 +83,21 @@ def test_state_is_sharded(results, name):
 def test_checkpoint_resume_is_exact(results):
     assert results["ckpt:grasswalk:2"]["max_diff"] == 0.0
     assert results["ckpt:adaprelora:1"]["max_diff"] == 0.0
+    assert results["ckpt:grasswalk:3"]["max_diff"] == 0.0
+    assert results["ckpt:adaprelora:3"]["max_diff"] == 0.0
 
 
 def test_negative_control_differs(results):
     # the optimizer run on DeepSpeed's flat shards (a vector rule on fragments) is visibly wrong
     assert results["naive:grasswalk:1"]["max_diff"] > 1e-2
+    assert results["naive:grasswalk:3"]["max_diff"] > 1e-2
+
+
+def test_zero3_gradients_differ_only_by_rounding(results):
+    # the source of the ZeRO-3 tolerance: DeepSpeed's gradients, not slimopt's bridge
+    row = results["grads:3"]
+    assert row["max_grad"] > 1e-3
+    assert row["max_diff"] <= GRADIENT_ROUNDING_TOL
 
 
 def _model():
@@ -84,11 +106,15 @@ def _model():
 
 def test_refusals_and_config_errors():
     from slimopt.launch.zero import initialize
-    cfg = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3},
+    cfg = {"train_micro_batch_size_per_gpu": 1,
+           "zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}},
            "optimizer": {"type": "slimopt.GrassWalk", "params": {"lr": 1e-3, "rank": 2}}}
-    with pytest.raises(ValueError, match="ZeRO stage 3 is not supported"):
+    with pytest.raises(ValueError, match="offload_optimizer.*not supported"):
         initialize(model=_model(), config=cfg)
-    cfg["zero_optimization"]["stage"] = 1
+    cfg["zero_optimization"] = {"stage": 2, "offload_param": {"device": "nvme"}}
+    with pytest.raises(ValueError, match="offload_param.*not supported"):
+        initialize(model=_model(), config=cfg)
+    cfg["zero_optimization"] = {"stage": 1}
     cfg["fp16"] = {"enabled": True}
     with pytest.raises(ValueError, match="fp16"):
         initialize(model=_model(), config=cfg)

@@ -14,7 +14,9 @@ What it does: a ``transformers.LlamaForCausalLM`` of the preset's shape; data th
 recovery norms) under ``OUTPUT/tb``; a progress bar; checkpoints every ``--save-every`` steps
 holding model, optimizer, schedule, RNG and the data position, so ``--resume`` continues without
 repeating or skipping a batch. At the end it prints the eval perplexity and the optimizer-state
-bytes next to what AdamW would hold.
+bytes next to what AdamW would hold, and writes them to ``OUTPUT/result.json`` with the loss
+curve (``curve``: step, tokens, mean train loss since the previous point and eval loss at every
+``--eval-every`` evaluation and the last step).
 
 Every user error (missing data, unknown preset or optimizer, a bad or mismatched checkpoint) is a
 one-line message and exit code 2, not a traceback.
@@ -200,6 +202,15 @@ def adamw_state_bytes(config) -> int:
         p.grad = torch.empty_like(p)
     opt.step()
     return state_bytes(opt)
+
+
+def curve_point(step, args, loss_sum, loss_count, eval_loss) -> dict:
+    """One point of the result's ``curve``: the step, the tokens trained on up to it (global batch
+    x sequence length x step, counted from step 0 also in a resumed run), the mean training loss
+    over the steps since the previous point (None if none ran in this process) and the eval
+    loss."""
+    return {"step": step, "tokens": step * args.batch_size * args.seq_len,
+            "train_loss": loss_sum / loss_count if loss_count else None, "eval_loss": eval_loss}
 
 
 # ---------------------------------------------------------------------------- checkpoints
@@ -417,6 +428,9 @@ def run(args):
     diagnostics = SubspaceDiagnostics()
     rows = args.batch_size // world
     tokens_seen, t0, eval_loss = 0, time.time(), None
+    # the loss curve (``curve`` in the result): one point per evaluation; train_loss is the mean
+    # training loss over the steps since the previous point, tokens the global count at the step
+    curve, loss_sum, loss_count, done = [], 0.0, 0, start
     for step in range(start, args.steps):
         batch = batch_at(train_blocks, step, args.batch_size, args.seed)
         ids = batch[rank * rows:(rank + 1) * rows].to(device)
@@ -441,6 +455,7 @@ def run(args):
         tokens_seen += ids.numel() * world
         done = step + 1
         loss_value = all_mean(float(loss.detach()), world, device)
+        loss_sum, loss_count = loss_sum + loss_value, loss_count + 1
         rate = tokens_seen / max(time.time() - t0, 1e-9)
         if progress is not None:
             progress.update(1)
@@ -457,6 +472,8 @@ def run(args):
         if done % args.eval_every == 0 or done == args.steps:
             eval_loss = all_mean(evaluate(model, eval_blocks, args, device, autocast), world,
                                  device)
+            curve.append(curve_point(done, args, loss_sum, loss_count, eval_loss))
+            loss_sum, loss_count = 0.0, 0
             if writer is not None:
                 writer.add_scalar("eval/loss", eval_loss, done)
                 writer.add_scalar("eval/perplexity", math.exp(min(eval_loss, 50)), done)
@@ -480,12 +497,13 @@ def run(args):
 
     if eval_loss is None:  # halted before the first evaluation
         eval_loss = all_mean(evaluate(model, eval_blocks, args, device, autocast), world, device)
+        curve.append(curve_point(done, args, loss_sum, loss_count, eval_loss))
     ours, adamw = state_bytes(opt), adamw_state_bytes(config)
     result = dict(optimizer=args.optimizer, preset=args.preset, params=n_params,
                   steps=args.steps, eval_loss=eval_loss,
                   eval_perplexity=math.exp(eval_loss) if eval_loss is not None else None,
                   state_bytes=ours, adamw_state_bytes=adamw,
-                  seconds=time.time() - t0, tokens=tokens_seen)
+                  seconds=time.time() - t0, tokens=tokens_seen, curve=curve)
     say(f"\nfinal eval loss {eval_loss:.4f}, perplexity {result['eval_perplexity']:.2f} "
         f"({args.preset}, {n_params / 1e6:.2f}M parameters, {args.steps} steps)")
     share = " on this rank (ZeRO shards it)" if engine is not None and world > 1 else ""

@@ -38,84 +38,148 @@ PREFIX = "slimopt."
 
 
 class ZeroBridge:
-    """Maps DeepSpeed's flat partitions of each param group to whole matrices (see the module
-    docstring). Built from a ``DeepSpeedZeroOptimizer`` (ZeRO-1/2)."""
+    """Maps DeepSpeed's flat partitions to whole matrices (see the module docstring). Built from
+    a ``DeepSpeedZeroOptimizer`` (ZeRO-1/2) or a ``DeepSpeedZeroOptimizer_Stage3``.
+
+    Both stages hand the client optimizer one flat fp32 partition per (sub-)group and rank, the
+    same size on every rank, so an all-gather gives a ``(world, size)`` table; what differs is
+    where a parameter lies in it. ZeRO-1/2 cut the concatenated group into ``world`` consecutive
+    pieces: a parameter is ``table.view(-1)[offset:offset + numel]``. ZeRO-3 cuts every parameter
+    into ``world`` pieces of ``piece = ceil(numel / world)`` elements (the last one padded), and a
+    rank's partition concatenates its pieces: a parameter is
+    ``table[:, offset:offset + piece].reshape(-1)[:numel]``."""
 
     def __init__(self, optimizer: SlimOptimizer, zero_optimizer):
         import torch.distributed as dist
         self.dist = dist
         self.zero = zero_optimizer
-        self.rank = dist.get_rank(group=zero_optimizer.real_dp_process_group[0])
-        self.world = dist.get_world_size(group=zero_optimizer.real_dp_process_group[0])
-        self.groups = []   # per group: list of units; a unit is a list of (key, offset, shape)
-        self.owner = {}    # (group, unit) -> rank
+        self.stage3 = hasattr(zero_optimizer, "fp32_partitioned_groups_flat")
+        self.process_group = (zero_optimizer.dp_process_group if self.stage3
+                              else zero_optimizer.real_dp_process_group[0])
+        self.rank = dist.get_rank(group=self.process_group)
+        self.world = dist.get_world_size(group=self.process_group)
+        #: per flat partition ("sub-group"): list of units; a unit is a list of
+        #: (key, offset, shape, piece) with piece None under ZeRO-1/2
+        self.groups = []
+        self.sub_group_of = {}  # id(flat fp32 partition) -> sub-group index
+        self.owner = {}    # (sub-group, unit) -> rank
         self.shadows = {}  # key -> persistent full-size fp32 tensor (owned units only)
         #: elements this rank passed to each collective so far (for the communication report)
         self.communicated = {"all_gather": 0, "all_reduce": 0}
         load = [0] * self.world
-        for i, lp_params in enumerate(zero_optimizer.bit16_groups):
-            flat = zero_optimizer.bit16_groups_flat[i]
-            entries = []
-            for p in lp_params:
-                offset = (p.data_ptr() - flat.data_ptr()) // p.element_size()
-                if p not in optimizer._param_keys:
-                    raise RuntimeError("slimopt ZeRO bridge: a DeepSpeed parameter is unknown to "
-                                       "the optimizer")
-                entries.append((optimizer._param_keys[p], offset, tuple(p.shape)))
-            group = optimizer.param_groups[i]
-            units = [entries] if group.get("zero_unit") == "group" else [[e] for e in entries]
+        split_check = set()
+        for s, (group_index, flat, entries) in enumerate(self._layout(optimizer)):
+            self.sub_group_of[id(flat)] = s
+            group = optimizer.param_groups[group_index]
+            self.device = flat.device
+            if group.get("zero_unit") == "group":
+                if group_index in split_check:
+                    raise ValueError(
+                        f"{type(optimizer).__name__}: DeepSpeed split a parameter group that "
+                        "must be stepped as one unit (a LoRA pair) into several sub-groups; "
+                        "raise zero_optimization.sub_group_size")
+                split_check.add(group_index)
+                units = [entries]
+            else:
+                units = [[e] for e in entries]
             self.groups.append(units)
-            sizes = [sum(_numel(s) for _, _, s in unit) for unit in units]
+            sizes = [sum(_numel(shape) for _, _, shape, _ in unit) for unit in units]
             for u, target in enumerate(assign_owners(sizes, self.world, load)):
-                self.owner[(i, u)] = target
-            group["zero_index"] = i
+                self.owner[(s, u)] = target
+            group["zero_index"] = group_index
+
+    def _layout(self, optimizer):
+        """(param group index, flat fp32 partition, entries) per flat partition."""
+        zero = self.zero
+
+        def key_of(p):
+            if p not in optimizer._param_keys:
+                raise RuntimeError("slimopt ZeRO bridge: a DeepSpeed parameter is unknown to "
+                                   "the optimizer")
+            return optimizer._param_keys[p]
+
+        if not self.stage3:
+            for i, lp_params in enumerate(zero.bit16_groups):
+                flat = zero.bit16_groups_flat[i]
+                entries = [(key_of(p), (p.data_ptr() - flat.data_ptr()) // p.element_size(),
+                            tuple(p.shape), None) for p in lp_params]
+                yield i, zero.single_partition_of_fp32_groups[i], entries
+            return
+        for s, params in enumerate(zero.fp16_groups):
+            offset, entries = 0, []
+            for p in params:  # a rank's partition concatenates its pieces in this order
+                piece = int(p.partition_numel())
+                entries.append((key_of(p), offset, tuple(p.ds_shape), piece))
+                offset += piece
+            flat = zero.fp32_partitioned_groups_flat[s]
+            if offset != flat.numel():
+                raise RuntimeError(f"slimopt ZeRO bridge: sub-group {s} holds {flat.numel()} "
+                                   f"elements, its parameters' pieces {offset}")
+            yield zero.sub_group_to_group_id[s], flat, entries
 
     def owned_keys(self):
-        return [key for (i, u), r in self.owner.items() if r == self.rank
-                for key, _, _ in self.groups[i][u]]
+        return [key for (s, u), r in self.owner.items() if r == self.rank
+                for key, _, _, _ in self.groups[s][u]]
 
-    def _shadow(self, optimizer, key, shape, like):
+    def _shadow(self, optimizer, key, shape):
         shadow = self.shadows.get(key)
         if shadow is None:
-            shadow = torch.zeros(shape, dtype=torch.float32, device=like.device)
+            shadow = torch.zeros(shape, dtype=torch.float32, device=self.device)
             self.shadows[key] = shadow
             optimizer._param_keys[shadow] = key
         return shadow
 
     def _gather(self, part):
+        """The ``(world, size)`` table of every rank's partition."""
         self.communicated["all_gather"] += part.numel()
         chunks = [torch.empty_like(part) for _ in range(self.world)]
-        self.dist.all_gather(chunks, part.contiguous(),
-                             group=self.zero.real_dp_process_group[0])
-        return torch.cat(chunks)
+        self.dist.all_gather(chunks, part.contiguous(), group=self.process_group)
+        return torch.stack(chunks)
+
+    def read(self, table, offset, shape, piece):
+        """One parameter, full size, out of a ``(world, size)`` table."""
+        n = _numel(shape)
+        if piece is None:
+            return table.view(-1)[offset:offset + n].view(shape)
+        return table[:, offset:offset + piece].reshape(-1)[:n].view(shape)
+
+    def write(self, table, offset, shape, piece, values):
+        """The inverse of ``read``: put a full-size parameter into its places in ``table``."""
+        n = _numel(shape)
+        if piece is None:
+            table.view(-1)[offset:offset + n].copy_(values.reshape(-1))
+            return
+        padded = torch.zeros(self.world * piece, dtype=table.dtype, device=table.device)
+        padded[:n].copy_(values.reshape(-1))
+        table[:, offset:offset + piece].copy_(padded.view(self.world, piece))
 
     @torch.no_grad()
     def step_group(self, optimizer, group):
-        i = group["zero_index"]
+        if not group["params"]:
+            return  # ZeRO-3 steps one sub-group at a time; the others are empty meanwhile
         part = group["params"][0]
         if part.grad is None:
             return
+        s = self.sub_group_of[id(part)]
         full_grad = self._gather(part.grad.to(part.dtype))
         full_param = self._gather(part.data)
         new_values = torch.zeros_like(full_param)
-        for u, unit in enumerate(self.groups[i]):
-            if self.owner[(i, u)] != self.rank:
+        for u, unit in enumerate(self.groups[s]):
+            if self.owner[(s, u)] != self.rank:
                 continue
             shadows = []
-            for key, offset, shape in unit:
-                n = _numel(shape)
-                shadow = self._shadow(optimizer, key, shape, part)
-                shadow.copy_(full_param[offset:offset + n].view(shape))
-                shadow.grad = full_grad[offset:offset + n].view(shape).clone()
+            for key, offset, shape, piece in unit:
+                shadow = self._shadow(optimizer, key, shape)
+                shadow.copy_(self.read(full_param, offset, shape, piece))
+                shadow.grad = self.read(full_grad, offset, shape, piece).clone()
                 shadows.append(shadow)
             optimizer._step_group(dict(group, params=shadows))
-            for (key, offset, shape), shadow in zip(unit, shadows):
-                new_values[offset:offset + _numel(shape)].copy_(shadow.view(-1))
+            for (key, offset, shape, piece), shadow in zip(unit, shadows):
+                self.write(new_values, offset, shape, piece, shadow)
                 shadow.grad = None
         self.communicated["all_reduce"] += new_values.numel()
-        self.dist.all_reduce(new_values, group=self.zero.real_dp_process_group[0])
-        size = part.numel()
-        part.data.copy_(new_values[self.rank * size:(self.rank + 1) * size])
+        self.dist.all_reduce(new_values, group=self.process_group)
+        part.data.copy_(new_values[self.rank])
 
     # ---------------------------------------------------------------- checkpoints
     def state_dict(self, optimizer):
@@ -134,13 +198,12 @@ class ZeroBridge:
             group.update({k: v for k, v in saved.items() if k not in ("params", "zero_index")})
         owned = set(self.owned_keys())
         shapes = {key: shape for units in self.groups for unit in units
-                  for key, _, shape in unit}
+                  for key, _, shape, _ in unit}
         for key_text, entry in state_dict["state"].items():
             key = int(key_text)
             if key not in owned:
                 continue
-            part = optimizer.param_groups[0]["params"][0]
-            shadow = self._shadow(optimizer, key, shapes[key], part)
+            shadow = self._shadow(optimizer, key, shapes[key])
             optimizer.state[shadow] = {k: (v.to(shadow.device) if torch.is_tensor(v) else v)
                                        for k, v in entry.items()}
 
@@ -218,11 +281,15 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, con
         model_parameters = None
     stage = int(cfg.get("zero_optimization", {}).get("stage", 0))
     if isinstance(optimizer, SlimOptimizer):
-        if stage >= 3:
-            raise ValueError(f"{type(optimizer).__name__} under ZeRO stage 3 is not supported: "
-                             "ZeRO-3 partitions every matrix across ranks, and slimopt does not "
-                             "yet gather them for its matrix rules. Use ZeRO stage 1 or 2 (the "
-                             "optimizer state is still sharded across ranks) or stage 0.")
+        zero_cfg = cfg.get("zero_optimization", {})
+        for offload in ("offload_optimizer", "offload_param"):
+            device = str((zero_cfg.get(offload) or {}).get("device", "none")).lower()
+            if device not in ("none", ""):
+                raise ValueError(
+                    f"{type(optimizer).__name__} with zero_optimization.{offload} (device "
+                    f"{device!r}) is not supported: DeepSpeed would step the optimizer on "
+                    "host-memory partitions, which slimopt's bridge does not gather. Remove the "
+                    "offload; ZeRO-1/2/3 still shard the optimizer state across ranks.")
         if cfg.get("fp16", {}).get("enabled"):
             raise ValueError("fp16 with slimopt optimizers is not supported; use bf16")
         if stage >= 1:
@@ -233,7 +300,7 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, con
         config=cfg, **kwargs)
     if isinstance(optimizer, SlimOptimizer):
         optimizer.skip_zero_first_step = False
-        if stage in (1, 2):
+        if stage >= 1:
             optimizer.attach_zero_bridge(ZeroBridge(optimizer, engine.optimizer))
         else:
             register_master_copies(optimizer, engine.optimizer)

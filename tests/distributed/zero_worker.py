@@ -7,7 +7,8 @@ process on the same global batch. Prints one JSON line per scenario on rank 0.
 A scenario is OPTIMIZER:STAGE:DTYPE:ACCUM (e.g. grasswalk:1:fp32:1), ckpt:OPTIMIZER:STAGE
 (save, load into a fresh engine, continue: equal to the uninterrupted run), or
 naive:OPTIMIZER:STAGE (the negative control: deepspeed.initialize without slimopt's bridge, the
-optimizer run on DeepSpeed's flat shards as if they were parameters).
+optimizer run on DeepSpeed's flat shards as if they were parameters), or grads:STAGE (DeepSpeed's
+own averaged gradients under STAGE vs ZeRO-0, through plain SGD with lr 1).
 """
 import json
 import os
@@ -106,7 +107,13 @@ def train(engine, rank, world, accum, steps, start=0):
 
 
 def params_of(engine):
-    return {n: p.detach().float().clone() for n, p in engine.module.named_parameters()}
+    """Full parameters on every rank (a collective under ZeRO-3, which partitions them)."""
+    named = list(engine.module.named_parameters())
+    if hasattr(named[0][1], "ds_id"):
+        import deepspeed
+        with deepspeed.zero.GatheredParameters([p for _, p in named]):
+            return {n: p.detach().float().clone() for n, p in named}
+    return {n: p.detach().float().clone() for n, p in named}
 
 
 def max_diff(a, b):
@@ -139,14 +146,40 @@ def run_naive(name, stage):
     opt = build_from_config(cfg.pop("optimizer"), model)
     cfg["zero_allow_untested_optimizer"] = True
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
-    for group in opt.param_groups:  # what a naive integration does: treat shards as parameters
-        for p in group["params"]:
-            opt._param_keys.setdefault(p, len(opt._param_keys))
+    # what a naive integration does: treat the shards as parameters (ZeRO-3 swaps its flat
+    # partitions into the groups only during the step)
+    shards = [p for group in opt.param_groups for p in group["params"]]
+    shards += list(getattr(engine.optimizer, "fp32_partitioned_groups_flat", []))
+    for p in shards:
+        opt._param_keys.setdefault(p, len(opt._param_keys))
     train(engine, rank, world, 1, STEPS)
     got = params_of(engine)
     if rank == 0:
         print(json.dumps({"scenario": f"naive:{name}:{stage}",
                           "max_diff": max_diff(got, reference(name, 1, world))}), flush=True)
+
+
+def run_gradient_probe(stage):
+    """DeepSpeed's own gradients under ``stage`` vs ZeRO-0: plain SGD with lr 1 (an element-wise
+    rule, so flat shards do not matter) moves each weight by exactly its averaged gradient."""
+    import deepspeed
+    rank, world = dist.get_rank(), dist.get_world_size()
+    moved = {}
+    for s in (0, stage):
+        model = tiny_llama(False)
+        cfg = {"train_micro_batch_size_per_gpu": MICRO, "zero_optimization": {"stage": s},
+               "zero_allow_untested_optimizer": True, "gradient_clipping": 0.0,
+               "steps_per_print": 10 ** 9}
+        engine, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0), config=cfg)
+        before = params_of(engine)
+        train(engine, rank, world, 1, 1)
+        after = params_of(engine)
+        moved[s] = {n: before[n] - after[n] for n in before}
+    if rank == 0:
+        scale = max(float(g.abs().max()) for g in moved[0].values())
+        print(json.dumps({"scenario": f"grads:{stage}", "max_diff": max_diff(moved[stage], moved[0]),
+                          "max_grad": scale}), flush=True)
 
 
 RESULTS = {}
@@ -193,6 +226,8 @@ if __name__ == "__main__":
         if parts[0] == "ckpt":
             tmp = os.environ.get("ZERO_CKPT_DIR") or tempfile.mkdtemp()
             run_checkpoint(parts[1], int(parts[2]), os.path.join(tmp, scenario.replace(":", "-")))
+        elif parts[0] == "grads":
+            run_gradient_probe(int(parts[1]))
         elif parts[0] == "naive":
             run_naive(parts[1], int(parts[2]))
         else:
