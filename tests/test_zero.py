@@ -33,6 +33,9 @@ BF16_VS_FP32_TOL = 5e-2  # bf16 weights and activations vs the fp32 single proce
 ZERO3_TOL = {"root": 1e-3}
 ZERO3_DEFAULT_TOL = 5e-5
 GRADIENT_ROUNDING_TOL = 1e-6
+# bf16 ZeRO-3 vs bf16 ZeRO-0, in bf16 spacings at each tensor's largest weight (GrassWalk 0,
+# AdaPreLoRA 1.4: a few weights rounded the other way)
+BF16_ZERO3_ULPS = 3.0
 
 
 def _free_port():
@@ -54,15 +57,17 @@ def results(tmp_path_factory):
     return {row["scenario"]: row for row in rows}
 
 
-@pytest.mark.parametrize("scenario", [s for s in SCENARIOS if not s.startswith(("ckpt", "naive"))])
+@pytest.mark.parametrize("scenario", [s for s in SCENARIOS if not s.startswith(("ckpt", "naive", "grads"))])
 def test_equals_single_process(results, scenario):
     row = results[scenario]
     name, stage, dtype, accum = scenario.split(":")
     assert row["init_moved"] == 0.0  # initialize never steps (ZeRO-0 + bf16's zero-grad step)
     if dtype == "bf16":
         assert row["max_diff"] < BF16_VS_FP32_TOL
-        if stage != "0":
+        if stage in ("1", "2"):
             assert row["max_diff_vs_stage0"] <= FP32_TOL  # bf16 ZeRO-k equals bf16 ZeRO-0
+        elif stage == "3":  # ZeRO-3's gradient rounding may flip a bf16 rounding: 1 ulp
+            assert row["max_bf16_ulps_vs_stage0"] <= BF16_ZERO3_ULPS
     elif accum != "1":
         assert row["max_diff"] <= ACCUM_TOL
     elif stage == "3":
@@ -98,6 +103,46 @@ def test_zero3_gradients_differ_only_by_rounding(results):
     row = results["grads:3"]
     assert row["max_grad"] > 1e-3
     assert row["max_diff"] <= GRADIENT_ROUNDING_TOL
+
+
+RESHARD = ["grasswalk:2", "adaprelora:3", "root:1"]
+
+
+@pytest.fixture(scope="module")
+def resharded(tmp_path_factory):
+    """A checkpoint saved by 2 ranks, merged and loaded by 1 rank, saved again and loaded by 2."""
+    folder = tmp_path_factory.mktemp("reshard")
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", ZERO_CKPT_DIR=str(folder))
+    rows = {}
+    for ranks, phase in ((2, "save"), (1, "load"), (2, "back")):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
+               "--master_port", str(_free_port()),
+               os.path.join(HERE, "distributed", "zero_worker.py"),
+               *[f"reshard-{phase}:{s}" for s in RESHARD]]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+        rows.update({r["scenario"]: r for r in map(json.loads, (
+            line for line in proc.stdout.splitlines() if line.startswith("{")))})
+    return rows
+
+
+@pytest.mark.parametrize("case", RESHARD)
+def test_checkpoint_moves_between_world_sizes(resharded, case):
+    # fp32, same global batch (accumulation 2 at one rank): equal to the uninterrupted 2-rank run
+    # (measured 0.0; without the optimizer state the 2 -> 1 step is off by 4.5e-2)
+    for direction in ("2to1", "1to2"):
+        row = resharded[f"reshard-{direction}:{case}"]
+        assert row["restored_steps"] == 2
+        assert row["max_diff"] <= FP32_TOL
+
+
+def test_reshard_command_errors(tmp_path):
+    from slimopt.launch.zero_checkpoint import main
+    with pytest.raises(SystemExit) as exc:
+        main([str(tmp_path), str(tmp_path / "out.pt"), "--tag", "nothing"])
+    assert exc.value.code == 2
+    with pytest.raises(SystemExit):
+        main([str(tmp_path), str(tmp_path / "out.pt")])  # no 'latest' file
 
 
 def _model():

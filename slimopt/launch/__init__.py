@@ -1,5 +1,5 @@
-"""Entry points for training: the optimizer registry (names -> classes) used by the examples,
-and later the DeepSpeed glue and the pretraining CLI."""
+"""Entry points for training: the optimizer registry (names -> classes), the DeepSpeed glue
+(``initialize``, ``load_resharded``) and the pretraining CLI (``slimopt.launch.pretrain``)."""
 from .registry import OPTIMIZERS, build_optimizer
 
 
@@ -9,4 +9,11 @@ def initialize(*args, **kwargs):
     return _initialize(*args, **kwargs)
 
 
-__all__ = ["OPTIMIZERS", "build_optimizer", "initialize"]
+def load_resharded(engine, source, tag=None):
+    """Load a slimopt ZeRO checkpoint written at any world size (see
+    ``slimopt.launch.zero_checkpoint``)."""
+    from .zero_checkpoint import load_resharded as _load
+    return _load(engine, source, tag)
+
+
+__all__ = ["OPTIMIZERS", "build_optimizer", "initialize", "load_resharded"]

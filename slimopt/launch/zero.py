@@ -1,26 +1,28 @@
 """DeepSpeed integration: ``initialize`` (a drop-in for ``deepspeed.initialize`` that reads
-``{"optimizer": {"type": "slimopt.NAME", ...}}``) and the ZeRO-1/2 bridge that keeps the matrix
-math exact on DeepSpeed's flat partitions.
+``{"optimizer": {"type": "slimopt.NAME", ...}}``) and the bridge that keeps the matrix math exact on
+DeepSpeed's flat partitions under ZeRO stage 1, 2 and 3.
 
-Under ZeRO-1/2 DeepSpeed hands the client optimizer one flat 1-D fp32 partition per param group and
+Under ZeRO DeepSpeed hands the client optimizer one flat 1-D fp32 partition per (sub-)group and
 rank: a matrix-aware rule run on it would silently become a vector rule. The bridge instead runs
-every rule on whole matrices, once, on an owner rank (the design "whole matrices per rank"):
+every rule on whole matrices, once, on an owner rank (the design "whole matrices per rank"): each
+matrix (or LoRA pair) has one owner, chosen once by balancing sizes (``assign_owners``), which
+keeps the optimizer state for it (so state per rank is about total / world size) and steps a
+persistent full-size fp32 "shadow" copy with the exact single-process code.
 
-1. all-gather the group's gradient partitions and fp32 master partitions (every rank now sees
-   every full matrix: the offsets of the parameters in DeepSpeed's flat buffer are read from
-   their storage, not re-derived from its padding rules);
-2. each matrix (or LoRA pair) has one owner rank, chosen once by balancing sizes; the owner keeps
-   the optimizer state for it (so state per rank is about total / world size) and steps a
-   persistent full-size fp32 "shadow" copy with the exact single-process code;
-3. the owners' new values are summed into a flat buffer (``all_reduce``) and each rank copies
-   its own partition back; DeepSpeed then all-gathers the low-precision weights as usual.
+ZeRO-1/2 (a group's flat buffer cut into ``world`` consecutive pieces; offsets read from the
+parameters' storage, not re-derived from DeepSpeed's padding rules): all-gather the group's
+gradient and fp32 master partitions, the owners step, the new values are summed into a flat
+buffer (``all_reduce``) and each rank copies its partition back. Per step and group of ``N``
+elements: about 4N floats of traffic per rank, against ZeRO's own 2N; transient buffers of the
+group's size.
 
-Communication per step and group of ``N`` elements: all-gather of gradients (N) and of masters
-(N), all-reduce of the new values (about 2N with ring all-reduce): about 4N floats, against ZeRO's
-own 2N (reduce-scatter + all-gather). Memory: the state of the owned matrices plus their fp32
-shadow copies (about 1/world of the model in fp32) and transient flat buffers of the group's size.
+ZeRO-3 (every parameter cut into ``world`` even pieces): per matrix, ``gather`` its pieces (values
+and gradients) on the owner, step, ``scatter`` the new pieces back: ``2N/W`` elements sent and
+``N/W`` received per rank and step; transient memory is one matrix.
 
-ZeRO-3 partitions the parameters themselves; it is refused with an error (use stage 0, 1 or 2).
+Optimizer/parameter offload and fp16 are refused at ``initialize``. Checkpoints go through
+``engine.save_checkpoint``/``load_checkpoint``; ``slimopt.launch.zero_checkpoint`` moves them to
+another world size.
 """
 from __future__ import annotations
 
@@ -62,6 +64,7 @@ class ZeroBridge:
         #: (key, offset, shape, piece) with piece None under ZeRO-1/2
         self.groups = []
         self.sub_group_of = {}  # id(flat fp32 partition) -> sub-group index
+        self.partitions = []  # this rank's flat fp32 partition per sub-group
         self.owner = {}    # (sub-group, unit) -> rank
         self.shadows = {}  # key -> persistent full-size fp32 tensor (owned units only)
         #: elements this rank passed to each collective so far (for the communication report)
@@ -70,6 +73,7 @@ class ZeroBridge:
         split_check = set()
         for s, (group_index, flat, entries) in enumerate(self._layout(optimizer)):
             self.sub_group_of[id(flat)] = s
+            self.partitions.append(flat)
             group = optimizer.param_groups[group_index]
             self.device = flat.device
             if group.get("zero_unit") == "group":
@@ -117,6 +121,10 @@ class ZeroBridge:
                                    f"elements, its parameters' pieces {offset}")
             yield zero.sub_group_to_group_id[s], flat, entries
 
+    def partition(self, s):
+        """This rank's flat fp32 partition of sub-group ``s`` (DeepSpeed's master weights)."""
+        return self.partitions[s]
+
     def owned_keys(self):
         return [key for (s, u), r in self.owner.items() if r == self.rank
                 for key, _, _, _ in self.groups[s][u]]
@@ -161,6 +169,9 @@ class ZeroBridge:
         if part.grad is None:
             return
         s = self.sub_group_of[id(part)]
+        if self.stage3:
+            self._step_by_unit(optimizer, group, part, s)
+            return
         full_grad = self._gather(part.grad.to(part.dtype))
         full_param = self._gather(part.data)
         new_values = torch.zeros_like(full_param)
@@ -180,6 +191,54 @@ class ZeroBridge:
         self.communicated["all_reduce"] += new_values.numel()
         self.dist.all_reduce(new_values, group=self.process_group)
         part.data.copy_(new_values[self.rank])
+
+    def _step_by_unit(self, optimizer, group, part, s):
+        """ZeRO-3: for each unit, gather its parameters' pieces (values and gradients) on the
+        owner, step there, scatter the new pieces back. Every parameter is split evenly, so the
+        collectives are rooted ``gather``/``scatter`` of ``piece`` elements, and the transient
+        memory is one unit at full size."""
+        grad = part.grad.to(part.dtype)
+        for u, unit in enumerate(self.groups[s]):
+            owner = self.owner[(s, u)]
+            mine = owner == self.rank
+            shadows = []
+            for key, offset, shape, piece in unit:
+                values = self._gather_to(part.data[offset:offset + piece], owner)
+                grads = self._gather_to(grad[offset:offset + piece], owner)
+                if mine:
+                    shadow = self._shadow(optimizer, key, shape)
+                    shadow.copy_(self.read(values, 0, shape, piece))
+                    shadow.grad = self.read(grads, 0, shape, piece).clone()
+                    shadows.append(shadow)
+            if mine:
+                optimizer._step_group(dict(group, params=shadows))
+            for i, (key, offset, shape, piece) in enumerate(unit):
+                table = None
+                if mine:
+                    table = torch.empty(self.world, piece, dtype=part.dtype, device=part.device)
+                    self.write(table, 0, shape, piece, shadows[i])
+                    shadows[i].grad = None
+                self._scatter_from(table, part.data[offset:offset + piece], owner)
+
+    def _global(self, group_rank):
+        return self.dist.get_global_rank(self.process_group, group_rank)
+
+    def _gather_to(self, local, owner):
+        """``(world, n)`` table of every rank's ``local`` on ``owner``; None elsewhere."""
+        self.communicated["gather"] = self.communicated.get("gather", 0) + local.numel()
+        chunks = ([torch.empty_like(local) for _ in range(self.world)]
+                  if owner == self.rank else None)
+        self.dist.gather(local.contiguous(), chunks, dst=self._global(owner),
+                         group=self.process_group)
+        return torch.stack(chunks) if chunks is not None else None
+
+    def _scatter_from(self, table, out, owner):
+        """Row ``r`` of ``owner``'s ``table`` into rank ``r``'s ``out``."""
+        self.communicated["scatter"] = self.communicated.get("scatter", 0) + out.numel()
+        received = torch.empty_like(out)
+        rows = list(table.unbind(0)) if table is not None else None
+        self.dist.scatter(received, rows, src=self._global(owner), group=self.process_group)
+        out.copy_(received)
 
     # ---------------------------------------------------------------- checkpoints
     def state_dict(self, optimizer):
@@ -263,8 +322,8 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, con
                **kwargs):
     """``deepspeed.initialize`` with slimopt's optimizers: a config whose ``optimizer.type``
     starts with ``slimopt.`` builds that optimizer (``param_groups`` applied); a slimopt
-    optimizer (built here or passed in) under ZeRO-1/2 gets the exact-matrix bridge; ZeRO-3 is
-    refused. Everything else goes to DeepSpeed unchanged. Returns DeepSpeed's 4-tuple."""
+    optimizer (built here or passed in) under ZeRO-1/2/3 gets the exact-matrix bridge; offload and
+    fp16 are refused. Everything else goes to DeepSpeed unchanged. Returns DeepSpeed's 4-tuple."""
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed

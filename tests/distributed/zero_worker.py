@@ -8,7 +8,9 @@ A scenario is OPTIMIZER:STAGE:DTYPE:ACCUM (e.g. grasswalk:1:fp32:1), ckpt:OPTIMI
 (save, load into a fresh engine, continue: equal to the uninterrupted run), or
 naive:OPTIMIZER:STAGE (the negative control: deepspeed.initialize without slimopt's bridge, the
 optimizer run on DeepSpeed's flat shards as if they were parameters), or grads:STAGE (DeepSpeed's
-own averaged gradients under STAGE vs ZeRO-0, through plain SGD with lr 1).
+own averaged gradients under STAGE vs ZeRO-0, through plain SGD with lr 1), or
+reshard-save|reshard-load|reshard-back:OPTIMIZER:STAGE (a checkpoint moved 2 -> 1 -> 2 ranks: run
+save and back with 2 ranks, load with 1, all with the same ZERO_CKPT_DIR).
 """
 import json
 import os
@@ -120,6 +122,14 @@ def max_diff(a, b):
     return max(float((a[n] - b[n].float()).abs().max()) for n in b)
 
 
+def max_ulps(a, b):
+    """Largest difference per tensor in units of bf16's spacing at that tensor's largest
+    magnitude (1 = one rounding flip of its largest weights)."""
+    eps = torch.finfo(torch.bfloat16).eps
+    return max(float((a[n] - b[n]).abs().max() / (eps * b[n].abs().max().clamp_min(1e-12)))
+               for n in b)
+
+
 def run_checkpoint(name, stage, tmp):
     rank, world = dist.get_rank(), dist.get_world_size()
     engine, _, _, _ = initialize(model=tiny_llama(name == "adaprelora"),
@@ -157,6 +167,48 @@ def run_naive(name, stage):
     if rank == 0:
         print(json.dumps({"scenario": f"naive:{name}:{stage}",
                           "max_diff": max_diff(got, reference(name, 1, world))}), flush=True)
+
+
+def ds_config_at(name, stage, world):
+    """The config that gives the same global batch at ``world`` ranks as at 2 (accumulation
+    makes up the missing ranks)."""
+    return ds_config(name, stage, "fp32", 2 // world)
+
+
+def run_reshard(phase, name, stage, folder):
+    """save (2 ranks): 2 steps, checkpoint, 1 more step (the uninterrupted run);
+    load (1 rank): the merged file from ``python -m slimopt.launch.zero_checkpoint``, checkpoint
+    again at world size 1, 1 step; back (2 ranks): that world-size-1 checkpoint directly, 1 step.
+    Prints the difference to the uninterrupted run."""
+    from slimopt.launch import load_resharded
+    from slimopt.launch.zero_checkpoint import main as convert
+    rank, world = dist.get_rank(), dist.get_world_size()
+    accum = 2 // world
+    engine, _, _, _ = initialize(model=tiny_llama(name == "adaprelora"),
+                                 config=ds_config_at(name, stage, world))
+    if phase == "save":
+        train(engine, rank, world, accum, 2)
+        engine.save_checkpoint(os.path.join(folder, "w2"), tag="two")
+        train(engine, rank, world, accum, 1, start=2)
+        straight = params_of(engine)
+        if rank == 0:
+            torch.save(straight, os.path.join(folder, "straight.pt"))
+        return
+    if phase == "load":
+        merged = os.path.join(folder, "merged.pt")
+        assert convert([os.path.join(folder, "w2"), merged, "--tag", "two"]) == 0
+        load_resharded(engine, merged)
+        engine.save_checkpoint(os.path.join(folder, "w1"), tag="two")
+    else:
+        load_resharded(engine, os.path.join(folder, "w1"), tag="two")
+    steps = engine.global_steps
+    train(engine, rank, world, accum, 1, start=2)
+    got = params_of(engine)
+    if rank == 0:
+        straight = torch.load(os.path.join(folder, "straight.pt"))
+        label = "2to1" if phase == "load" else "1to2"
+        print(json.dumps({"scenario": f"reshard-{label}:{name}:{stage}", "restored_steps": steps,
+                          "max_diff": max_diff(got, straight)}), flush=True)
 
 
 def run_gradient_probe(stage):
@@ -212,7 +264,9 @@ def run(name, stage, dtype, accum):
         RESULTS[(name, stage, dtype, accum)] = got
         print(json.dumps({"scenario": f"{name}:{stage}:{dtype}:{accum}", "max_diff": diff,
                           "max_diff_vs_stage0": None if baseline is None else
-                          max_diff(got, baseline), "init_moved": init_moved, "comm_elements_per_step": comm,
+                          max_diff(got, baseline),
+                          "max_bf16_ulps_vs_stage0": None if baseline is None else
+                          max_ulps(got, baseline), "init_moved": init_moved, "comm_elements_per_step": comm,
                           "trainable": n_params,
                           "state_bytes_per_rank": [int(x) for x in gathered]}), flush=True)
 
@@ -226,6 +280,12 @@ if __name__ == "__main__":
         if parts[0] == "ckpt":
             tmp = os.environ.get("ZERO_CKPT_DIR") or tempfile.mkdtemp()
             run_checkpoint(parts[1], int(parts[2]), os.path.join(tmp, scenario.replace(":", "-")))
+        elif parts[0].startswith("reshard-"):
+            folder = os.path.join(os.environ["ZERO_CKPT_DIR"], "-".join(parts))
+            folder = folder.replace("reshard-load", "reshard").replace("reshard-save", "reshard")
+            folder = folder.replace("reshard-back", "reshard")
+            os.makedirs(folder, exist_ok=True)
+            run_reshard(parts[0][len("reshard-"):], parts[1], int(parts[2]), folder)
         elif parts[0] == "grads":
             run_gradient_probe(int(parts[1]))
         elif parts[0] == "naive":
