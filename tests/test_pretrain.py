@@ -138,8 +138,9 @@ def test_deepspeed_zero2_two_ranks_resume_and_contradictions(tmp_path, cache, ca
     bad.write_text(json.dumps({"optimizer": {"type": "Adam"}}))
     _fails(base + ["--deepspeed", str(bad)], capsys, "name a slimopt.* optimizer")
     _fails(base + ["--deepspeed", str(cfg), "--optimizer", "root"], capsys, "but --optimizer")
-    bad.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
-    _fails(base + ["--deepspeed", str(bad)], capsys, "ZeRO stage 3")
+    bad.write_text(json.dumps({"zero_optimization": {"stage": 3, "offload_optimizer": {
+        "device": "cpu"}}}))
+    _fails(base + ["--deepspeed", str(bad)], capsys, "offload_optimizer")
     _fails(base + ["--deepspeed", str(tmp_path / "none.json")], capsys, "No such file")
 
 

@@ -80,7 +80,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bf16", choices=("auto", "on", "off"), default="auto")
     p.add_argument("--deepspeed", help="DeepSpeed JSON config (through slimopt.launch.initialize;"
-                   " ZeRO stage 0, 1 or 2)")
+                   " ZeRO stage 0-3)")
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--no-tensorboard", action="store_true")
