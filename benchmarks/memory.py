@@ -2,7 +2,7 @@
 slimopt has and every peer it is compared with, and per rank under ZeRO-1/2.
 
     python -m benchmarks memory                      # sizes 60m-7b, ranks 128/256/512, worlds 1-8
-    python -m benchmarks memory --quick              # 60m and 350m, rank 128 (a few seconds)
+    python -m benchmarks memory --quick              # 60m and 130m, rank 128 (about 20 s, 2 cores)
     python -m benchmarks memory --memory-sizes 60m 1b --memory-ranks 256 --memory-world-sizes 1 4
     python benchmarks/memory.py [same options]       # the same, without the other suites
 
@@ -43,13 +43,18 @@ state, not a measurement of a distributed run:
   (the projections and every dense parameter alike; a group marked ``zero_unit="group"`` is one
   unit) has one owner rank, chosen by ``zero.assign_owners`` from the parameters' ``numel`` in
   param-group order, the load carried across groups, exactly as ``ZeroBridge.__init__`` does.
-  A rank holds the state of the units it owns, plus a full-size fp32 "shadow" copy of each of
-  them (4 bytes x numel), reported in a separate column. Table cells are the maximum over ranks.
+  A rank holds the state of the units it owns (the full-size fp32 "shadow" a unit is stepped on
+  exists only during the step: it views the gathered values). Table cells are the maximum over
+  ranks.
 * torch AdamW under DeepSpeed's own ZeRO-1/2: the state split evenly, total / world (rounded up;
-  DeepSpeed's padding of the flat partitions is ignored), and no shadow copies.
+  DeepSpeed's padding of the flat partitions is ignored).
 * Not counted for either: DeepSpeed's fp32 master partition (4 bytes x params / world, present in
-  both cases), the 16-bit weights and gradients, and the bridge's transient flat buffers.
+  both cases), the 16-bit weights and gradients, and transient buffers (the bridge's: under
+  ZeRO-1/2 the gathered group, 3-4 x its size in fp32; under ZeRO-3 one matrix).
 Only slimopt's optimizers and AdamW are in this table: the peers cannot be given to the bridge.
+Under ZeRO-3 the bridge assigns owners per DeepSpeed sub-group (a param group larger than
+``sub_group_size`` is split), with the load carried across sub-groups: the same balance up to
+the order of assignment, not modelled separately here.
 """
 from __future__ import annotations
 
@@ -83,7 +88,7 @@ LLAMA_SHAPES = {
     "7b": (4096, 11008, 32, 32),
 }
 SIZES, RANKS, WORLD_SIZES = list(LLAMA_SHAPES), [128, 256, 512], [1, 2, 4, 8]
-QUICK_SIZES, QUICK_RANKS = ["60m", "350m"], [128]
+QUICK_SIZES, QUICK_RANKS = ["60m", "130m"], [128]
 #: the ZeRO table's model and rank when they are among the sizes and ranks asked for
 ZERO_SIZE, ZERO_RANK = "1b", 256
 
@@ -242,31 +247,30 @@ def zero_units(optimizer) -> list[list[tuple[int, int]]]:
     return groups
 
 
-def per_rank(units, world: int) -> tuple[list[int], list[int]]:
-    """(state bytes, fp32 shadow bytes) of each rank when ``assign_owners`` places ``units``
-    group by group with the load carried across groups, as ``ZeroBridge.__init__`` does."""
+def per_rank(units, world: int) -> list[int]:
+    """State bytes of each rank when ``assign_owners`` places ``units`` group by group with the
+    load carried across groups, as ``ZeroBridge.__init__`` does."""
     load = [0] * world
-    state, shadow = [0] * world, [0] * world
+    state = [0] * world
     for entries in units:
         for (numel, nbytes), owner in zip(entries, assign_owners([n for n, _ in entries], world,
                                                                  load)):
             state[owner] += nbytes
-            shadow[owner] += 4 * numel
-    return state, shadow
+    return state
 
 
-def zero_table(size: str, rank: int, worlds, progress=print) -> list[dict]:
-    """One row per (optimizer, world size): the largest per-rank state, the largest per-rank
-    shadow and the largest per-rank sum of the two (see the module docstring)."""
+def zero_table(size: str, rank: int, worlds, progress=print, adamw_total=None) -> list[dict]:
+    """One row per (optimizer, world size): the largest per-rank state (see the module
+    docstring).
+    ``adamw_total``: torch AdamW's single-process bytes for ``size`` if already counted."""
     model = llama_on_meta(size)
     rows = []
-    total = slimopt.state_bytes(build_on_meta("adamw", model, None))
+    total = adamw_total or slimopt.state_bytes(build_on_meta("adamw", model, None))
     for world in worlds:
         share = math.ceil(total / world)
         rows.append(dict(model=size, optimizer=ADAMW, rank=None, world=world,
                          scheme="DeepSpeed ZeRO-1/2 (total / world)", total=total,
-                         state_max=share, shadow_max=0, peak=share,
-                         state_per_rank=[share] * world, shadow_per_rank=[0] * world))
+                         state_max=share, state_per_rank=[share] * world))
     for name, key in SLIMOPT.items():
         opt = build_on_meta(key, model, _rank_of(key, rank))
         units = zero_units(opt)
@@ -275,12 +279,10 @@ def zero_table(size: str, rank: int, worlds, progress=print) -> list[dict]:
             raise RuntimeError(f"memory benchmark: {name}'s per-parameter state does not add up "
                                "to its total (state shared between parameters?)")
         for world in worlds:
-            state, shadow = per_rank(units, world)
+            state = per_rank(units, world)
             rows.append(dict(model=size, optimizer=name, rank=_rank_of(key, rank), world=world,
                              scheme="slimopt ZeRO bridge (whole parameters, one owner each)",
-                             total=total, state_max=max(state), shadow_max=max(shadow),
-                             peak=max(s + h for s, h in zip(state, shadow)),
-                             state_per_rank=state, shadow_per_rank=shadow))
+                             total=total, state_max=max(state), state_per_rank=state))
     progress(f"[memory] ZeRO per-rank table: {size}, rank {rank}, world sizes "
              f"{' '.join(map(str, worlds))}")
     return rows
@@ -298,7 +300,8 @@ def collect(sizes, ranks, worlds, progress=print) -> dict:
     zsize, zrank = zero_config(sizes, ranks)
     return dict(sizes=list(sizes), ranks=list(ranks), world_sizes=list(worlds),
                 zero_model=zsize, zero_rank=zrank, rows=rows,
-                zero=zero_table(zsize, zrank, worlds, progress))
+                zero=zero_table(zsize, zrank, worlds, progress, adamw_total=next(
+                    r["bytes"] for r in rows if r["model"] == zsize and r["optimizer"] == ADAMW)))
 
 
 # ------------------------------------------------------------------------------ tables, figure
@@ -306,6 +309,10 @@ def _fmt(b):
     if b is None:
         return "n/a"
     return f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.1f} MiB"
+
+
+def _pct(x):
+    return f"{x:.2%}" if x < 0.001 else f"{x:.1%}" if x < 0.095 else f"{x:.0%}"
 
 
 def _row_order(k):
@@ -324,9 +331,10 @@ def markdown(data: dict) -> str:
              "file sits under `cpu/` for that reason). slimopt's optimizers use the GaLore split "
              "(projections: the method's matrix rule; embeddings, lm_head, norms: AdamW; SNSM, "
              "SubspaceMomentum and SubsetNorm put lm_head in the matrix group). Muon is torch's "
-             "Muon on the projections plus AdamW on the rest; Adafactor is factored on every "
-             "matrix; APOLLO-Mini is rank 1. Method and the two shape-only stand-ins "
-             "(apollo-torch's random draw, Adafactor's update clipping): "
+             "Muon on the projections plus AdamW on the rest; Adafactor (torch-optimizer, "
+             "`beta1=None` as in `slimopt.launch.peers`) keeps no first moment and a factored "
+             "second moment on every matrix; APOLLO-Mini is rank 1. Method and the two "
+             "shape-only stand-ins (apollo-torch's random draw, Adafactor's update clipping): "
              "`benchmarks/memory.py`'s docstring.", "",
              "| optimizer | rank | " + " | ".join(sizes) + " |",
              "|" + "---|" * (len(sizes) + 2)]
@@ -335,7 +343,7 @@ def markdown(data: dict) -> str:
         for size in sizes:
             b = next((r["bytes"] for r in rows if r["model"] == size and r["optimizer"] == name
                       and r["rank"] == rank), None)
-            ratio = f" ({b / adamw[size]:.0%})" if b is not None and adamw.get(size) else ""
+            ratio = f" ({_pct(b / adamw[size])})" if b is not None and adamw.get(size) else ""
             cells.append(_fmt(b) + ratio)
         lines.append(f"| {name} | {rank if rank is not None else '-'} | " + " | ".join(cells)
                      + " |")
@@ -346,26 +354,25 @@ def markdown(data: dict) -> str:
               "a distributed run. slimopt under its DeepSpeed bridge: every parameter (projection "
               "or dense) is owned whole by one rank, chosen by `slimopt.launch.zero."
               "assign_owners` (largest first to the least-loaded rank, in param-group order, as "
-              "`ZeroBridge` does); a rank holds the state of what it owns plus a full-size fp32 "
-              "shadow copy of it. torch AdamW under DeepSpeed's own ZeRO-1/2: its state split "
-              "evenly (total / world, padding ignored), no shadow. Cells: the largest rank's "
-              "bytes; state percentages are of AdamW's share at the same world size. Not counted "
-              "for either: DeepSpeed's fp32 master partition (4 bytes x params / world, held in "
-              "both cases), 16-bit weights and gradients, transient buffers.", "",
-              "| optimizer | rank | " + " | ".join(f"state, world {w}" for w in worlds) + " | "
-              + " | ".join(f"shadow, world {w}" for w in worlds) + " |",
-              "|" + "---|" * (2 * len(worlds) + 2)]
+              "`ZeroBridge` does); a rank holds the state of what it owns. torch AdamW under "
+              "DeepSpeed's own ZeRO-1/2: its state split evenly (total / world, padding "
+              "ignored). Cells: the largest rank's bytes; percentages are of AdamW's share at "
+              "the same world size. Not counted for either: DeepSpeed's fp32 master partition "
+              "(4 bytes x params / world, held in both cases), 16-bit weights and gradients, "
+              "transient buffers (the bridge's: the gathered group under ZeRO-1/2, one matrix "
+              "under ZeRO-3).", "",
+              "| optimizer | rank | " + " | ".join(f"world {w}" for w in worlds) + " |",
+              "|" + "---|" * (len(worlds) + 2)]
     share = {r["world"]: r["state_max"] for r in zero if r["optimizer"] == ADAMW}
     for name in [ADAMW] + list(SLIMOPT):
         mine = {r["world"]: r for r in zero if r["optimizer"] == name}
         if not mine:
             continue
         rank = mine[worlds[0]]["rank"]
-        state = [f"{_fmt(mine[w]['state_max'])} ({mine[w]['state_max'] / share[w]:.0%})"
+        state = [f"{_fmt(mine[w]['state_max'])} ({_pct(mine[w]['state_max'] / share[w])})"
                  for w in worlds]
-        shadow = [_fmt(mine[w]["shadow_max"]) if mine[w]["shadow_max"] else "-" for w in worlds]
         lines.append(f"| {name} | {rank if rank is not None else '-'} | "
-                     + " | ".join(state + shadow) + " |")
+                     + " | ".join(state) + " |")
     return "\n".join(lines)
 
 
@@ -385,30 +392,34 @@ def figure(data: dict):
     left.barh(range(len(rows)), pct, color=[colours[r["library"]] for r in rows])
     left.set_yticks(range(len(rows)), labels, fontsize=8)
     for i, v in enumerate(pct):
-        left.text(v + 1, i, f"{v:.0f}%", va="center", fontsize=7)
+        left.text(v + 1, i, _pct(v / 100), va="center", fontsize=7)
     left.axvline(100, color="grey", lw=0.8, ls=":")
     left.set_xlabel("optimizer-state bytes, % of torch AdamW")
     left.set_title(f"LLaMA {size}, float32 (rank {rank} where it applies)")
     left.legend(handles=[plt.Rectangle((0, 0), 1, 1, color=c) for c in colours.values()],
                 labels=["slimopt", "peer"], loc="lower right", fontsize=8)
     worlds = data["world_sizes"]
-    for name in [ADAMW] + list(SLIMOPT):
+    palette = [c for i, c in enumerate(plt.get_cmap("tab10").colors) if i != 7]  # 7: grey
+    markers = "os^vD<>p"
+    for i, name in enumerate([ADAMW] + list(SLIMOPT)):
         mine = {r["world"]: r for r in data["zero"] if r["optimizer"] == name}
         if not mine:
             continue
-        right.plot(worlds, [mine[w]["state_max"] / 2**30 for w in worlds], marker="o",
-                   color="black" if name == ADAMW else None, lw=2 if name == ADAMW else 1.2,
-                   label=name + (" (DeepSpeed ZeRO)" if name == ADAMW else ""))
-    shadow = [max(r["shadow_max"] for r in data["zero"] if r["world"] == w) / 2**30
-              for w in worlds]
-    right.plot(worlds, shadow, ls="--", color="grey",
-               label="fp32 shadow copies (slimopt bridge, on top of the state)")
+        colour = "black" if name == ADAMW else palette[(i - 1) % len(palette)]
+        right.plot(worlds, [mine[w]["state_max"] / 2**30 for w in worlds],
+                   marker="o" if name == ADAMW else markers[(i - 1) % len(markers)],
+                   color=colour, lw=2 if name == ADAMW else 1.2, ms=5,
+                   label=name + (" (DeepSpeed ZeRO, total / world)" if name == ADAMW else ""))
     right.set_xscale("log", base=2)
     right.set_yscale("log")
     right.set_xticks(worlds, [str(w) for w in worlds])
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+    right.yaxis.set_major_locator(LogLocator(base=10, subs=(1, 2, 5)))
+    right.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
+    right.yaxis.set_minor_formatter(NullFormatter())
     right.set_xlabel("ZeRO-1/2 world size")
     right.set_ylabel("GiB on the largest rank")
-    right.set_title(f"Per-rank optimizer state, LLaMA {size}, rank {rank}")
+    right.set_title(f"Per-rank optimizer state under ZeRO-1/2, LLaMA {size}, rank {rank}")
     right.legend(fontsize=7)
     fig.tight_layout()
     return fig
@@ -435,14 +446,20 @@ def add_arguments(group) -> None:
                             f"sizes (else the largest), its rank the one nearest 256")
 
 
-def run(args, folder: str, info: dict) -> list[str]:
-    """Count, then write ``memory.json``, ``memory.md`` and ``memory.png`` into ``folder``."""
+def settings(args) -> tuple[list[str], list[int], list[int]]:
+    """(sizes, ranks, world sizes) from the parsed options: the ones given, else the defaults
+    (``--quick``: fewer sizes and ranks), sorted and without repeats."""
     quick = getattr(args, "quick", False)
     sizes = getattr(args, "memory_sizes", None) or (QUICK_SIZES if quick else SIZES)
     ranks = getattr(args, "memory_ranks", None) or (QUICK_RANKS if quick else RANKS)
     worlds = getattr(args, "memory_world_sizes", None) or WORLD_SIZES
-    sizes = sorted(dict.fromkeys(sizes), key=list(LLAMA_SHAPES).index)
-    ranks, worlds = sorted(set(ranks)), sorted(set(worlds))
+    return (sorted(dict.fromkeys(sizes), key=list(LLAMA_SHAPES).index), sorted(set(ranks)),
+            sorted(set(worlds)))
+
+
+def run(args, folder: str, info: dict) -> list[str]:
+    """Count, then write ``memory.json``, ``memory.md`` and ``memory.png`` into ``folder``."""
+    sizes, ranks, worlds = settings(args)
     data = collect(sizes, ranks, worlds, progress=lambda s: print(s, file=sys.stderr))
     return report.write(folder, "memory", info, data, markdown(data), figure(data))
 
@@ -452,7 +469,7 @@ def main(argv=None) -> dict:
     alone (the same code as ``python -m benchmarks memory``). Returns the data written."""
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="60m and 350m, rank 128")
+    parser.add_argument("--quick", action="store_true", help="60m and 130m, rank 128")
     parser.add_argument("--out", default=None,
                         help="results base folder (default benchmarks/results); files go to "
                              "OUT/cpu/")

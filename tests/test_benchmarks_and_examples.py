@@ -1,4 +1,5 @@
-"""The memory benchmark's counts cross-checked against galore-torch, and the quickstart runs."""
+"""The memory benchmark (``python -m benchmarks memory``): its counts checked against the shapes
+and the peers, its ZeRO per-rank model, its files; and the quickstart runs."""
 import importlib.util
 import os
 import sys
@@ -15,14 +16,33 @@ def _load(relpath, name):
     return module
 
 
-def test_memory_counts_on_meta_match_the_shapes(tmp_path):
+@pytest.fixture(scope="module")
+def memory():
     pytest.importorskip("transformers")
-    memory = _load("benchmarks/memory.py", "slimopt_bench_memory")
-    rows = memory.main(["--sizes", "60m", "--ranks", "128", "512", "--out", str(tmp_path)])
+    if ROOT not in sys.path:
+        sys.path.insert(0, ROOT)
+    from benchmarks import memory
+    return memory
+
+
+def _installed(module):
+    try:
+        __import__(module)
+        return True
+    except ImportError:
+        return False
+
+
+def test_memory_counts_on_meta_match_the_shapes(memory):
+    rows = memory.measure(["60m"], [128, 512], progress=lambda s: None)
     got = {(r["optimizer"], r["rank"]): r["bytes"] for r in rows}
     hidden, inter, _, layers = memory.LLAMA_SHAPES["60m"]
     n = rows[0]["params"]
-    assert got[("AdamW (torch)", None)] == 8 * n + 4 * (9 * layers + 3)  # + a step per tensor
+    model = memory.llama_on_meta("60m")
+    params = list(model.parameters())
+    assert n == sum(p.numel() for p in params) and len(params) == 9 * layers + 3
+    # fp32 exp_avg + exp_avg_sq (2 * 4 bytes per parameter) + a 4-byte step per tensor
+    assert got[("AdamW (torch)", None)] == 2 * 4 * n + 4 * len(params)
     # rank 128: per layer 4 (hidden x hidden) and 3 (hidden x inter) projections
     low = 4 * (2 * 128 * hidden + hidden * 128) + 3 * (2 * 128 * inter + hidden * 128)
     low_params = (4 * hidden * hidden + 3 * hidden * inter) * layers
@@ -30,11 +50,89 @@ def test_memory_counts_on_meta_match_the_shapes(tmp_path):
     assert got[("GrassWalk", 128)] == 4 * (2 * dense + layers * low)
     no_basis = 4 * (2 * dense + layers * (4 * 2 * 128 * hidden + 3 * 2 * 128 * inter))
     assert got[("GrassJump", 128)] == no_basis
-    if got.get(("GaLoreAdamW (galore-torch)", 128)) is not None:
-        assert got[("GaLore (slimopt)", 128)] == got[("GaLoreAdamW (galore-torch)", 128)]
-    # rank 512 = hidden: slimopt falls back to dense AdamW; galore-torch holds more than AdamW
+    # rank 512 = hidden: slimopt falls back to dense AdamW
     assert got[("GrassWalk", 512)] == 8 * n
-    assert (tmp_path / "memory.md").read_text().count("| GrassJump |") == 2
+    # every slimopt optimizer, at each rank where it takes one
+    for name, key in memory.SLIMOPT.items():
+        for rank in ([128, 512] if key in memory.RANKED else [None]):
+            assert got[(name, rank)] is not None, (name, rank)
+    assert got[("SubspaceMomentum", 128)] < got[("SNSM", 128)]  # no subset-norm accumulators
+    # the peers: Muon keeps one fp32 momentum per projection, AdamW on the rest
+    low_tensors = 7 * layers
+    assert got[("Muon + AdamW (torch)", None)] == (4 * low_params + 8 * dense
+                                                    + 4 * (len(params) - low_tensors))
+    if _installed("torch_optimizer"):
+        # Adafactor (no first moment): row + column second moments per matrix, full per vector,
+        # and a 0-dim RMS per tensor; the shape-only stand-in for its max() is undone
+        factored = sum(sum(p.shape) if p.dim() == 2 else p.numel() for p in params)
+        assert got[("Adafactor (torch-optimizer)", None)] == 4 * (factored + len(params))
+        import torch_optimizer.adafactor as af
+        assert "max" not in vars(af)
+    if _installed("galore_torch"):
+        assert got[("GaLore (slimopt)", 128)] == got[("GaLoreAdamW (galore-torch)", 128)]
+        assert got[("GaLoreAdamW (galore-torch)", 512)] > 8 * n  # no dense fallback there
+    if _installed("apollo_torch"):
+        assert got[("APOLLO-Mini (apollo-torch)", 1)] < got[("APOLLO (apollo-torch)", 128)]
+    if _installed("fira"):
+        assert got[("FiraAdamW (fira)", 128)] is not None
+
+
+def test_memory_zero_per_rank_model(memory):
+    # the assignment: largest first to the least-loaded rank, the load carried across groups
+    state = memory.per_rank([[(4, 40), (10, 100)], [(5, 50)]], 2)
+    assert state == [100, 90]  # the 5 goes to the rank holding the 4
+    rows = memory.zero_table("60m", 128, [1, 2, 4], progress=lambda s: None)
+    n = sum(p.numel() for p in memory.llama_on_meta("60m").parameters())
+    by = {(r["optimizer"], r["world"]): r for r in rows}
+    adamw = by[("AdamW (torch)", 1)]["state_max"]
+    assert adamw == 2 * 4 * n + 4 * (9 * 8 + 3)
+    for world in (2, 4):
+        assert by[("AdamW (torch)", world)]["state_max"] == -(-adamw // world)
+    model = memory.llama_on_meta("60m")
+    for name, key in memory.SLIMOPT.items():
+        single = memory.slimopt.state_bytes(memory.build_on_meta(key, model, 128 if key in
+                                                                 memory.RANKED else None))
+        one = by[(name, 1)]
+        assert one["state_max"] == single and one["state_per_rank"] == [single]
+        for world in (2, 4):
+            r = by[(name, world)]
+            assert len(r["state_per_rank"]) == world and sum(r["state_per_rank"]) == single
+    # 56 projections and two big dense matrices: two ranks roughly halve the largest share
+    assert by[("GrassWalk", 2)]["state_max"] <= 0.6 * by[("GrassWalk", 1)]["state_max"]
+    assert by[("GrassWalk", 4)]["state_max"] < by[("GrassWalk", 2)]["state_max"]
+
+
+def test_memory_suite_run_writes_files(memory, tmp_path):
+    import argparse
+    import json
+
+    from benchmarks import report
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    memory.add_arguments(parser.add_argument_group("memory suite"))
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--memory-ranks", "0"])
+    assert memory.settings(parser.parse_args([])) == (memory.SIZES, memory.RANKS, [1, 2, 4, 8])
+    quick = memory.settings(parser.parse_args(["--quick"]))
+    assert quick == (memory.QUICK_SIZES, memory.QUICK_RANKS, [1, 2, 4, 8])
+    assert memory.zero_config(memory.SIZES, memory.RANKS) == ("1b", 256)
+    # --quick at one size (60m: the test's time budget); the full --quick is timed in the report
+    argv = ["memory", "--quick", "--memory-sizes", "60m"]
+    paths = memory.run(parser.parse_args(argv[1:]), str(tmp_path), report.stamp("cpu", argv))
+    assert sorted(os.path.basename(p) for p in paths) == ["memory.json", "memory.md",
+                                                          "memory.png"]
+    assert all(os.path.getsize(p) > 0 for p in paths)
+    saved = json.loads((tmp_path / "memory.json").read_text())
+    assert saved["command"] == "python -m benchmarks " + " ".join(argv)
+    data = saved["data"]
+    assert data["sizes"] == ["60m"] and data["ranks"] == memory.QUICK_RANKS
+    assert data["zero_model"] == "60m" and data["world_sizes"] == [1, 2, 4, 8]
+    names = {r["optimizer"] for r in data["rows"]}
+    assert set(memory.SLIMOPT) <= names and "AdamW (torch)" in names
+    assert {r["optimizer"] for r in data["zero"]} == set(memory.SLIMOPT) | {"AdamW (torch)"}
+    table = (tmp_path / "memory.md").read_text()
+    assert "meta device" in table and "python -m benchmarks memory --quick" in table
+    assert table.count("| GrassJump |") == 2  # the size table and the per-rank table
 
 
 def test_quickstart_runs(capsys):

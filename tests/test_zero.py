@@ -105,6 +105,48 @@ def test_zero3_gradients_differ_only_by_rounding(results):
     assert row["max_diff"] <= GRADIENT_ROUNDING_TOL
 
 
+FULL_MATRIX = [f"{o}:{s}:{d}:{a}" for o in OPTIMIZERS for d in ("fp32", "bf16") for a in (1, 2)
+               for s in (0, 1, 2, 3)]
+
+
+@pytest.fixture(scope="module")
+def full_matrix():
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", str(_free_port()), os.path.join(HERE, "distributed", "zero_worker.py"),
+           *FULL_MATRIX]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    return {row["scenario"]: row for row in rows}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scenario", FULL_MATRIX)
+def test_every_optimizer_stage_precision_and_accumulation(full_matrix, scenario):
+    """All 96 combinations (about 2.5 minutes): ``python -m pytest -m slow tests/test_zero.py``.
+    fp32: as the default tests. bf16: DeepSpeed accumulates bf16 micro-batch gradients
+    differently under ZeRO-2/3 than under ZeRO-0/1 (up to 41 bf16 spacings apart after 3 steps,
+    measured), so a bf16 run is held to its distance from the fp32 single process: no more than
+    ZeRO-0's own (x 1.25; measured at most x 1.10)."""
+    row = full_matrix[scenario]
+    name, stage, dtype, accum = scenario.split(":")
+    assert row["init_moved"] == 0.0
+    if dtype == "fp32":
+        if accum != "1":
+            assert row["max_diff"] <= ACCUM_TOL
+        elif stage == "3":
+            assert row["max_diff"] <= ZERO3_TOL.get(name, ZERO3_DEFAULT_TOL)
+        else:
+            assert row["max_diff"] <= FP32_TOL
+        return
+    baseline = full_matrix[f"{name}:0:{dtype}:{accum}"]["max_diff"]
+    assert row["max_diff"] <= 1.25 * baseline + 1e-3
+    assert row["max_diff"] < 0.1
+    if stage == "1" or (stage == "2" and accum == "1"):
+        assert row["max_diff_vs_stage0"] <= FP32_TOL
+
+
 RESHARD = ["grasswalk:2", "adaprelora:3", "root:1"]
 
 

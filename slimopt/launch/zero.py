@@ -7,7 +7,9 @@ rank: a matrix-aware rule run on it would silently become a vector rule. The bri
 every rule on whole matrices, once, on an owner rank (the design "whole matrices per rank"): each
 matrix (or LoRA pair) has one owner, chosen once by balancing sizes (``assign_owners``), which
 keeps the optimizer state for it (so state per rank is about total / world size) and steps a
-persistent full-size fp32 "shadow" copy with the exact single-process code.
+full-size fp32 "shadow" of it with the exact single-process code. A shadow is a persistent
+handle (the optimizer's state is keyed by it) whose storage exists only during the step: it
+views the gathered values, so no second fp32 copy of the model is kept.
 
 ZeRO-1/2 (a group's flat buffer cut into ``world`` consecutive pieces; offsets read from the
 parameters' storage, not re-derived from DeepSpeed's padding rules): all-gather the group's
@@ -66,7 +68,8 @@ class ZeroBridge:
         self.sub_group_of = {}  # id(flat fp32 partition) -> sub-group index
         self.partitions = []  # this rank's flat fp32 partition per sub-group
         self.owner = {}    # (sub-group, unit) -> rank
-        self.shadows = {}  # key -> persistent full-size fp32 tensor (owned units only)
+        #: key -> the owned matrix's handle: the state's key, empty between steps
+        self.shadows = {}
         #: elements this rank passed to each collective so far (for the communication report)
         self.communicated = {"all_gather": 0, "all_reduce": 0}
         load = [0] * self.world
@@ -129,13 +132,22 @@ class ZeroBridge:
         return [key for (s, u), r in self.owner.items() if r == self.rank
                 for key, _, _, _ in self.groups[s][u]]
 
-    def _shadow(self, optimizer, key, shape):
+    def _shadow(self, optimizer, key, values=None, grad=None):
+        """The handle of matrix ``key``; with ``values``/``grad``, made to hold them for a step."""
         shadow = self.shadows.get(key)
         if shadow is None:
-            shadow = torch.zeros(shape, dtype=torch.float32, device=self.device)
+            shadow = torch.empty(0, dtype=torch.float32, device=self.device)
             self.shadows[key] = shadow
             optimizer._param_keys[shadow] = key
+        if values is not None:
+            shadow.data = values
+            shadow.grad = grad
         return shadow
+
+    @staticmethod
+    def _release(shadow):
+        shadow.grad = None
+        shadow.data = torch.empty(0, dtype=shadow.dtype, device=shadow.device)
 
     def _gather(self, part):
         """The ``(world, size)`` table of every rank's partition."""
@@ -180,14 +192,13 @@ class ZeroBridge:
                 continue
             shadows = []
             for key, offset, shape, piece in unit:
-                shadow = self._shadow(optimizer, key, shape)
-                shadow.copy_(self.read(full_param, offset, shape, piece))
-                shadow.grad = self.read(full_grad, offset, shape, piece).clone()
-                shadows.append(shadow)
+                shadows.append(self._shadow(optimizer, key,
+                                            self.read(full_param, offset, shape, piece),
+                                            self.read(full_grad, offset, shape, piece)))
             optimizer._step_group(dict(group, params=shadows))
             for (key, offset, shape, piece), shadow in zip(unit, shadows):
                 self.write(new_values, offset, shape, piece, shadow)
-                shadow.grad = None
+                self._release(shadow)
         self.communicated["all_reduce"] += new_values.numel()
         self.dist.all_reduce(new_values, group=self.process_group)
         part.data.copy_(new_values[self.rank])
@@ -206,10 +217,9 @@ class ZeroBridge:
                 values = self._gather_to(part.data[offset:offset + piece], owner)
                 grads = self._gather_to(grad[offset:offset + piece], owner)
                 if mine:
-                    shadow = self._shadow(optimizer, key, shape)
-                    shadow.copy_(self.read(values, 0, shape, piece))
-                    shadow.grad = self.read(grads, 0, shape, piece).clone()
-                    shadows.append(shadow)
+                    shadows.append(self._shadow(optimizer, key,
+                                                self.read(values, 0, shape, piece),
+                                                self.read(grads, 0, shape, piece)))
             if mine:
                 optimizer._step_group(dict(group, params=shadows))
             for i, (key, offset, shape, piece) in enumerate(unit):
@@ -217,7 +227,7 @@ class ZeroBridge:
                 if mine:
                     table = torch.empty(self.world, piece, dtype=part.dtype, device=part.device)
                     self.write(table, 0, shape, piece, shadows[i])
-                    shadows[i].grad = None
+                    self._release(shadows[i])
                 self._scatter_from(table, part.data[offset:offset + piece], owner)
 
     def _global(self, group_rank):
@@ -256,13 +266,11 @@ class ZeroBridge:
         for group, saved in zip(optimizer.param_groups, state_dict["param_groups"]):
             group.update({k: v for k, v in saved.items() if k not in ("params", "zero_index")})
         owned = set(self.owned_keys())
-        shapes = {key: shape for units in self.groups for unit in units
-                  for key, _, shape, _ in unit}
         for key_text, entry in state_dict["state"].items():
             key = int(key_text)
             if key not in owned:
                 continue
-            shadow = self._shadow(optimizer, key, shapes[key])
+            shadow = self._shadow(optimizer, key)
             optimizer.state[shadow] = {k: (v.to(shadow.device) if torch.is_tensor(v) else v)
                                        for k, v in entry.items()}
 

@@ -10,7 +10,9 @@ naive:OPTIMIZER:STAGE (the negative control: deepspeed.initialize without slimop
 optimizer run on DeepSpeed's flat shards as if they were parameters), or grads:STAGE (DeepSpeed's
 own averaged gradients under STAGE vs ZeRO-0, through plain SGD with lr 1), or
 reshard-save|reshard-load|reshard-back:OPTIMIZER:STAGE (a checkpoint moved 2 -> 1 -> 2 ranks: run
-save and back with 2 ranks, load with 1, all with the same ZERO_CKPT_DIR).
+save and back with 2 ranks, load with 1, all with the same ZERO_CKPT_DIR), or
+time:OPTIMIZER:STAGE (seconds per engine.step() through the bridge, for DeepSpeed's own AdamW and
+for the optimizer in one process; a measurement, not a test).
 """
 import json
 import os
@@ -211,6 +213,62 @@ def run_reshard(phase, name, stage, folder):
                           "max_diff": max_diff(got, straight)}), flush=True)
 
 
+def run_timing(name, stage, steps=6):
+    """Seconds per ``engine.step()`` (the optimizer step with its communication; median over
+    ``steps`` after 2 warm-up steps, slowest rank) for NAME through slimopt's bridge and for torch
+    AdamW natively sharded by DeepSpeed, at ZeRO ``stage``, plus NAME in one process on the whole
+    batch. A 4-layer LLaMA of hidden size 128 (about 0.5M parameters)."""
+    import time
+    import deepspeed
+    rank = dist.get_rank()
+    config = transformers.LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=344,
+                                      num_hidden_layers=4, num_attention_heads=4,
+                                      num_key_value_heads=4, max_position_embeddings=SEQ)
+    rows = torch.randint(0, 256, (MICRO, SEQ), generator=torch.Generator().manual_seed(rank))
+
+    def timed(engine_or_opt, model, use_engine):
+        times = []
+        for i in range(steps + 2):
+            loss = (engine_or_opt if use_engine else model)(input_ids=rows, labels=rows).loss
+            if use_engine:
+                engine_or_opt.backward(loss)
+            else:
+                loss.backward()
+            dist.barrier()
+            t0 = time.perf_counter()
+            engine_or_opt.step()
+            if not use_engine:
+                engine_or_opt.zero_grad()
+            dist.barrier()
+            if i >= 2:
+                times.append(time.perf_counter() - t0)
+        t = torch.tensor([sorted(times)[len(times) // 2]])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return float(t)
+
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config)
+    engine, _, _, _ = initialize(model=model, config=ds_config(name, stage, "fp32", 1))
+    bridge = timed(engine, None, True)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config)
+    cfg = ds_config(name, stage, "fp32", 1)
+    del cfg["optimizer"]
+    cfg["zero_allow_untested_optimizer"] = True
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3), config=cfg)
+    adamw = timed(engine, None, True)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config)
+    from slimopt.launch.zero import build_from_config
+    single = timed(build_from_config({"type": "slimopt." + TYPES[name],
+                                      "params": dict(OPT_PARAMS[name])}, model), model, False)
+    if rank == 0:
+        print(json.dumps({"scenario": f"time:{name}:{stage}", "bridge_s": bridge,
+                          "deepspeed_adamw_s": adamw, "single_process_s": single,
+                          "params": sum(p.numel() for p in model.parameters())}), flush=True)
+
+
 def run_gradient_probe(stage):
     """DeepSpeed's own gradients under ``stage`` vs ZeRO-0: plain SGD with lr 1 (an element-wise
     rule, so flat shards do not matter) moves each weight by exactly its averaged gradient."""
@@ -286,6 +344,8 @@ if __name__ == "__main__":
             folder = folder.replace("reshard-back", "reshard")
             os.makedirs(folder, exist_ok=True)
             run_reshard(parts[0][len("reshard-"):], parts[1], int(parts[2]), folder)
+        elif parts[0] == "time":
+            run_timing(parts[1], int(parts[2]))
         elif parts[0] == "grads":
             run_gradient_probe(int(parts[1]))
         elif parts[0] == "naive":
