@@ -44,17 +44,23 @@ def _free_port():
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
-               ZERO_CKPT_DIR=str(tmp_path_factory.mktemp("ckpt")))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+def torchrun(scenarios, ranks=2, checkpoints=None, timeout=900):
+    """Run the worker's ``scenarios`` on ``ranks`` CPU ranks; its JSON rows by scenario."""
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    if checkpoints is not None:
+        env["ZERO_CKPT_DIR"] = str(checkpoints)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
            "--master_port", str(_free_port()), os.path.join(HERE, "distributed", "zero_worker.py"),
-           *SCENARIOS]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+           *scenarios]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     return {row["scenario"]: row for row in rows}
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    return torchrun(SCENARIOS, checkpoints=tmp_path_factory.mktemp("ckpt"))
 
 
 @pytest.mark.parametrize("scenario", [s for s in SCENARIOS if not s.startswith(("ckpt", "naive", "grads"))])
@@ -111,14 +117,7 @@ FULL_MATRIX = [f"{o}:{s}:{d}:{a}" for o in OPTIMIZERS for d in ("fp32", "bf16") 
 
 @pytest.fixture(scope="module")
 def full_matrix():
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", str(_free_port()), os.path.join(HERE, "distributed", "zero_worker.py"),
-           *FULL_MATRIX]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    return {row["scenario"]: row for row in rows}
+    return torchrun(FULL_MATRIX, timeout=1800)
 
 
 @pytest.mark.slow
@@ -154,17 +153,9 @@ RESHARD = ["grasswalk:2", "adaprelora:3", "root:1"]
 def resharded(tmp_path_factory):
     """A checkpoint saved by 2 ranks, merged and loaded by 1 rank, saved again and loaded by 2."""
     folder = tmp_path_factory.mktemp("reshard")
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", ZERO_CKPT_DIR=str(folder))
     rows = {}
     for ranks, phase in ((2, "save"), (1, "load"), (2, "back")):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
-               "--master_port", str(_free_port()),
-               os.path.join(HERE, "distributed", "zero_worker.py"),
-               *[f"reshard-{phase}:{s}" for s in RESHARD]]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-        rows.update({r["scenario"]: r for r in map(json.loads, (
-            line for line in proc.stdout.splitlines() if line.startswith("{")))})
+        rows.update(torchrun([f"reshard-{phase}:{s}" for s in RESHARD], ranks, folder, 600))
     return rows
 
 
