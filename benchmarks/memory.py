@@ -41,8 +41,9 @@ state, not a measurement of a distributed run:
 
 * slimopt under its DeepSpeed bridge (``slimopt.launch.zero``): each parameter of each param group
   (the projections and every dense parameter alike; a group marked ``zero_unit="group"`` is one
-  unit) has one owner rank, chosen by ``zero.assign_owners`` from the parameters' ``numel`` in
-  param-group order, the load carried across groups, exactly as ``ZeroBridge.__init__`` does.
+  unit) has one owner rank: the rank whose part of the group's flat buffer (split evenly over
+  the ranks) holds most of it (``zero.local_owners``, ties to the least loaded rank), exactly as
+  ``ZeroBridge.__init__`` does under ZeRO-1/2.
   A rank holds the state of the units it owns (the full-size fp32 "shadow" a unit is stepped on
   exists only during the step: it views the gathered values). Table cells are the maximum over
   ranks.
@@ -74,7 +75,7 @@ if __package__ in (None, ""):  # run as a script: make the ``benchmarks`` packag
 
 import slimopt  # noqa: E402
 from slimopt.launch.registry import OPTIMIZERS, RANKED, build_optimizer  # noqa: E402
-from slimopt.launch.zero import assign_owners  # noqa: E402
+from slimopt.launch.zero import local_owners  # noqa: E402
 from slimopt.state_bytes import _tensor_bytes  # noqa: E402
 
 from benchmarks import report  # noqa: E402
@@ -248,13 +249,20 @@ def zero_units(optimizer) -> list[list[tuple[int, int]]]:
 
 
 def per_rank(units, world: int) -> list[int]:
-    """State bytes of each rank when ``assign_owners`` places ``units`` group by group with the
-    load carried across groups, as ``ZeroBridge.__init__`` does."""
+    """State bytes of each rank under the ZeRO-1/2 bridge: each param group's parameters lie
+    back to back in one flat buffer split evenly over the ranks (DeepSpeed's alignment padding
+    ignored), and ``zero.local_owners`` gives each unit to the rank holding most of it, the load
+    carried across groups, as ``ZeroBridge.__init__`` does."""
     load = [0] * world
     state = [0] * world
     for entries in units:
-        for (numel, nbytes), owner in zip(entries, assign_owners([n for n, _ in entries], world,
-                                                                 load)):
+        total = sum(n for n, _ in entries)
+        if not total:
+            continue
+        offsets = [sum(n for n, _ in entries[:i]) for i in range(len(entries))]
+        ranges = [[(None, offset, (numel,), None)] for offset, (numel, _) in zip(offsets, entries)]
+        for (_, nbytes), owner in zip(entries, local_owners(ranges, -(-total // world), world,
+                                                            load)):
             state[owner] += nbytes
     return state
 
@@ -353,8 +361,8 @@ def markdown(data: dict) -> str:
               "A model of the layout from the single-process counts above, not a measurement of "
               "a distributed run. slimopt under its DeepSpeed bridge: every parameter (projection "
               "or dense) is owned whole by one rank, chosen by `slimopt.launch.zero."
-              "assign_owners` (largest first to the least-loaded rank, in param-group order, as "
-              "`ZeroBridge` does); a rank holds the state of what it owns. torch AdamW under "
+              "local_owners` (the rank whose even share of the group's flat buffer holds most "
+              "of it, as `ZeroBridge` does); a rank holds the state of what it owns. torch AdamW under "
               "DeepSpeed's own ZeRO-1/2: its state split evenly (total / world, padding "
               "ignored). Cells: the largest rank's bytes; percentages are of AdamW's share at "
               "the same world size. Not counted for either: DeepSpeed's fp32 master partition "

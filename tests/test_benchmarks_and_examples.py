@@ -78,9 +78,12 @@ def test_memory_counts_on_meta_match_the_shapes(memory):
 
 
 def test_memory_zero_per_rank_model(memory):
-    # the assignment: largest first to the least-loaded rank, the load carried across groups
+    # the assignment: each group split evenly (14 -> 7 + 7, 5 -> 3 + 2), each unit to the rank
+    # holding most of it: the 4 on rank 0, the 10 (3 + 7) on rank 1, the 5 (3 + 2) on rank 0
     state = memory.per_rank([[(4, 40), (10, 100)], [(5, 50)]], 2)
-    assert state == [100, 90]  # the 5 goes to the rank holding the 4
+    assert state == [90, 100]
+    # a tie (an evenly split pair) goes to the less loaded rank
+    assert memory.per_rank([[(10, 1)], [(4, 7)]], 2) == [1, 7]
     rows = memory.zero_table("60m", 128, [1, 2, 4], progress=lambda s: None)
     n = sum(p.numel() for p in memory.llama_on_meta("60m").parameters())
     by = {(r["optimizer"], r["world"]): r for r in rows}

@@ -12,11 +12,12 @@ handle (the optimizer's state is keyed by it) whose storage exists only during t
 views the gathered values, so no second fp32 copy of the model is kept.
 
 ZeRO-1/2 (a group's flat buffer cut into ``world`` consecutive pieces; offsets read from the
-parameters' storage, not re-derived from DeepSpeed's padding rules): all-gather the group's
-gradient and fp32 master partitions, the owners step, the new values are summed into a flat
-buffer (``all_reduce``) and each rank copies its partition back. Per step and group of ``N``
-elements: about 4N floats of traffic per rank, against ZeRO's own 2N; transient buffers of the
-group's size.
+parameters' storage, not re-derived from DeepSpeed's padding rules): a unit's owner is the rank
+whose partition holds most of it (``local_owners``), so the state follows DeepSpeed's even split
+of the elements. A unit inside its owner's partition is stepped in place on views of the fp32
+master partition: no copy, no communication. Only units straddling a partition boundary (at most
+a few per group and boundary) move their pieces point to point: values and gradients to the
+owner, new values back.
 
 ZeRO-3 (every parameter cut into ``world`` even pieces): per matrix, ``gather`` its pieces (values
 and gradients) on the owner, step, ``scatter`` the new pieces back: ``2N/W`` elements sent and
@@ -71,7 +72,7 @@ class ZeroBridge:
         #: key -> the owned matrix's handle: the state's key, empty between steps
         self.shadows = {}
         #: elements this rank passed to each collective so far (for the communication report)
-        self.communicated = {"all_gather": 0, "all_reduce": 0}
+        self.communicated = {}
         load = [0] * self.world
         split_check = set()
         for s, (group_index, flat, entries) in enumerate(self._layout(optimizer)):
@@ -90,8 +91,12 @@ class ZeroBridge:
             else:
                 units = [[e] for e in entries]
             self.groups.append(units)
-            sizes = [sum(_numel(shape) for _, _, shape, _ in unit) for unit in units]
-            for u, target in enumerate(assign_owners(sizes, self.world, load)):
+            if self.stage3:
+                sizes = [sum(_numel(shape) for _, _, shape, _ in unit) for unit in units]
+                owners = assign_owners(sizes, self.world, load)
+            else:
+                owners = local_owners(units, flat.numel(), self.world, load)
+            for u, target in enumerate(owners):
                 self.owner[(s, u)] = target
             group["zero_index"] = group_index
 
@@ -149,13 +154,6 @@ class ZeroBridge:
         shadow.grad = None
         shadow.data = torch.empty(0, dtype=shadow.dtype, device=shadow.device)
 
-    def _gather(self, part):
-        """The ``(world, size)`` table of every rank's partition."""
-        self.communicated["all_gather"] += part.numel()
-        chunks = [torch.empty_like(part) for _ in range(self.world)]
-        self.dist.all_gather(chunks, part.contiguous(), group=self.process_group)
-        return torch.stack(chunks)
-
     def read(self, table, offset, shape, piece):
         """One parameter, full size, out of a ``(world, size)`` table."""
         n = _numel(shape)
@@ -183,25 +181,88 @@ class ZeroBridge:
         s = self.sub_group_of[id(part)]
         if self.stage3:
             self._step_by_unit(optimizer, group, part, s)
+        else:
+            self._step_local(optimizer, group, part, s)
+
+    def _count(self, name, n):
+        self.communicated[name] = self.communicated.get(name, 0) + n
+
+    def _exchange(self, ops):
+        """Post point-to-point ``(send?, tensor, group rank)`` operations together and wait."""
+        if not ops:
             return
-        full_grad = self._gather(part.grad.to(part.dtype))
-        full_param = self._gather(part.data)
-        new_values = torch.zeros_like(full_param)
-        for u, unit in enumerate(self.groups[s]):
-            if self.owner[(s, u)] != self.rank:
+        dist = self.dist
+        requests = dist.batch_isend_irecv([
+            dist.P2POp(dist.isend if send else dist.irecv, tensor, self._global(peer),
+                       self.process_group) for send, tensor, peer in ops])
+        for request in requests:
+            request.wait()
+        self._count("p2p_sent", sum(t.numel() for send, t, _ in ops if send))
+
+    def _step_local(self, optimizer, group, part, s):
+        """ZeRO-1/2: each unit is owned by the rank holding most of it (``local_owners``). A unit
+        inside its owner's partition is stepped in place on views of the fp32 master partition
+        and its gradient: no copy, no communication. Only the pieces of units that straddle a
+        partition boundary travel, point to point: values and gradients to the owner, the new
+        values back."""
+        size, base = part.numel(), self.rank * part.numel()
+        grad = part.grad.to(part.dtype)
+        units = [(u, unit, self.owner[(s, u)]) for u, unit in enumerate(self.groups[s])]
+        inbound, received = [], {}
+        for u, unit, owner in units:  # every rank walks the units in the same order
+            for key, offset, shape, _ in unit:
+                for r, lo, hi in holders(offset, _numel(shape), size, self.world):
+                    if r == owner:
+                        continue
+                    if r == self.rank:
+                        inbound += [(True, part.data[lo - base:hi - base], owner),
+                                    (True, grad[lo - base:hi - base], owner)]
+                    elif owner == self.rank:
+                        pair = (torch.empty(hi - lo, dtype=part.dtype, device=part.device),
+                                torch.empty(hi - lo, dtype=part.dtype, device=part.device))
+                        received[(key, r)] = pair
+                        inbound += [(False, pair[0], r), (False, pair[1], r)]
+        self._exchange(inbound)
+        outbound, returned = [], []
+        for u, unit, owner in units:
+            if owner != self.rank:
+                for key, offset, shape, _ in unit:  # my pieces of others' units come back
+                    for r, lo, hi in holders(offset, _numel(shape), size, self.world):
+                        if r == self.rank:
+                            outbound.append((False, part.data[lo - base:hi - base], owner))
                 continue
             shadows = []
-            for key, offset, shape, piece in unit:
-                shadows.append(self._shadow(optimizer, key,
-                                            self.read(full_param, offset, shape, piece),
-                                            self.read(full_grad, offset, shape, piece)))
+            for key, offset, shape, _ in unit:
+                n = _numel(shape)
+                pieces = holders(offset, n, size, self.world)
+                if [r for r, _, _ in pieces] == [self.rank]:  # wholly mine: step in place
+                    values = part.data[offset - base:offset - base + n].view(shape)
+                    grads = grad[offset - base:offset - base + n].view(shape)
+                else:
+                    values = torch.empty(n, dtype=part.dtype, device=part.device)
+                    grads = torch.empty(n, dtype=part.dtype, device=part.device)
+                    for r, lo, hi in pieces:
+                        if r == self.rank:
+                            values[lo - offset:hi - offset] = part.data[lo - base:hi - base]
+                            grads[lo - offset:hi - offset] = grad[lo - base:hi - base]
+                        else:
+                            values[lo - offset:hi - offset], grads[lo - offset:hi - offset] = \
+                                received[(key, r)]
+                    values, grads = values.view(shape), grads.view(shape)
+                shadows.append(self._shadow(optimizer, key, values, grads))
             optimizer._step_group(dict(group, params=shadows))
-            for (key, offset, shape, piece), shadow in zip(unit, shadows):
-                self.write(new_values, offset, shape, piece, shadow)
+            for (key, offset, shape, _), shadow in zip(unit, shadows):
+                pieces = holders(offset, _numel(shape), size, self.world)
+                new = shadow.data.reshape(-1)
+                in_place = [r for r, _, _ in pieces] == [self.rank]
+                for r, lo, hi in pieces if not in_place else ():
+                    if r == self.rank:
+                        part.data[lo - base:hi - base] = new[lo - offset:hi - offset]
+                    else:
+                        returned.append(new)  # keep it alive until the sends are done
+                        outbound.append((True, new[lo - offset:hi - offset], r))
                 self._release(shadow)
-        self.communicated["all_reduce"] += new_values.numel()
-        self.dist.all_reduce(new_values, group=self.process_group)
-        part.data.copy_(new_values[self.rank])
+        self._exchange(outbound)
 
     def _step_by_unit(self, optimizer, group, part, s):
         """ZeRO-3: for each unit, gather its parameters' pieces (values and gradients) on the
@@ -284,6 +345,34 @@ def assign_owners(sizes, world: int, load=None) -> list[int]:
     for u in sorted(range(len(sizes)), key=lambda u: -sizes[u]):
         owners[u] = min(range(world), key=lambda r: (load[r], r))
         load[owners[u]] += sizes[u]
+    return owners
+
+
+def holders(offset: int, numel: int, size: int, world: int) -> list[tuple[int, int, int]]:
+    """``(rank, start, end)`` for each rank whose ZeRO-1/2 partition (``size`` elements of the
+    group's flat buffer, rank ``r`` holding ``[r * size, (r + 1) * size)``) holds part of the
+    flat range ``[offset, offset + numel)``."""
+    first, last = offset // size, min((offset + numel - 1) // size, world - 1)
+    return [(r, max(offset, r * size), min(offset + numel, (r + 1) * size))
+            for r in range(first, last + 1) if min(offset + numel, (r + 1) * size) > max(offset, r * size)]
+
+
+def local_owners(units, size: int, world: int, load=None) -> list[int]:
+    """ZeRO-1/2 owners: each unit (a list of ``(key, offset, shape, _)``) goes to the rank whose
+    partition holds most of its elements, so only units straddling a partition boundary move and
+    the state follows DeepSpeed's even split of the elements; ties (a small group split evenly)
+    go to the least loaded rank (``load``, elements per rank, carried across groups and updated
+    in place), then to the lower rank."""
+    load = [0] * world if load is None else load
+    owners = []
+    for unit in units:
+        count = [0] * world
+        for _, offset, shape, _ in unit:
+            for r, lo, hi in holders(offset, _numel(shape), size, world):
+                count[r] += hi - lo
+        owner = max(range(world), key=lambda r: (count[r], -load[r], -r))
+        load[owner] += sum(count)
+        owners.append(owner)
     return owners
 
 
