@@ -352,3 +352,8 @@ if __name__ == "__main__":
             run_naive(parts[1], int(parts[2]))
         else:
             run(parts[0], int(parts[1]), parts[2], int(parts[3]))
+    # leave together and tear the process group down before the interpreter does (an abort at
+    # exit otherwise turns a finished run into a failed one now and then)
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
