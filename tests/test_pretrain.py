@@ -106,7 +106,7 @@ def test_two_cpu_ranks_match_one_process(tmp_path, cache):
     assert two["tokens"] == single["tokens"]
 
 
-def test_deepspeed_zero2_two_ranks_resume_and_contradictions(tmp_path, cache, capsys):
+def test_deepspeed_zero2_two_ranks_resume_one_rank_and_contradictions(tmp_path, cache, capsys):
     pytest.importorskip("deepspeed")
     cfg = tmp_path / "z2.json"
     cfg.write_text(json.dumps({"zero_optimization": {"stage": 2}, "optimizer": {
@@ -115,8 +115,8 @@ def test_deepspeed_zero2_two_ranks_resume_and_contradictions(tmp_path, cache, ca
                       "--steps", "6", "--eval-every", "3"]
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
 
-    def torchrun(*extra):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+    def torchrun(*extra, ranks=2):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
                "--master_port", str(_free_port()), "-m", "slimopt.launch.pretrain", *common, *extra]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -130,6 +130,11 @@ def test_deepspeed_zero2_two_ranks_resume_and_contradictions(tmp_path, cache, ca
     a = json.loads((tmp_path / "a" / "result.json").read_text())
     b = json.loads((tmp_path / "b" / "result.json").read_text())
     assert a["eval_loss"] == b["eval_loss"]
+    # the 2-rank checkpoint resumed by one process (slimopt.launch.load_resharded)
+    torchrun("--output-dir", str(tmp_path / "c"), "--resume",
+             str(tmp_path / "b" / "deepspeed" / "step3"), ranks=1)
+    c = json.loads((tmp_path / "c" / "result.json").read_text())
+    assert c["eval_loss"] == pytest.approx(a["eval_loss"], rel=1e-4)
 
     base = SMALL + ["--cache-dir", cache, "--output-dir", str(tmp_path / "x")]
     bad = tmp_path / "bad.json"

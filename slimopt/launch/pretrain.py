@@ -24,6 +24,7 @@ one-line message and exit code 2, not a traceback.
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import math
 import os
@@ -299,6 +300,17 @@ def load_deepspeed_config(args, world):
     return cfg
 
 
+def _zero_checkpoint_world(folder, tag):
+    """The number of ranks that wrote a ZeRO-1/2/3 checkpoint (0 for ZeRO-0 or none)."""
+    if tag is None:
+        latest = os.path.join(folder, "latest")
+        if not os.path.isfile(latest):
+            return 0
+        with open(latest) as f:
+            tag = f.read().strip()
+    return len(glob.glob(os.path.join(folder, tag, "*_optim_states.pt")))
+
+
 def load_deepspeed_checkpoint(engine, args):
     folder = os.path.join(args.output_dir, "deepspeed")
     tag = None if args.resume == "auto" else os.path.basename(os.path.normpath(args.resume))
@@ -306,8 +318,14 @@ def load_deepspeed_checkpoint(engine, args):
         folder = os.path.dirname(os.path.normpath(args.resume))
     if not os.path.isdir(folder):
         raise UsageError(f"--resume {args.resume}: no DeepSpeed checkpoint folder {folder}")
+    saved_world = _zero_checkpoint_world(folder, tag)
     try:
-        path, client = engine.load_checkpoint(folder, tag=tag)
+        if saved_world and saved_world != engine.dp_world_size:
+            # written at another world size: merge the ranks' states (slimopt's own format)
+            from .zero_checkpoint import load_resharded
+            path, client = folder, load_resharded(engine, folder, tag)
+        else:
+            path, client = engine.load_checkpoint(folder, tag=tag)
     except Exception as err:
         raise UsageError(f"--resume {args.resume}: DeepSpeed could not load it "
                          f"({type(err).__name__}: {err})") from None
