@@ -102,8 +102,25 @@ class SlimOptimizer(Optimizer):
                 self._init_state(p, group)
 
     # ------------------------------------------------------------------ step
-    def _grad_is_finite(self, grad: torch.Tensor, state: dict, shape) -> bool:
-        if self.nonfinite == "off" or grad.is_meta or bool(torch.isfinite(grad).all()):
+    def _finite_flags(self, params) -> dict:
+        """Whether each parameter's gradient is finite, computed for all of ``params`` together:
+        one fused norm per gradient and a single host sync, not one per parameter (a gradient
+        whose float32 norm overflows, entries beyond ~1e19, counts as non-finite too)."""
+        if self.nonfinite == "off":
+            return {}
+        grads = [p for p in params if p.grad is not None and not p.grad.is_meta
+                 and p.grad.layout == torch.strided and not p.grad.is_complex()]
+        if not grads:
+            return {}
+        norms = torch._foreach_norm([p.grad for p in grads])
+        flags = torch.stack([n.float() for n in norms]).isfinite().tolist()
+        return dict(zip(grads, flags))
+
+    def _grad_is_finite(self, grad: torch.Tensor, state: dict, shape, finite=None) -> bool:
+        """``finite``: the flag from ``_finite_flags`` if computed, else it is computed here."""
+        if finite is None:
+            finite = self.nonfinite == "off" or grad.is_meta or bool(torch.isfinite(grad).all())
+        if self.nonfinite == "off" or finite:
             return True
         if self.nonfinite == "raise":
             raise FloatingPointError(f"{type(self).__name__}: non-finite gradient for a parameter "
@@ -148,6 +165,7 @@ class SlimOptimizer(Optimizer):
 
     def _step_group(self, group: dict) -> None:
         """One step for every parameter of ``group`` (a subclass may treat a group as a unit)."""
+        finite = self._finite_flags(group["params"])
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -159,7 +177,7 @@ class SlimOptimizer(Optimizer):
                     "the engine with slimopt.launch.initialize instead of deepspeed.initialize.")
             check_gradient(p.grad, p.shape)
             state = self._init_state(p, group)
-            if not self._grad_is_finite(p.grad, state, p.shape):
+            if not self._grad_is_finite(p.grad, state, p.shape, finite.get(p, True)):
                 continue
             if self.takes_matrix_rule(p, group):
                 self._matrix_step(p, group, state)
