@@ -1,0 +1,166 @@
+"""The convergence suite (benchmarks/convergence.py): lr selection and its edge marker, input
+checks, failures recorded instead of raised, and one small end-to-end sweep through
+slimopt-pretrain (whose result.json carries the loss curve)."""
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from benchmarks import convergence  # noqa: E402
+from benchmarks.report import stamp  # noqa: E402
+
+#: a very small budget for slimopt-pretrain (same scale as tests/test_pretrain.py)
+SMALL = ("--seq-len 32 --batch-size 4 --vocab-size 300 --max-chars 150000 --eval-batches 1 "
+         "--rank 8 --update-interval 2 --warmup 1")
+
+
+def _args(*argv, quick=False):
+    parser = argparse.ArgumentParser()
+    convergence.add_arguments(parser)
+    args = parser.parse_args(list(argv))
+    args.quick, args.device, args.out = quick, "cpu", None
+    return args
+
+
+def _row(method, lr, loss, status="ok"):
+    return dict(method=method, library="slimopt", lr=lr, status=status, eval_loss=loss,
+                eval_perplexity=None if loss is None else math.exp(loss), state_bytes=1,
+                adamw_state_bytes=2, seconds=1.0, tokens=10, error=None if status == "ok"
+                else "exit code 1")
+
+
+def test_best_lr_is_the_minimum_and_edges_are_marked():
+    runs = [_row("a", 1e-3, 5.0), _row("a", 3e-3, 4.0), _row("a", 1e-2, 4.5),  # inside
+            _row("b", 1e-3, 4.2), _row("b", 3e-3, 4.4), _row("b", 1e-2, 4.9),   # low edge
+            _row("c", 1e-3, 5.0), _row("c", 3e-3, 4.4), _row("c", 1e-2, 4.1),   # high edge
+            # the best succeeded run is the highest *successful* lr, but a higher one diverged:
+            # the optimum is bracketed, so no edge marker
+            _row("d", 1e-3, 5.0), _row("d", 3e-3, 4.3), _row("d", 1e-2, None, "failed"),
+            _row("e", 1e-3, float("nan")), _row("e", 3e-3, None, "failed"),     # all failed
+            _row("f", 3e-3, 4.6)]                                              # one lr
+    best = convergence.select_best(runs)
+    assert [best[m]["best_lr"] for m in "abcdf"] == [3e-3, 1e-3, 1e-2, 3e-3, 3e-3]
+    assert [best[m]["edge"] for m in "abcdf"] == [None, "low", "high", None, None]
+    assert best["d"]["failed"] == [{"lr": 1e-2, "error": "exit code 1"}]
+    assert best["e"]["status"] == "failed"
+    assert convergence.lr_cell(best["b"]) == "0.001 ↓edge"
+    assert convergence.lr_cell(best["c"]) == "0.01 ↑edge"
+    assert convergence.lr_cell(best["f"]) == "0.003 (no sweep)"
+    best["adamw"] = dict(best["a"], library="torch")
+    settings = dict(preset="tiny", params=1, corpus="c", vocab=300, steps=2, batch_size=1,
+                    seq_len=2, warmup=0, min_lr_ratio=0.1, rank=2, update_interval=1,
+                    eval_batches=1, eval_every=1, device="cpu", jobs=1, threads=1,
+                    tokens_per_run=4)
+    text = convergence.table(best, settings)
+    lines = [line for line in text.splitlines() if line.startswith("| ")][1:]
+    assert [line.split(" | ")[0][2:] for line in lines] == ["a", "adamw", "c", "b", "d", "f",
+                                                            "e"]  # by eval loss, failed last
+    assert "| b | slimopt | 0.001 ↓edge | 4.2000 | 66.7 | 1.050 | 1 (50%) | 1 |" in text
+    assert "| e | slimopt | all failed |" in text and "d lr 0.01 (exit code 1)" in text
+
+
+def test_lr_grids():
+    assert convergence.lr_grid(3e-3, 3) == [1e-3, 3e-3, 1e-2]
+    assert convergence.lr_grid(3e-2, 3) == [1e-2, 3e-2, 1e-1]
+    assert convergence.lr_grid(3e-3, 1) == [3e-3]
+    assert convergence.lr_grid(1e-3, 5) == [1e-4, 3e-4, 1e-3, 3e-3, 1e-2]
+    plan = convergence.resolve(_args())
+    assert plan["methods"] == list(convergence.METHODS) and "adamw-fused" not in plan["methods"]
+    assert plan["lrs"]["snsm"] == [1e-2, 3e-2, 1e-1] and plan["lrs"]["muon"] == [1e-3, 3e-3, 1e-2]
+    quick = convergence.resolve(_args(quick=True))
+    assert quick["preset"] == "tiny" and all(len(v) == 1 for v in quick["lrs"].values())
+
+
+def test_bad_methods_and_lrs_are_refused_before_running(tmp_path, capsys):
+    with pytest.raises(ValueError, match="unknown method.*'sgdw'.*known: grasswalk"):
+        convergence.resolve(_args("--convergence-methods", "adamw", "sgdw"))
+    with pytest.raises(ValueError, match="not a finite number"):
+        convergence.resolve(_args("--convergence-lrs", "nan"))
+    with pytest.raises(ValueError, match="not a finite number"):
+        convergence.sweep(["adamw"], {"adamw": [-1.0]}, [], str(tmp_path))
+    with pytest.raises(SystemExit) as err:  # the CLI path: one line, exit code 2, nothing run
+        convergence.run(_args("--convergence-methods", "sgdw"), str(tmp_path), {})
+    assert err.value.code == 2 and "unknown method" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_dead_or_diverged_run_is_recorded_not_raised(tmp_path):
+    class DeadWorker:
+        def train(self, argv, log, timeout):
+            with open(log, "w") as f:
+                f.write("loading\nFatal Python error: Segmentation fault\n")
+            return None, "the training process died (exit code -11)"
+
+    row = convergence.train_one("adamw", 1e-3, [], str(tmp_path / "run"), DeadWorker())
+    assert row["status"] == "failed" and "died" in row["error"]
+    assert "Segmentation fault" in row["log_tail"]
+    # a real worker process that hangs, then one that dies: timed out / died, both recorded
+    for code, timeout, needle in (("time.sleep(60)", 0.5, "timed out after 0.5 s"),
+                                  ("sys.exit(3)", 30, "died (exit code 3)")):
+        runner = convergence.Worker.__new__(convergence.Worker)
+        runner.log, runner.ready = str(tmp_path / "worker.log"), True
+        runner.proc = subprocess.Popen(
+            [sys.executable, "-c", f"import sys, time; sys.stdin.readline(); {code}"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        row = convergence.train_one("adamw", 1e-3, [], str(tmp_path / "hang"), runner,
+                                    timeout)
+        assert row["status"] == "failed" and needle in row["error"], row["error"]
+        assert not runner.ready and runner.proc.poll() is not None
+    nan_curve = {"eval_loss": 5.0, "curve": [{"step": 2, "train_loss": float("nan"),
+                                              "eval_loss": 5.0}]}
+    assert "non-finite train_loss" in convergence.check_result(nan_curve)
+    assert "non-finite final eval loss" in convergence.check_result({"eval_loss": float("inf")})
+    assert convergence.check_result({"eval_loss": 5.0, "curve": []}) is None
+
+
+def test_small_sweep_end_to_end(tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("tokenizers")
+    work = tmp_path / "work"
+    args = _args("--convergence-methods", "adamw", "grassjump",
+                 "--convergence-lrs", "3e-3", "1e30",  # 1e30 diverges: recorded as failed
+                 "--convergence-steps", "4", "--convergence-eval-every", "2",
+                 "--convergence-pretrain-args", SMALL, "--convergence-jobs", "2",
+                 "--convergence-cache-dir", str(tmp_path / "cache"),
+                 "--convergence-work-dir", str(work))
+    paths = convergence.run(args, str(tmp_path), stamp("cpu", ["convergence"]))
+    assert sorted(os.path.basename(p) for p in paths) == ["convergence.json", "convergence.md",
+                                                         "convergence.png"]
+    assert all(os.path.getsize(p) > 0 for p in paths)
+
+    def no_nan(token):
+        raise AssertionError(f"{token} in the JSON")
+
+    with open(tmp_path / "convergence.json") as f:
+        data = json.load(f, parse_constant=no_nan)["data"]
+    runs = {(r["method"], r["lr"]): r for r in data["runs"]}
+    assert len(runs) == 4
+    for method in ("adamw", "grassjump"):
+        ok, bad = runs[(method, 3e-3)], runs[(method, 1e30)]
+        assert ok["status"] == "ok", ok.get("log_tail")
+        steps = [p["step"] for p in ok["curve"]]
+        tokens = [p["tokens"] for p in ok["curve"]]
+        assert steps == [2, 4] and tokens == [2 * 4 * 32, 4 * 4 * 32]
+        assert all(math.isfinite(p["eval_loss"]) and math.isfinite(p["train_loss"])
+                   for p in ok["curve"])
+        assert ok["curve"][-1]["eval_loss"] == ok["eval_loss"]
+        assert bad["status"] == "failed" and bad["error"] and bad["log_tail"] is not None
+        best = data["best"][method]
+        assert best["best_lr"] == 3e-3 and best["edge"] == "low"
+    # the curve in slimopt-pretrain's own result.json: one entry per evaluation
+    folder = os.path.dirname(runs[("adamw", 3e-3)]["log"])
+    with open(os.path.join(folder, "result.json")) as f:
+        result = json.load(f)
+    assert [p["step"] for p in result["curve"]] == [2, 4]
+    assert set(result["curve"][0]) == {"step", "tokens", "train_loss", "eval_loss"}
+    assert not [n for n in os.listdir(folder) if n.endswith(".pt")]  # checkpoints removed
+    table = (tmp_path / "convergence.md").read_text()
+    assert "| adamw | torch | 0.003 ↓edge |" in table and "grassjump lr 1e+30" in table
