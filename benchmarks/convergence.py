@@ -39,9 +39,11 @@ parameter split), all runs on the same data in the same order from the same init
   ``python -m slimopt.launch.pretrain`` per run spent 10-20 s of its 15-45 s starting Python and
   importing on 2 busy cores. Each run seeds itself, so its numbers do not depend on what ran
   before it in the same worker (checked: the same eval loss as a fresh CLI run). On CPU the
-  default is one job per core with one thread each: on 2 cores, 2 jobs x 1 thread got through the
-  tiny runs faster than 1 job x 2 threads (these small matrices do not parallelize well within
-  one run). On GPU the default is 1 job.
+  default is one job per core with one thread each: on 2 cores shared with other work, 4 tiny runs
+  of 40 steps took 92 s as 2 jobs x 1 thread and 716 s as 1 job x 2 threads (the two threads of
+  one run wait on each other whenever a core is busy). On GPU the default is 1 job. The full CPU
+  sweep (45 runs) took 70 minutes on 2 shared cores; Muon and ROOT take ~3x longer per run than
+  the others there (their Newton-Schulz iteration runs in bfloat16, slow on this CPU).
 - Robustness: each run's stdout/stderr goes to ``train.log`` in its own folder under a temporary
   work dir (``--convergence-work-dir`` to keep it); a run that exits non-zero, raises, takes its
   worker down, times out (``--convergence-timeout``; its worker is killed and replaced) or
