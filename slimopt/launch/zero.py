@@ -69,6 +69,7 @@ class ZeroBridge:
         self.sub_group_of = {}  # id(flat fp32 partition) -> sub-group index
         self.partitions = []  # this rank's flat fp32 partition per sub-group
         self.owner = {}    # (sub-group, unit) -> rank
+        self.pieces = {}   # ZeRO-1/2: key -> holders(...) of that parameter
         #: key -> the owned matrix's handle: the state's key, empty between steps
         self.shadows = {}
         #: elements this rank passed to each collective so far (for the communication report)
@@ -98,6 +99,10 @@ class ZeroBridge:
                 owners = local_owners(units, flat.numel(), self.world, load)
             for u, target in enumerate(owners):
                 self.owner[(s, u)] = target
+            if not self.stage3:  # who holds which slice of each parameter: fixed, so once
+                for unit in units:
+                    for key, offset, shape, _ in unit:
+                        self.pieces[key] = holders(offset, _numel(shape), flat.numel(), self.world)
             group["zero_index"] = group_index
 
     def _layout(self, optimizer):
@@ -205,13 +210,13 @@ class ZeroBridge:
         and its gradient: no copy, no communication. Only the pieces of units that straddle a
         partition boundary travel, point to point: values and gradients to the owner, the new
         values back."""
-        size, base = part.numel(), self.rank * part.numel()
+        base = self.rank * part.numel()
         grad = part.grad.to(part.dtype)
-        units = [(u, unit, self.owner[(s, u)]) for u, unit in enumerate(self.groups[s])]
+        units = [(unit, self.owner[(s, u)]) for u, unit in enumerate(self.groups[s])]
         inbound, received = [], {}
-        for u, unit, owner in units:  # every rank walks the units in the same order
-            for key, offset, shape, _ in unit:
-                for r, lo, hi in holders(offset, _numel(shape), size, self.world):
+        for unit, owner in units:  # every rank walks the units in the same order
+            for key, _, _, _ in unit:
+                for r, lo, hi in self.pieces[key]:
                     if r == owner:
                         continue
                     if r == self.rank:
@@ -223,18 +228,17 @@ class ZeroBridge:
                         received[(key, r)] = pair
                         inbound += [(False, pair[0], r), (False, pair[1], r)]
         self._exchange(inbound)
-        outbound, returned = [], []
-        for u, unit, owner in units:
+        outbound = []
+        for unit, owner in units:
             if owner != self.rank:
-                for key, offset, shape, _ in unit:  # my pieces of others' units come back
-                    for r, lo, hi in holders(offset, _numel(shape), size, self.world):
+                for key, _, _, _ in unit:  # my pieces of others' units come back
+                    for r, lo, hi in self.pieces[key]:
                         if r == self.rank:
                             outbound.append((False, part.data[lo - base:hi - base], owner))
                 continue
             shadows = []
             for key, offset, shape, _ in unit:
-                n = _numel(shape)
-                pieces = holders(offset, n, size, self.world)
+                n, pieces = _numel(shape), self.pieces[key]
                 if [r for r, _, _ in pieces] == [self.rank]:  # wholly mine: step in place
                     values = part.data[offset - base:offset - base + n].view(shape)
                     grads = grad[offset - base:offset - base + n].view(shape)
@@ -252,14 +256,13 @@ class ZeroBridge:
                 shadows.append(self._shadow(optimizer, key, values, grads))
             optimizer._step_group(dict(group, params=shadows))
             for (key, offset, shape, _), shadow in zip(unit, shadows):
-                pieces = holders(offset, _numel(shape), size, self.world)
+                pieces = self.pieces[key]
                 new = shadow.data.reshape(-1)
                 in_place = [r for r, _, _ in pieces] == [self.rank]
                 for r, lo, hi in pieces if not in_place else ():
                     if r == self.rank:
                         part.data[lo - base:hi - base] = new[lo - offset:hi - offset]
-                    else:
-                        returned.append(new)  # keep it alive until the sends are done
+                    else:  # the slice keeps the released storage alive until sent
                         outbound.append((True, new[lo - offset:hi - offset], r))
                 self._release(shadow)
         self._exchange(outbound)

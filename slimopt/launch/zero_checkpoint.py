@@ -131,9 +131,9 @@ def load_resharded(engine, source, tag: str | None = None) -> dict:
         value = weights[name].to(p.device)
         if hasattr(p, "ds_tensor"):  # ZeRO-3: this rank's piece
             piece = p.ds_tensor.numel()
-            flat = torch.zeros(piece * bridge.world, dtype=value.dtype, device=value.device)
-            flat[:value.numel()] = value.reshape(-1)
-            p.ds_tensor.copy_(flat[bridge.rank * piece:(bridge.rank + 1) * piece])
+            table = torch.zeros(bridge.world, piece, dtype=value.dtype, device=value.device)
+            bridge.write(table, 0, value.shape, piece, value)
+            p.ds_tensor.copy_(table[bridge.rank])
         else:
             p.copy_(value)
     optimizer.load_state_dict(data["optimizer"])
