@@ -14,6 +14,7 @@ integer and a resumed run neither repeats nor skips a batch.
 """
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import os
@@ -50,15 +51,64 @@ def stdlib_documents(max_chars: int) -> list[str]:
 
 
 def _local_files(path: str):
+    """The data files of ``path``, all of one loader kind (a folder mixing kinds is refused:
+    one loader would read the others' bytes as text)."""
     if os.path.isdir(path):
         files = sorted(os.path.join(path, f) for f in os.listdir(path)
                        if os.path.splitext(f)[1] in TEXT_SUFFIXES)
         if not files:
             raise DataError(f"--data {path}: no {sorted(TEXT_SUFFIXES)} files in this folder")
-        return files
-    if os.path.splitext(path)[1] not in TEXT_SUFFIXES:
+    elif os.path.splitext(path)[1] not in TEXT_SUFFIXES:
         raise DataError(f"--data {path}: unsupported file type; use one of {sorted(TEXT_SUFFIXES)}")
-    return [path]
+    else:
+        files = [path]
+    kinds = sorted({TEXT_SUFFIXES[os.path.splitext(f)[1]] for f in files})
+    if len(kinds) > 1:
+        raise DataError(f"--data {path}: the folder mixes {' and '.join(kinds)} files; keep one "
+                        "kind per folder")
+    empty = [f for f in files if os.path.getsize(f) == 0]
+    if empty:
+        raise DataError(f"--data {empty[0]}: the file is empty")
+    if kinds == ["text"] or kinds == ["json"]:
+        for f in files:
+            _check_utf8_text(f)
+    return files
+
+
+def _check_utf8_text(path: str, chunk: int = 1 << 20) -> None:
+    """Text and JSON lines must be UTF-8 text, without NUL bytes (binary files are refused)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            if b"\0" in block:
+                raise DataError(f"--data {path}: a NUL byte at offset {offset + block.index(0)}; "
+                                "this looks like a binary file, not text")
+            try:
+                decoder.decode(block)
+            except UnicodeDecodeError as err:
+                raise DataError(f"--data {path}: not UTF-8 text (byte {offset + err.start}: "
+                                f"{err.reason}); convert it, e.g. iconv -f latin1 -t utf-8") \
+                    from None
+            offset += len(block)
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError as err:
+            raise DataError(f"--data {path}: not UTF-8 text (truncated at the end: "
+                            f"{err.reason})") from None
+
+
+def _read_local(kind: str, files: list, source: str):
+    """A ``datasets`` dataset of ``files``; a file it cannot parse is reported in one line."""
+    import datasets
+    datasets.disable_progress_bars()  # local files load in seconds; keep errors on one line
+    try:
+        return datasets.load_dataset(kind, data_files=files, split="train")
+    except Exception as err:  # DatasetGenerationError wraps the parser's own error
+        cause = err.__cause__ or err.__context__ or err
+        first = (str(cause).strip().splitlines() or [type(cause).__name__])[0][:300]
+        raise DataError(f"--data {source}: could not read it as {kind} ({type(cause).__name__}: "
+                        f"{first})") from None
 
 
 def load_documents(source: str | None, *, text_column: str = "text", max_chars: int = 20_000_000,
@@ -78,8 +128,7 @@ def load_documents(source: str | None, *, text_column: str = "text", max_chars: 
         if not os.path.exists(source):
             raise DataError(f"--data {source}: no such file or folder")
         files = _local_files(source)
-        kind = TEXT_SUFFIXES[os.path.splitext(files[0])[1]]
-        dataset = datasets.load_dataset(kind, data_files=files, split="train")
+        dataset = _read_local(TEXT_SUFFIXES[os.path.splitext(files[0])[1]], files, source)
         stamp = [(f, os.path.getsize(f), int(os.path.getmtime(f))) for f in files]
         corpus_id = "local-" + hashlib.sha1(json.dumps(stamp).encode()).hexdigest()[:12]
     else:
@@ -94,6 +143,9 @@ def load_documents(source: str | None, *, text_column: str = "text", max_chars: 
             raise DataError(f"--data {source}: no column {text_column!r} (columns: "
                             f"{sorted(row)}); pass --text-column")
         text = row[text_column]
+        if text is not None and not isinstance(text, str):
+            raise DataError(f"--data {source}: column {text_column!r} holds "
+                            f"{type(text).__name__} values, not text")
         if text:
             docs.append(text)
             total += len(text)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import hashlib
 import json
 import math
 import os
@@ -34,16 +35,16 @@ import time
 import torch
 
 from ..state_bytes import state_bytes
+from .checkpoint_io import (CheckpointError, RunLock, check_writable_dir, load_verified,
+                            save_atomic)
 from .data import DataError, batch_at, load_documents, token_blocks, tokenizer_for
 from .presets import PRESETS, llama_config
 from .registry import KNOWN, RANKED, build_optimizer
+from .resume import ResumeError, apply_schedule, check_position, check_settings, run_settings
 
-CHECKPOINT_VERSION = 1
-#: arguments a resumed run must share with the checkpoint (they decide model, data and order)
+#: 2: a SHA-256 digest in every file and every run setting recorded (version 1 still loads)
+CHECKPOINT_VERSION = 2
 DEFAULT_GRAD_CLIP = 1.0
-RESUME_KEYS = ("preset", "optimizer", "seq_len", "batch_size", "vocab_size", "data", "seed",
-               "max_chars",
-               "rank", "update_interval")
 
 
 class UsageError(Exception):
@@ -112,8 +113,16 @@ def parse_args(argv=None):
     for key in ("warmup", "save_every"):
         if getattr(args, key) < 0:
             p.error(f"--{key.replace('_', '-')} must be >= 0, got {getattr(args, key)}")
-    if args.grad_clip is not None and args.grad_clip < 0:
-        p.error(f"--grad-clip must be >= 0, got {args.grad_clip}")
+    if args.grad_clip is not None and not (args.grad_clip >= 0 and math.isfinite(args.grad_clip)):
+        p.error(f"--grad-clip must be a finite number >= 0 (0 disables clipping), got "
+                f"{args.grad_clip}")
+    if not 0 <= args.min_lr_ratio <= 1:  # also refuses nan
+        p.error(f"--min-lr-ratio must be in [0, 1] (the final lr as a fraction of --lr), got "
+                f"{args.min_lr_ratio}")
+    if args.threads < 0:
+        p.error(f"--threads must be >= 0 (0: torch's default), got {args.threads}")
+    if args.halt_after < 0:
+        p.error(f"--halt-after must be >= 0, got {args.halt_after}")
     if not (args.lr > 0 and math.isfinite(args.lr)):
         p.error(f"--lr must be a finite number > 0, got {args.lr}")
     if args.vocab_size < 260:
@@ -216,40 +225,47 @@ def curve_point(step, args, loss_sum, loss_count, eval_loss) -> dict:
 
 # ---------------------------------------------------------------------------- checkpoints
 def save_checkpoint(path, model, opt, sched, step, args, world):
+    """The step's checkpoint and ``checkpoint-latest.pt``, each written atomically with a digest."""
     payload = {"version": CHECKPOINT_VERSION, "step": step, "data_position": step,
                "model": model.state_dict(), "optimizer": opt.state_dict(),
                "scheduler": sched.state_dict(), "rng": torch.get_rng_state(),
-               "args": {k: getattr(args, k) for k in RESUME_KEYS}, "world_size": world}
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+               "args": run_settings(args), "world_size": world}
+    save_atomic(payload, path)
     latest = os.path.join(os.path.dirname(path), "checkpoint-latest.pt")
     if os.path.abspath(latest) != os.path.abspath(path):
-        tmp = latest + ".tmp"
-        torch.save(payload, tmp)
-        os.replace(tmp, latest)
+        save_atomic(payload, latest)
+
+
+def latest_checkpoint(args):
+    """``--resume auto``: the run's latest checkpoint, or None when it has none yet."""
+    if args.deepspeed:
+        folder = os.path.join(args.output_dir, "deepspeed")
+        return folder if os.path.isfile(os.path.join(folder, "latest")) else None
+    path = os.path.join(args.output_dir, "checkpoint-latest.pt")
+    return path if os.path.exists(path) else None
+
+
+CHECKPOINT_KEYS = ("step", "data_position", "model", "optimizer", "scheduler", "rng", "args")
 
 
 def load_checkpoint(path, args):
-    if path == "auto":
-        path = os.path.join(args.output_dir, "checkpoint-latest.pt")
-    if not os.path.exists(path):
-        raise UsageError(f"--resume {path}: no such checkpoint")
+    """A verified ``slimopt-pretrain`` checkpoint this run may continue (see ``resume``)."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:
-        raise UsageError(f"--resume {path}: not a readable checkpoint ({type(err).__name__}: "
-                         f"{err})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("version") != CHECKPOINT_VERSION:
+        ckpt = load_verified(path)
+    except CheckpointError as err:
+        raise UsageError(f"--resume {err}") from None
+    if ckpt.get("version") not in (1, CHECKPOINT_VERSION):
         raise UsageError(f"--resume {path}: not a slimopt-pretrain checkpoint (version "
-                         f"{ckpt.get('version') if isinstance(ckpt, dict) else None})")
-    saved = ckpt["args"]
-    mismatched = [f"{k}: checkpoint {saved.get(k)!r}, now {getattr(args, k)!r}"
-                  for k in RESUME_KEYS if saved.get(k) != getattr(args, k)]
-    if mismatched:
-        raise UsageError(f"--resume {path}: the run's settings differ from the checkpoint's ("
-                         + "; ".join(mismatched) + ")")
+                         f"{ckpt.get('version')!r})")
+    missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
+    if missing:
+        raise UsageError(f"--resume {path}: incomplete checkpoint (no {', '.join(missing)})")
+    if ckpt["data_position"] != ckpt["step"]:
+        raise UsageError(f"--resume {path}: data position {ckpt['data_position']!r} differs "
+                         f"from step {ckpt['step']!r}")
+    check_position(ckpt["step"], args, path)
+    if ckpt["sha256"] is None:
+        print(f"note: {path} carries no digest (written by an older slimopt): not verified")
     return ckpt
 
 
@@ -264,6 +280,7 @@ def load_deepspeed_config(args, world):
         raise UsageError(f"--deepspeed {args.deepspeed}: {err.strerror}") from None
     except ValueError as err:
         raise UsageError(f"--deepspeed {args.deepspeed}: not valid JSON ({err})") from None
+    check_deepspeed_shape(cfg, args.deepspeed)
     micro = cfg.get("train_micro_batch_size_per_gpu")
     accum = cfg.get("gradient_accumulation_steps", 1)
     if micro is None:
@@ -300,6 +317,27 @@ def load_deepspeed_config(args, world):
     return cfg
 
 
+def check_deepspeed_shape(cfg, path) -> None:
+    """The parts of a DeepSpeed JSON this CLI reads must have the types DeepSpeed documents."""
+    if not isinstance(cfg, dict):
+        raise UsageError(f"--deepspeed {path}: the top level must be a JSON object, got "
+                         f"{type(cfg).__name__}")
+    for key in ("bf16", "fp16", "optimizer", "zero_optimization"):
+        if key in cfg and not isinstance(cfg[key], dict):
+            raise UsageError(f"--deepspeed {path}: {key!r} must be a JSON object, got "
+                             f"{type(cfg[key]).__name__}")
+    params = cfg.get("optimizer", {}).get("params", {})
+    if not isinstance(params, dict):
+        raise UsageError(f"--deepspeed {path}: optimizer.params must be a JSON object, got "
+                         f"{type(params).__name__}")
+    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                "train_batch_size"):
+        value = cfg.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or value < 1):
+            raise UsageError(f"--deepspeed {path}: {key} must be an integer >= 1, got {value!r}")
+
+
 def _zero_checkpoint_world(folder, tag):
     """The number of ranks that wrote a ZeRO-1/2/3 checkpoint (0 for ZeRO-0 or none)."""
     if tag is None:
@@ -311,13 +349,36 @@ def _zero_checkpoint_world(folder, tag):
     return len(glob.glob(os.path.join(folder, tag, "*_optim_states.pt")))
 
 
-def load_deepspeed_checkpoint(engine, args):
+def save_deepspeed_checkpoint(engine, args, step) -> None:
     folder = os.path.join(args.output_dir, "deepspeed")
-    tag = None if args.resume == "auto" else os.path.basename(os.path.normpath(args.resume))
-    if args.resume != "auto":
-        folder = os.path.dirname(os.path.normpath(args.resume))
+    try:
+        engine.save_checkpoint(folder, tag=f"step{step}",
+                               client_state={"data_position": step, "args": run_settings(args)})
+    except (OSError, RuntimeError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        raise CheckpointError(f"could not write the DeepSpeed checkpoint under {folder} "
+                              f"({first})") from None
+
+
+def _deepspeed_source(args):
+    """``(folder, tag)`` of ``--resume`` for a DeepSpeed run (tag None: the folder's latest)."""
+    if args.resume == "auto":
+        return os.path.join(args.output_dir, "deepspeed"), None
+    path = os.path.normpath(args.resume)
+    return os.path.dirname(path), os.path.basename(path)
+
+
+def load_deepspeed_checkpoint(engine, args):
+    """Load a DeepSpeed checkpoint into ``engine`` (every file checked first, see
+    ``safe_load.check_deepspeed_tag``); return its client state."""
+    from .safe_load import check_deepspeed_tag
+    folder, tag = _deepspeed_source(args)
     if not os.path.isdir(folder):
         raise UsageError(f"--resume {args.resume}: no DeepSpeed checkpoint folder {folder}")
+    try:
+        check_deepspeed_tag(folder, tag)
+    except ValueError as err:
+        raise UsageError(f"--resume {args.resume}: {err}") from None
     saved_world = _zero_checkpoint_world(folder, tag)
     try:
         if saved_world and saved_world != engine.dp_world_size:
@@ -327,16 +388,16 @@ def load_deepspeed_checkpoint(engine, args):
         else:
             path, client = engine.load_checkpoint(folder, tag=tag)
     except Exception as err:
+        first = (str(err).strip().splitlines() or ["no message"])[0][:300]
         raise UsageError(f"--resume {args.resume}: DeepSpeed could not load it "
-                         f"({type(err).__name__}: {err})") from None
+                         f"({type(err).__name__}: {first})") from None
     if path is None or not client:
         raise UsageError(f"--resume {args.resume}: no checkpoint found")
-    saved = client.get("args", {})
-    mismatched = [k for k in RESUME_KEYS if saved.get(k) != getattr(args, k)]
-    if mismatched:
-        raise UsageError(f"--resume {args.resume}: the run's settings differ from the "
-                         f"checkpoint's ({', '.join(mismatched)})")
-    return int(client["data_position"])
+    missing = [k for k in ("data_position", "args") if k not in client]
+    if missing:
+        raise UsageError(f"--resume {args.resume}: incomplete checkpoint (no "
+                         f"{', '.join(missing)})")
+    return client
 
 
 # ---------------------------------------------------------------------------- main loop
@@ -353,29 +414,49 @@ def evaluate(model, blocks, args, device, autocast):
     return sum(losses) / len(losses)
 
 
+def documents_digest(docs) -> str:
+    """SHA-256 of the documents a run trains on (their lengths and text, in order)."""
+    h = hashlib.sha256()
+    for doc in docs:
+        h.update(f"{len(doc)}:".encode())
+        h.update(doc.encode("utf-8", "surrogatepass"))
+    return h.hexdigest()
+
+
 def run(args):
-    import transformers
     rank, world, device = setup_distributed()
-    is_main = rank == 0
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.batch_size % world:
         raise UsageError(f"--batch-size {args.batch_size} is not divisible by the "
                          f"{world} ranks")
-    say = print if is_main else (lambda *a, **k: None)
+    # unusable folders are found now, not at the first save after hours of training
+    check_writable_dir(args.cache_dir, "--cache-dir")
+    check_writable_dir(args.output_dir, "--output-dir")
+    lock = RunLock(args.output_dir) if rank == 0 else None
+    try:
+        return train(args, rank, world, device)
+    finally:
+        if lock is not None:
+            lock.release()
 
+
+def load_data(args, say):
+    """``(train blocks, eval blocks, tokenizer)``; records the data's and tokenizer's digests
+    in ``args`` (a resumed run must see the same)."""
     docs, corpus_id = load_documents(args.data, text_column=args.text_column,
                                      max_chars=args.max_chars)
+    args.data_sha256 = documents_digest(docs)
     tokenizer = tokenizer_for(docs, corpus_id, args.vocab_size, args.cache_dir)
+    args.tokenizer_sha256 = hashlib.sha256(tokenizer.to_str().encode()).hexdigest()
     train_blocks, eval_blocks = token_blocks(docs, tokenizer, args.seq_len, corpus_id,
                                              args.cache_dir)
     say(f"data: {len(docs):,} documents ({corpus_id}), {train_blocks.numel():,} train tokens, "
         f"{eval_blocks.numel():,} held out, vocab {tokenizer.get_vocab_size():,}")
+    return train_blocks, eval_blocks, tokenizer
 
-    config = llama_config(args.preset, tokenizer.get_vocab_size(), args.seq_len)
-    torch.manual_seed(args.seed)
-    model = transformers.LlamaForCausalLM(config).to(device)
-    n_params = sum(p.numel() for p in model.parameters())
+
+def make_optimizer(args, model, ds_config):
     options = dict(args.opt_args)
     if args.optimizer in RANKED:
         options.setdefault("update_interval", args.update_interval)
@@ -383,17 +464,58 @@ def run(args):
         options.setdefault("weight_decay", args.weight_decay)
     elif args.optimizer not in ("muon", "galore"):
         options.setdefault("weight_decay", 0.0)
-    ds_config = load_deepspeed_config(args, world) if args.deepspeed else None
     try:
         section = ds_config.pop("optimizer", None) if ds_config else None
         if section is not None:
             from .zero import build_from_config
             section.setdefault("params", {}).setdefault("lr", args.lr)
-            opt = build_from_config(section, model)
-        else:
-            opt = build_optimizer(args.optimizer, model, lr=args.lr, rank=args.rank, **options)
+            return build_from_config(section, model)
+        return build_optimizer(args.optimizer, model, lr=args.lr, rank=args.rank, **options)
     except (TypeError, ValueError) as err:
         raise UsageError(f"--optimizer {args.optimizer}: {err}") from None
+
+
+def resume(args, model, opt, sched, engine, say) -> int:
+    """Continue from ``--resume``: returns the step to start from (0: a fresh start)."""
+    if args.resume == "auto" and latest_checkpoint(args) is None:
+        say(f"--resume auto: no checkpoint under {args.output_dir} yet; starting from step 0")
+        return 0
+    source = args.resume
+    if engine is not None:
+        client = load_deepspeed_checkpoint(engine, args)
+        saved, step = client["args"], client["data_position"]
+    else:
+        ckpt = load_checkpoint(latest_checkpoint(args) if source == "auto" else source, args)
+        saved, step = ckpt["args"], ckpt["step"]
+    for note in check_settings(saved, args, source):
+        say(f"--resume: {note}")
+    step = check_position(step, args, source)
+    if engine is None:
+        try:
+            model.load_state_dict(ckpt["model"])
+            opt.load_state_dict(ckpt["optimizer"])
+            sched.load_state_dict(ckpt["scheduler"])
+            torch.set_rng_state(ckpt["rng"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as err:
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+            raise UsageError(f"--resume {source}: its state does not fit this run ({first})") \
+                from None
+    apply_schedule(sched, saved.get("lr") if isinstance(saved, dict) else None, args.lr)
+    say(f"resumed from step {step}")
+    return step
+
+
+def train(args, rank, world, device):
+    import transformers
+    is_main = rank == 0
+    say = print if is_main else (lambda *a, **k: None)
+    train_blocks, eval_blocks, tokenizer = load_data(args, say)
+    config = llama_config(args.preset, tokenizer.get_vocab_size(), args.seq_len)
+    torch.manual_seed(args.seed)
+    model = transformers.LlamaForCausalLM(config).to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    ds_config = load_deepspeed_config(args, world) if args.deepspeed else None
+    opt = make_optimizer(args, model, ds_config)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args))
     engine = None
     train_model = model
@@ -408,19 +530,7 @@ def run(args):
     elif world > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    start = 0
-    if args.resume and engine is not None:
-        start = load_deepspeed_checkpoint(engine, args)
-        say(f"resumed from step {start}")
-    elif args.resume:
-        ckpt = load_checkpoint(args.resume, args)
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
-        torch.set_rng_state(ckpt["rng"])
-        start = ckpt["data_position"]
-        say(f"resumed from step {start}")
+    start = resume(args, model, opt, sched, engine, say) if args.resume else 0
 
     use_bf16 = args.bf16 == "on" or (args.bf16 == "auto" and device.type == "cuda"
                                      and torch.cuda.is_bf16_supported())
@@ -499,9 +609,7 @@ def run(args):
                 say(f"step {done}: train loss {loss_value:.4f}, eval loss {eval_loss:.4f}")
         due = args.save_every and done % args.save_every == 0 or done == args.steps
         if engine is not None and due:
-            engine.save_checkpoint(os.path.join(args.output_dir, "deepspeed"), tag=f"step{done}",
-                                   client_state={"data_position": done, "args": {
-                                       k: getattr(args, k) for k in RESUME_KEYS}})
+            save_deepspeed_checkpoint(engine, args, done)
         elif is_main and due:
             save_checkpoint(os.path.join(args.output_dir, f"checkpoint-{done}.pt"), model, opt,
                             sched, done, args, world)
@@ -538,7 +646,7 @@ def execute(argv=None) -> dict:
     args = parse_args(argv)
     try:
         return run(args)
-    except (UsageError, DataError) as err:
+    except (UsageError, DataError, CheckpointError, ResumeError) as err:
         print(f"slimopt-pretrain: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     finally:

@@ -1,0 +1,167 @@
+"""Checkpoint files that are safe to load and cannot be half-written.
+
+- **Writes are atomic and durable**: the payload goes to a temporary file with a unique name in the
+  target folder, is flushed and ``fsync``-ed, then ``os.replace``-d over the target, and the folder
+  is ``fsync``-ed. A killed process or a full disk leaves the previous file intact and no
+  temporary file behind.
+- **Every checkpoint carries a digest** (SHA-256 over its tensors' bytes, dtypes and shapes and
+  its plain values, in order) that ``load_verified`` recomputes: flipped bytes are refused, not
+  loaded.
+- **Loads never run code**: ``torch.load(weights_only=True)`` only.
+- ``RunLock``: one run at a time per output folder (``fcntl.flock``), so two runs cannot write the
+  same checkpoints.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import os
+import pickle
+import re
+import shutil
+import tempfile
+
+import torch
+
+DIGEST_KEY = "sha256"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be written or loaded; the CLI reports it in one line."""
+
+
+def _feed(h, obj) -> None:
+    """Hash ``obj`` (nested dicts/lists/tuples of tensors and plain values) in a fixed order."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+    elif isinstance(obj, dict):
+        h.update(f"D{len(obj)}".encode())
+        for key, value in obj.items():
+            _feed(h, key)
+            _feed(h, value)
+    elif isinstance(obj, (set, frozenset)):  # iteration order varies between processes
+        h.update(f"S{len(obj)}".encode())
+        for value in sorted(obj, key=repr):
+            _feed(h, value)
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"{type(obj).__name__[0]}{len(obj)}".encode())
+        for value in obj:
+            _feed(h, value)
+    else:
+        h.update(f"{type(obj).__name__}:{obj!r};".encode())
+
+
+def digest(payload: dict) -> str:
+    h = hashlib.sha256()
+    _feed(h, payload)
+    return h.hexdigest()
+
+
+def _fsync_dir(folder: str) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_error(path: str, err: BaseException) -> CheckpointError:
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        free = f"; {shutil.disk_usage(folder).free:,} bytes free there"
+    except OSError:
+        free = ""
+    reason = err.strerror if isinstance(err, OSError) and err.strerror else \
+        str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+        reason = f"disk full ({reason})"
+    return CheckpointError(f"could not write checkpoint {path}: {reason}{free}")
+
+
+def save_atomic(payload: dict, path: str) -> None:
+    """``torch.save`` ``payload`` plus its digest to ``path``, atomically and durably."""
+    folder = os.path.dirname(os.path.abspath(path))
+    data = {**payload, DIGEST_KEY: digest(payload)}
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(data, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(folder)
+    except (OSError, RuntimeError) as err:
+        raise _write_error(path, err) from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_verified(path: str) -> dict:
+    """The payload saved by ``save_atomic``, after checking its digest (``weights_only=True``).
+
+    A checkpoint without a digest (written before slimopt 0.6) loads with ``"sha256"`` set to
+    ``None``, so the caller can say that it was not verified."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such checkpoint")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:  # weights_only refused a global: never run it
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))
+        what = f" ({found.group(1)})" if found else ""
+        raise CheckpointError(f"{path}: refused: it holds a pickled object{what} that is not "
+                              "plain data, and loading it could run code") from None
+    except Exception as err:  # truncated zip, random bytes
+        first = (str(err).strip().splitlines() or [""])[0][:300]
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(err).__name__}: "
+                              f"{first})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: not a slimopt checkpoint (holds a {type(data).__name__})")
+    saved = data.pop(DIGEST_KEY, None)
+    if saved is not None and saved != digest(data):
+        raise CheckpointError(f"{path}: corrupted (its SHA-256 digest does not match its "
+                              "contents); resume from an earlier checkpoint")
+    data[DIGEST_KEY] = saved
+    return data
+
+
+def check_writable_dir(folder: str, flag: str) -> None:
+    """Create ``folder`` if needed and prove a file can be written there, before any training."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=folder)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as err:
+        reason = "it exists and is not a folder" if os.path.exists(folder) and \
+            not os.path.isdir(folder) else f"cannot write there ({err.strerror or err})"
+        raise CheckpointError(f"{flag} {folder}: {reason}") from None
+
+
+class RunLock:
+    """An exclusive lock on ``folder/.slimopt.lock`` for the life of the run."""
+
+    def __init__(self, folder: str):
+        self.path = os.path.join(folder, ".slimopt.lock")
+        self._file = open(self.path, "a+")
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._file.seek(0)
+            holder = self._file.read().strip() or "another process"
+            self._file.close()
+            raise CheckpointError(f"--output-dir {folder}: another run ({holder}) is writing "
+                                  "there; wait for it or choose another --output-dir") from None
+        self._file.seek(0)
+        self._file.truncate()
+        self._file.write(f"pid {os.getpid()}")
+        self._file.flush()
+
+    def release(self) -> None:
+        if not self._file.closed:
+            fcntl.flock(self._file, fcntl.LOCK_UN)
+            self._file.close()
