@@ -110,12 +110,12 @@ def load_verified(path: str) -> dict:
         raise CheckpointError(f"{path}: no such checkpoint")
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:  # weights_only refused a global: never run it
+    except Exception as err:  # a refused pickle global, a truncated zip, random bytes
         found = re.search(r"GLOBAL ([\w.]+)", str(err))
-        what = f" ({found.group(1)})" if found else ""
-        raise CheckpointError(f"{path}: refused: it holds a pickled object{what} that is not "
-                              "plain data, and loading it could run code") from None
-    except Exception as err:  # truncated zip, random bytes
+        if isinstance(err, pickle.UnpicklingError) and found:  # weights_only refused to run it
+            raise CheckpointError(f"{path}: refused: it holds a pickled object "
+                                  f"({found.group(1)}) that is not plain data, and loading it "
+                                  "could run code") from None
         first = (str(err).strip().splitlines() or [""])[0][:300]
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(err).__name__}: "
                               f"{first})") from None

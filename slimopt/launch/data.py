@@ -102,6 +102,8 @@ def _read_local(kind: str, files: list, source: str):
     """A ``datasets`` dataset of ``files``; a file it cannot parse is reported in one line."""
     import datasets
     datasets.disable_progress_bars()  # local files load in seconds; keep errors on one line
+    verbosity = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its parse errors come below
     try:
         return datasets.load_dataset(kind, data_files=files, split="train")
     except Exception as err:  # DatasetGenerationError wraps the parser's own error
@@ -109,6 +111,8 @@ def _read_local(kind: str, files: list, source: str):
         first = (str(cause).strip().splitlines() or [type(cause).__name__])[0][:300]
         raise DataError(f"--data {source}: could not read it as {kind} ({type(cause).__name__}: "
                         f"{first})") from None
+    finally:
+        datasets.logging.set_verbosity(verbosity)
 
 
 def load_documents(source: str | None, *, text_column: str = "text", max_chars: int = 20_000_000,

@@ -51,8 +51,15 @@ class UsageError(Exception):
     """Reported as ``slimopt-pretrain: error: ...`` with exit code 2."""
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (``prog: error: ...``), without the usage."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the options)\n")
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="slimopt-pretrain", description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="slimopt-pretrain", description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="tiny", help=f"model preset: {', '.join(PRESETS)}")
     p.add_argument("--optimizer", default="grasswalk", help=f"one of {sorted(KNOWN)}")
     p.add_argument("--opt-args", default="{}", help="extra optimizer keyword arguments as JSON")
