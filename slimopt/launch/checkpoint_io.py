@@ -8,6 +8,8 @@
   its plain values, in order) that ``load_verified`` recomputes: flipped bytes are refused, not
   loaded.
 - **Loads never run code**: ``torch.load(weights_only=True)`` only.
+- DeepSpeed tags get the same check through per-rank digest files (``write_tag_digests``,
+  ``verify_tag_digests``).
 - ``RunLock``: one run at a time per output folder (``fcntl.flock``), so two runs cannot write the
   same checkpoints.
 """
@@ -15,7 +17,9 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import glob
 import hashlib
+import json
 import os
 import pickle
 import re
@@ -165,3 +169,62 @@ class RunLock:
         if not self._file.closed:
             fcntl.flock(self._file, fcntl.LOCK_UN)
             self._file.close()
+
+
+# ---------------------------------------------------------------------------- DeepSpeed tags
+def _file_sha256(path: str, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _own_files(tag_dir: str, rank: int) -> list:
+    """The files of a DeepSpeed tag that ``rank`` wrote: its ``zero_pp_rank_R_*`` partitions,
+    and on rank 0 the shared ``mp_rank_*`` model states."""
+    names = sorted(os.listdir(tag_dir))
+    own = [n for n in names if n.startswith(f"zero_pp_rank_{rank}_") and n.endswith(".pt")]
+    if rank == 0:
+        own += [n for n in names if n.startswith("mp_rank_") and n.endswith(".pt")]
+    return own
+
+
+def write_tag_digests(tag_dir: str, rank: int) -> None:
+    """After ``engine.save_checkpoint``: each rank records the SHA-256 of the files it wrote in
+    ``slimopt-sha256-rankR.json`` (no shared file system needed)."""
+    digests = {name: _file_sha256(os.path.join(tag_dir, name))
+               for name in _own_files(tag_dir, rank)}
+    path = os.path.join(tag_dir, f"slimopt-sha256-rank{rank}.json")
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=tag_dir)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(digests, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        raise _write_error(path, err) from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def verify_tag_digests(tag_dir: str) -> int:
+    """Check every file of a DeepSpeed tag that a digest file names and this node can see;
+    returns how many were checked (0: the tag carries no digests, e.g. an older slimopt's)."""
+    checked = 0
+    for manifest in sorted(glob.glob(os.path.join(tag_dir, "slimopt-sha256-rank*.json"))):
+        try:
+            with open(manifest) as f:
+                digests = json.load(f)
+        except (OSError, ValueError) as err:
+            raise CheckpointError(f"{manifest}: unreadable digest file ({err})") from None
+        for name, expected in digests.items():
+            path = os.path.join(tag_dir, os.path.basename(name))
+            if os.path.exists(path):
+                if _file_sha256(path) != expected:
+                    raise CheckpointError(f"{path}: corrupted (its SHA-256 digest does not "
+                                          "match); resume from an earlier checkpoint")
+                checked += 1
+    return checked

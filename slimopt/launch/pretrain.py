@@ -36,7 +36,7 @@ import torch
 
 from ..state_bytes import state_bytes
 from .checkpoint_io import (CheckpointError, RunLock, check_writable_dir, load_verified,
-                            save_atomic)
+                            save_atomic, verify_tag_digests, write_tag_digests)
 from .data import DataError, batch_at, load_documents, token_blocks, tokenizer_for
 from .presets import PRESETS, llama_config
 from .registry import KNOWN, RANKED, build_optimizer
@@ -345,14 +345,17 @@ def check_deepspeed_shape(cfg, path) -> None:
             raise UsageError(f"--deepspeed {path}: {key} must be an integer >= 1, got {value!r}")
 
 
+def _read_latest(folder) -> str:
+    latest = os.path.join(folder, "latest")
+    if not os.path.isfile(latest):
+        raise UsageError(f"{folder} has no 'latest' file: pass the tag folder to --resume")
+    with open(latest) as f:
+        return f.read().strip()
+
+
 def _zero_checkpoint_world(folder, tag):
     """The number of ranks that wrote a ZeRO-1/2/3 checkpoint (0 for ZeRO-0 or none)."""
-    if tag is None:
-        latest = os.path.join(folder, "latest")
-        if not os.path.isfile(latest):
-            return 0
-        with open(latest) as f:
-            tag = f.read().strip()
+    tag = tag or _read_latest(folder)
     return len(glob.glob(os.path.join(folder, tag, "*_optim_states.pt")))
 
 
@@ -365,6 +368,7 @@ def save_deepspeed_checkpoint(engine, args, step) -> None:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
         raise CheckpointError(f"could not write the DeepSpeed checkpoint under {folder} "
                               f"({first})") from None
+    write_tag_digests(os.path.join(folder, f"step{step}"), engine.global_rank)
 
 
 def _deepspeed_source(args):
@@ -384,6 +388,10 @@ def load_deepspeed_checkpoint(engine, args):
         raise UsageError(f"--resume {args.resume}: no DeepSpeed checkpoint folder {folder}")
     try:
         check_deepspeed_tag(folder, tag)
+        tag_dir = os.path.join(folder, tag or _read_latest(folder))
+        if not verify_tag_digests(tag_dir):
+            print(f"note: {tag_dir} carries no digests (written by an older slimopt or by "
+                  "DeepSpeed directly): not verified")
     except ValueError as err:
         raise UsageError(f"--resume {args.resume}: {err}") from None
     saved_world = _zero_checkpoint_world(folder, tag)
