@@ -30,7 +30,7 @@ def _run(args, tmp_path, cache, name):
 
 
 def _weights(path):
-    return torch.load(path, weights_only=False)["model"]
+    return torch.load(path, weights_only=True)["model"]
 
 
 @pytest.mark.parametrize("optimizer", ["grassjump", "adamw"])
