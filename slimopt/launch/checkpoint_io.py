@@ -108,7 +108,7 @@ def save_atomic(payload: dict, path: str) -> None:
 def load_verified(path: str) -> dict:
     """The payload saved by ``save_atomic``, after checking its digest (``weights_only=True``).
 
-    A checkpoint without a digest (written before slimopt 0.6) loads with ``"sha256"`` set to
+    A checkpoint without a digest (format version 1, before digests) loads with ``"sha256"`` set to
     ``None``, so the caller can say that it was not verified."""
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such checkpoint")
