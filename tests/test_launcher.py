@@ -198,6 +198,71 @@ def test_hostfile_errors(tmp_path, text, message):
     assert hf in str(exc.value) and message in str(exc.value)
 
 
+@pytest.mark.parametrize("host", [
+    "--nproc_per_node=64", "-oProxyCommand=touch${IFS}x", "a;b", "$(id)", "a`id`", "h%n",
+    "node[1-2]", "a,b", "user@host", "'q'", "ünï", "a|b", "*",
+])
+def test_hostfile_hosts_must_be_hostnames(tmp_path, host, capsys):
+    hf = hostfile(tmp_path, f"ok slots=1\n{host} slots=1\n")
+    for launcher_name in ("torchrun", "deepspeed"):
+        with pytest.raises(SystemExit) as exc:
+            main(["--dry-run", "--launcher", launcher_name, "--hostfile", hf])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and len(err.splitlines()) == 2  # usage + the error
+        assert err.splitlines()[1] == (f"slimopt-launch: error: hostfile {hf}, line 2: host "
+                                       f"{host!r} is not {launcher.HOST_RULE}")
+
+
+@pytest.mark.parametrize("addr", ["--nproc_per_node=64", "$(id);x", "a b", "[::1]", "h%h"])
+def test_master_addr_must_be_a_hostname(addr, capsys):
+    for launcher_name in ("torchrun", "deepspeed", "slurm"):
+        with pytest.raises(SystemExit) as exc:
+            main(["--dry-run", "--launcher", launcher_name, "--num-nodes", "1",
+                  "--num-gpus", "1", f"--master-addr={addr}"])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err
+        assert err.splitlines()[-1] == (f"slimopt-launch: error: --master-addr {addr!r} is not "
+                                        f"{launcher.HOST_RULE}")
+
+
+def test_hostnames_and_addresses_that_are_accepted(tmp_path):
+    good = ["worker-0", "node_1.cluster.example.com", "10.0.0.1", "fe80::1", "::1", "GPU7"]
+    hf = hostfile(tmp_path, "".join(f"{h} slots=1\n" for h in good))
+    assert [host for host, _ in build(["--hostfile", hf])] == good
+    for addr in good:
+        (_, argv), = build(["--num-nodes", "2", "--num-gpus", "1", "--master-addr", addr])
+        assert argv[argv.index("--master_addr") + 1] == addr
+
+
+def test_slurm_first_host_must_be_a_hostname(monkeypatch):
+    monkeypatch.setattr(launcher.shutil, "which", lambda name: None)  # no scontrol
+    with pytest.raises(LaunchError, match="SLURM_JOB_NODELIST.*give --master-addr"):
+        build(["--launcher", "slurm", "--num-gpus", "1"],
+              env={"SLURM_JOB_NODELIST": "-oProxyCommand=x", "SLURM_JOB_NUM_NODES": "2"})
+
+
+@pytest.mark.parametrize("module", ["os; id", "-c", "a b", "pkg..mod", "9lives", "$(id)", ""])
+def test_module_must_be_a_dotted_name(module, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--dry-run", "--num-gpus", "1", f"--module={module}"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "--module must name a Python module" in err
+
+
+def test_first_pretrain_argument_cannot_be_double_dash(capsys):
+    for launcher_name in ("torchrun", "deepspeed"):
+        with pytest.raises(SystemExit) as exc:
+            main(["--dry-run", "--launcher", launcher_name, "--num-gpus", "1", "--", "--", "x"])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and "first pretraining argument cannot be '--'" in err
+    (_, argv), = build(["--num-gpus", "1", "--", "x", "--"])  # later, it is passed on
+    assert argv[-2:] == ["x", "--"]
+
+
 def test_missing_hostfile_via_main(tmp_path, capsys):
     missing = str(tmp_path / "nope")
     with pytest.raises(SystemExit) as exc:

@@ -5,10 +5,12 @@ Usage::
     slimopt-launch [LAUNCHER OPTIONS] -- [PRETRAIN ARGS...]
     python -m slimopt.launch.launcher [LAUNCHER OPTIONS] -- [PRETRAIN ARGS...]
 
-Everything after the first ``--`` goes unchanged to the training module (by default
-``slimopt.launch.pretrain``, change it with ``--module``). ``--dry-run`` prints the command(s),
-one per line and shell-quoted, and runs nothing. Otherwise the command is printed to stderr, run,
-and its exit status becomes ours (``128 + N`` when it died of signal ``N``).
+Everything after the first ``--`` reaches the training module (by default
+``slimopt.launch.pretrain``, change it with ``--module``) byte for byte, on every launcher (see
+``deepspeed`` below for how); only a first argument ``--`` is refused, as torchrun's and
+DeepSpeed's parsers would drop it. ``--dry-run`` prints the command(s), one per line and
+shell-quoted, and runs nothing. Otherwise the command is printed to stderr, run, and its exit
+status becomes ours (``128 + N`` when it died of signal ``N``).
 
 Launchers
 ---------
@@ -40,6 +42,21 @@ Launchers
     slot counts is accepted here only (``--num_gpus`` is then left out and each host uses its
     slots).
 
+    Several nodes: DeepSpeed's runner starts them with pdsh, and there the arguments do not stay
+    an argv list: pdsh expands ``%h``/``%u``/``%n`` in every word (pdsh ``pipecmd.c``), ssh joins
+    the words with spaces, and each node's login shell (a POSIX shell: sh, bash, zsh, dash)
+    parses the text again. DeepSpeed itself only puts an argument that contains a space in
+    double quotes, escaping its ``"`` (``PDSHRunner.parse_user_args``). So ``ARGS`` are written
+    for that route (``%`` doubled; then ``$``, backquote and ``\\`` escaped in an argument with
+    a space, which DeepSpeed double-quotes; any other argument single-quoted when needed), and
+    ``--dry-run`` adds a ``#`` line with what the module gets on every node. Before it runs (and
+    on ``--dry-run``) ``slimopt-launch`` checks that the installed DeepSpeed quotes as described
+    and that the working directory, which DeepSpeed sends to the nodes unquoted
+    (``cd DIR;``), needs no quoting; it refuses otherwise. DeepSpeed's other multi-node
+    backends (OpenMPI, MPICH, Intel MPI, MVAPICH, SLURM) pass argv lists, but ``slimopt-launch``
+    does not select them: it always uses DeepSpeed's default, pdsh. One host (a one-line
+    hostfile included) is run by DeepSpeed as an argv list, so the arguments go unquoted.
+
 ``slurm``
     The usual recipe for torchrun under SLURM: one ``srun`` task per node, each a torchrun
     agent that starts the node's ``G`` workers, meeting at a c10d rendezvous on node 0::
@@ -64,7 +81,10 @@ Hostfile
 --------
 DeepSpeed's format: one ``HOSTNAME slots=N`` a line; ``#`` starts a comment, blank lines are
 skipped. The number of hosts gives ``--num-nodes`` and their (equal) slots ``--num-gpus``; an
-explicit ``--num-nodes``/``--num-gpus`` that disagrees is an error.
+explicit ``--num-nodes``/``--num-gpus`` that disagrees is an error. A host, like
+``--master-addr``, must be a hostname or an IP address: letters, digits, ``.``, ``_``, ``:`` and
+``-``, not starting with ``-`` (it becomes a launcher option's value, an ssh argument and a
+word of the nodes' shell command).
 
 ``build_commands(options, pretrain_args)`` is the pure part, returning ``[(host or None,
 argv), ...]``; ``options`` is what ``parse_args`` returns (an ``argparse.Namespace``).
@@ -72,6 +92,8 @@ argv), ...]``; ``options`` is what ``parse_args`` returns (an ``argparse.Namespa
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
 import re
 import shlex
@@ -82,9 +104,10 @@ import sys
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
-__all__ = ["LAUNCHERS", "DEFAULT_MODULE", "DEFAULT_MASTER_PORT", "LaunchError", "Plan",
-           "read_hostfile", "first_slurm_host", "parse_args", "resolve", "commands_for",
-           "build_commands", "run_command", "main"]
+__all__ = ["LAUNCHERS", "DEFAULT_MODULE", "DEFAULT_MASTER_PORT", "HOST_RULE", "LaunchError",
+           "Plan", "is_host", "read_hostfile", "first_slurm_host", "parse_args", "resolve",
+           "pdsh_word", "deepspeed_pdsh_quoting", "commands_for", "build_commands",
+           "check_pdsh_cwd", "check_deepspeed_pdsh", "nodes_note", "run_command", "main"]
 
 LAUNCHERS = ("torchrun", "deepspeed", "slurm")
 DEFAULT_MODULE = "slimopt.launch.pretrain"
@@ -98,6 +121,16 @@ class LaunchError(ValueError):
 
 # ---------------------------------------------------------------------------------------------
 # hostfile and SLURM node lists
+
+_HOST = re.compile(r"[A-Za-z0-9_.:][A-Za-z0-9_.:-]*")
+HOST_RULE = ("a hostname or IP address (letters, digits, '.', '_', ':' and '-', not starting "
+             "with '-')")
+
+
+def is_host(name: str) -> bool:
+    """Whether ``name`` can be used as a host or master address: nothing a shell, ssh, pdsh's
+    host lists or a launcher's option parser would read as anything but one name."""
+    return _HOST.fullmatch(name) is not None
 
 
 def read_hostfile(path) -> list[tuple[str, int]]:
@@ -123,6 +156,8 @@ def read_hostfile(path) -> list[tuple[str, int]]:
         if len(fields) != 2 or not fields[1].startswith("slots="):
             raise LaunchError(f"{where}: expected 'HOSTNAME slots=N', got {raw.strip()!r}")
         host, value = fields[0], fields[1][len("slots="):]
+        if not is_host(host):
+            raise LaunchError(f"{where}: host {host!r} is not {HOST_RULE}")
         if not re.fullmatch(r"[0-9]+", value) or int(value) < 1:
             raise LaunchError(f"{where}: slots must be a positive integer, got {value!r}")
         if host in seen:
@@ -167,6 +202,14 @@ def first_slurm_host(nodelist: str) -> str:
     if not host:
         raise LaunchError(f"cannot find a host in SLURM_JOB_NODELIST={nodelist!r}; "
                           "give --master-addr")
+    return host
+
+
+def _slurm_master(nodelist: str) -> str:
+    host = first_slurm_host(nodelist)
+    if not is_host(host):
+        raise LaunchError(f"the first host of SLURM_JOB_NODELIST={nodelist!r}, {host!r}, is not "
+                          f"{HOST_RULE}; give --master-addr")
     return host
 
 
@@ -252,6 +295,12 @@ class Plan:
     module: str
     rdzv_id: str = "slimopt"
 
+    @property
+    def through_pdsh(self) -> bool:
+        """Whether DeepSpeed's runner starts the nodes with pdsh, which hands the arguments to
+        each node's shell as text (several hosts; with one it runs an argv list locally)."""
+        return self.launcher == "deepspeed" and self.num_nodes > 1
+
 
 def _env_int(env: Mapping[str, str], name: str) -> int | None:
     value = env.get(name, "").strip()
@@ -292,10 +341,13 @@ def resolve(options, env: Mapping[str, str] | None = None) -> Plan:
             raise LaunchError(f"{flag} must be an integer >= {low}, got {value!r}")
     if master_port > 65535:
         raise LaunchError(f"--master-port must be at most 65535, got {master_port}")
-    if not module or not isinstance(module, str) or module.startswith("-"):
-        raise LaunchError(f"--module must name a Python module, got {module!r}")
+    if not (isinstance(module, str) and all(part.isidentifier() for part in module.split("."))):
+        raise LaunchError(f"--module must name a Python module (dotted identifiers such as "
+                          f"{DEFAULT_MODULE}), got {module!r}")
     if master_addr is not None and not str(master_addr).strip():
         raise LaunchError("--master-addr is empty")
+    if master_addr is not None and not is_host(str(master_addr)):
+        raise LaunchError(f"--master-addr {master_addr!r} is not {HOST_RULE}")
 
     hosts = None
     if hostfile is not None:
@@ -362,7 +414,7 @@ def resolve(options, env: Mapping[str, str] | None = None) -> Plan:
                 raise LaunchError("--launcher slurm outside a SLURM allocation "
                                   "($SLURM_JOB_NODELIST is not set) needs --master-addr, the "
                                   "address of the first node")
-            master_addr = first_slurm_host(nodelist)
+            master_addr = _slurm_master(nodelist)
         rdzv_id = env.get("SLURM_JOB_ID", "").strip() or "slimopt"
     return Plan(launcher=launcher, num_nodes=num_nodes, num_gpus=num_gpus, node_rank=node_rank,
                 master_addr=master_addr, master_port=master_port, hostfile=hostfile,
@@ -374,6 +426,23 @@ def _torchrun(plan: Plan, node_rank: int, args: list[str]) -> list[str]:
             "--nnodes", str(plan.num_nodes), "--nproc_per_node", str(plan.num_gpus),
             "--node_rank", str(node_rank), "--master_addr", plan.master_addr,
             "--master_port", str(plan.master_port), "-m", plan.module, *args]
+
+
+def deepspeed_pdsh_quoting(words: Sequence[str]) -> list[str]:
+    """What DeepSpeed's ``PDSHRunner.parse_user_args`` (0.19,
+    ``deepspeed/launcher/multinode_runner.py``) does to the arguments: one that contains a space
+    is put in double quotes with its ``"`` escaped; the others go as they are."""
+    return ['"{}"'.format(w.replace('"', '\\"')) if " " in w else w for w in words]
+
+
+def pdsh_word(arg: str) -> str:
+    """``arg`` written so that DeepSpeed's pdsh runner, pdsh (which expands ``%h``, ``%u``,
+    ``%n`` and ``%%`` in every word), ssh (which joins the words with spaces) and the node's
+    POSIX shell together turn it back into ``arg``, byte for byte."""
+    arg = arg.replace("%", "%%")
+    if " " in arg:  # DeepSpeed double-quotes it and escapes '"'; escape what "..." still expands
+        return re.sub(r"([$`\\])", r"\\\1", arg)
+    return shlex.quote(arg)  # no space, so DeepSpeed passes it as it is; quote() adds none
 
 
 def _deepspeed(plan: Plan, args: list[str]) -> list[str]:
@@ -404,12 +473,18 @@ def _slurm(plan: Plan, args: list[str]) -> list[str]:
 
 def commands_for(plan: Plan, pretrain_args: Sequence[str]) -> list[tuple[str | None, list[str]]]:
     args = [str(a) for a in pretrain_args]
+    if args[:1] == ["--"]:
+        raise LaunchError("the first pretraining argument cannot be '--': the argument parsers "
+                          "of torchrun and DeepSpeed (argparse) drop it there; leave it out or "
+                          "put it later")
     if plan.launcher == "torchrun":
         if plan.hosts is not None:
             return [(host, _torchrun(plan, rank, args)) for rank, (host, _) in
                     enumerate(plan.hosts)]
         return [(None, _torchrun(plan, plan.node_rank, args))]
     if plan.launcher == "deepspeed":
+        if plan.through_pdsh:
+            args = [pdsh_word(a) for a in args]
         return [(None, _deepspeed(plan, args))]
     return [(None, _slurm(plan, args))]
 
@@ -422,6 +497,56 @@ def build_commands(options, pretrain_args: Sequence[str],
     entry whose host is None (torchrun: this node's command; deepspeed/slurm: the one command
     that starts every node). Raises ``LaunchError`` on bad or contradictory options."""
     return commands_for(resolve(options, env), pretrain_args)
+
+
+# ---------------------------------------------------------------------------------------------
+# several nodes through DeepSpeed's pdsh runner: checks before running, and what the nodes get
+
+_SHELL_SAFE_PATH = re.compile(r"[\w@+=:,./-]+", re.ASCII)  # no quoting needed, no pdsh '%'
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def check_deepspeed_pdsh(cmd: Sequence[str], pretrain_args: Sequence[str]) -> None:
+    """Refuse unless the installed DeepSpeed reads ``cmd`` (our ``deepspeed ...`` argv) as meant
+    and its pdsh runner quotes the arguments as ``deepspeed_pdsh_quoting`` says, which is what
+    ``pdsh_word`` is written for. Raises ``LaunchError``."""
+    sink = io.StringIO()  # DeepSpeed logs on import, its parser on error; the run is a child
+    try:
+        with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+            from deepspeed.launcher.multinode_runner import PDSHRunner
+            from deepspeed.launcher.runner import parse_args as deepspeed_parse_args
+            ds_args = deepspeed_parse_args(list(cmd[1:]))
+            passed = PDSHRunner(ds_args, "").user_arguments
+    except (Exception, SystemExit) as e:  # noqa: BLE001 - whatever stops the check, say it
+        raise LaunchError("--launcher deepspeed on several nodes: cannot check how the installed "
+                          f"DeepSpeed passes the arguments to pdsh ({_one_line(e)}); install "
+                          "DeepSpeed 0.19 in this Python ('pip install deepspeed')") from None
+    words = [pdsh_word(a) for a in pretrain_args]
+    if ds_args.user_args != words or passed != deepspeed_pdsh_quoting(words):
+        raise LaunchError("--launcher deepspeed on several nodes: the installed DeepSpeed passes "
+                          "the arguments to pdsh differently from DeepSpeed 0.19, so they would "
+                          "not reach the nodes unchanged; use DeepSpeed 0.19, or --launcher "
+                          "torchrun (run on every node) or --launcher slurm")
+
+
+def check_pdsh_cwd(cwd: str) -> None:
+    """Refuse a working directory that DeepSpeed's pdsh runner cannot send to the nodes: it
+    writes ``cd DIR;`` into their shell command unquoted."""
+    if not _SHELL_SAFE_PATH.fullmatch(cwd):
+        raise LaunchError(f"--launcher deepspeed on several nodes: the working directory {cwd!r} "
+                          "goes unquoted into the nodes' shell command ('cd DIR;', written by "
+                          "DeepSpeed's pdsh runner); run slimopt-launch from a directory whose "
+                          "path has only letters, digits and '_@+=:,./-'")
+
+
+def nodes_note(plan: Plan, pretrain_args: Sequence[str]) -> str:
+    """The ``#`` line that says what the module gets on every node when ``plan.through_pdsh``."""
+    return (f"# the arguments above are quoted for the nodes' shell (DeepSpeed starts the nodes "
+            f"with pdsh over ssh); on every node {plan.module} gets sys.argv[1:] == "
+            f"{list(pretrain_args)!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -475,14 +600,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     options, pretrain_args = parse_args(argv)
     try:
         plan = resolve(options)
+        commands = commands_for(plan, pretrain_args)
+        if plan.through_pdsh:
+            check_pdsh_cwd(os.getcwd())
+            check_deepspeed_pdsh(commands[0][1], pretrain_args)
     except LaunchError as e:
         parser.error(str(e))
-    commands = commands_for(plan, pretrain_args)
+    note = nodes_note(plan, pretrain_args) if plan.through_pdsh else None
     if options.dry_run:
         for host, cmd in commands:
             if host is not None:
-                print(f"# on {host}")
+                print(f"# on {shlex.quote(host)}")
             print(shlex.join(cmd))
+        if note is not None:
+            print(note)
         sys.stdout.flush()
         return 0
 
@@ -504,8 +635,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                          "--launcher torchrun")
         cmd[0] = exe
     if host is not None:
-        print(f"# on {host} (node rank {plan.node_rank})", file=sys.stderr)
-    print(shlex.join(cmd), file=sys.stderr, flush=True)
+        print(f"# on {shlex.quote(host)} (node rank {plan.node_rank})", file=sys.stderr)
+    print(shlex.join(cmd), file=sys.stderr)
+    if note is not None:
+        print(note, file=sys.stderr)
+    sys.stderr.flush()
     try:
         return run_command(cmd)
     except OSError as e:
