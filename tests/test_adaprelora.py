@@ -8,8 +8,8 @@ from torch import nn
 import slimopt
 from slimopt.lora import LoRALinear, ReLoRA, apply_lora, find_lora_pairs, lora_param_groups, \
     merge_and_reset_
-from slimopt.optimizers.core.lora_preconditioner import (adafactor_statistics_, factor_update,
-                                                         reachable_gradient)
+from slimopt.optimizers.core.lora_preconditioner import (adafactor_statistics_, adafactor_weights,
+                                                         factor_update, reachable_gradient)
 
 DT = torch.float64
 
@@ -112,6 +112,18 @@ def test_statistics_equal_torch_adafactor():
         adafactor_statistics_(row, col, grad, t)
         torch.testing.assert_close(row, ref.state[w]["row_var"].flatten(), rtol=1e-14, atol=0)
         torch.testing.assert_close(col, ref.state[w]["col_var"].flatten(), rtol=1e-14, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_weights_floor_is_representable(dtype):
+    """Zero statistics (a first gradient of zeros): the floor eps1 = 1e-30 must not square to 0
+    (1e-60 is 0 in float32), else q = 0 and grad / q is 0 / 0 (review defect 2)."""
+    row, col = torch.zeros(5, dtype=dtype), torch.zeros(7, dtype=dtype)
+    col[0] = 4.0
+    p, q = adafactor_weights(row, col, 1e-30)
+    assert (p > 0).all() and (q > 0).all() and p.isfinite().all() and q.isfinite().all()
+    assert q[0] == 2.0 and q[1] == torch.tensor(1e-30, dtype=dtype)
+    assert (torch.zeros(7, dtype=dtype) / q).eq(0).all()
 
 
 def _pair_module(m=8, n=6, r=3, seed=0):

@@ -8,7 +8,7 @@ from .core import SlimOptimizer
 from .core.adam import decoupled_weight_decay_
 from .core.lora_preconditioner import (adafactor_statistics_, adafactor_weights, factor_update,
                                        reachable_gradient, step_rms)
-from .core.validation import check_gradient, check_nonnegative, check_positive
+from .core.validation import check_nonnegative, check_positive, is_finite_real
 
 
 class AdaPreLoRA(SlimOptimizer):
@@ -34,14 +34,31 @@ class AdaPreLoRA(SlimOptimizer):
 
     State per pair: ``m + n`` statistics, plus ``(m + n) r`` momentum when ``beta1 > 0``.
     ``lr`` also serves the AdamW group; ``betas``/``eps`` are AdamW's.
+
+    ``lora_scale`` is ``s``: read from the model's LoRA layers when a model is given (an explicit
+    ``lora_scale`` is then refused, it would contradict the model); with groups, a group's own
+    ``lora_scale`` wins and the option is the default for groups without one.
+    A pair is stepped as a unit: both factors need a gradient, or neither (then it is skipped,
+    as torch skips a parameter without one); a pair where only one factor has a gradient raises
+    ``ValueError`` before anything is updated. Factors in bfloat16 or float16 are stepped in
+    float32 (``torch.linalg.solve`` takes neither) and keep their statistics in float32; the dense
+    AdamW group refuses float16 parameters as every slimopt optimizer does.
     """
 
     option_defaults = dict(beta1=0.9, beta2_decay=-0.8, eps1=1e-30, damping=1e-6,
                            clip_threshold=1.0, statistics="reachable", lora_scale=1.0)
+    optional_state_keys = frozenset({"momentum_steps"})
 
     def __init__(self, params, lr=1e-3, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8, *,
                  nonfinite="skip", **options):
+        if "lora_scale" in options:
+            check_positive("lora_scale", options["lora_scale"])
         if isinstance(params, nn.Module):
+            if "lora_scale" in options:
+                raise ValueError("lora_scale is read from the model's LoRA layers (alpha / r) when "
+                                 "AdaPreLoRA is given a model; to override it, pass "
+                                 "slimopt.lora.lora_param_groups(model) with the groups' "
+                                 "lora_scale changed")
             from ..lora import lora_param_groups
             params = lora_param_groups(params)
         defaults = dict(lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
@@ -56,8 +73,9 @@ class AdaPreLoRA(SlimOptimizer):
         b1 = group["beta1"]
         if not isinstance(b1, (int, float)) or isinstance(b1, bool) or not 0.0 <= b1 < 1.0:
             raise ValueError(f"beta1 must be in [0, 1), got {b1!r}")
-        if not isinstance(group["beta2_decay"], (int, float)) or group["beta2_decay"] >= 0:
-            raise ValueError(f"beta2_decay must be a negative number, got {group['beta2_decay']!r}")
+        if not is_finite_real(group["beta2_decay"]) or group["beta2_decay"] >= 0:
+            raise ValueError(f"beta2_decay must be a finite negative number, got "
+                             f"{group['beta2_decay']!r}")
         check_positive("eps1", group["eps1"])
         check_nonnegative("damping", group["damping"])
         if group["clip_threshold"] is not None:
@@ -65,6 +83,8 @@ class AdaPreLoRA(SlimOptimizer):
         if group["statistics"] != "reachable":
             raise ValueError(f"statistics must be 'reachable', got {group['statistics']!r}")
         check_positive("lora_scale", group["lora_scale"])
+
+    def check_group_params(self, group):
         if not self.is_pair(group):
             return
         group["zero_unit"] = "group"  # under ZeRO the pair is stepped together on one rank
@@ -81,11 +101,20 @@ class AdaPreLoRA(SlimOptimizer):
     def takes_matrix_rule(self, param, group):
         return self.is_pair(group)
 
+    def takes_float16(self, param, group):
+        return self.is_pair(group)  # stepped in float32
+
+    @staticmethod
+    def _work_dtype(p: torch.Tensor) -> torch.dtype:
+        """float64 stays; everything else is computed in float32."""
+        return torch.float64 if p.dtype == torch.float64 else torch.float32
+
     def _init_matrix_state(self, p, group, state):
         A, B = group["params"]
         if p is A:
-            state["row_var"] = torch.zeros(B.shape[0], dtype=p.dtype, device=p.device)
-            state["col_var"] = torch.zeros(A.shape[1], dtype=p.dtype, device=p.device)
+            work = self._work_dtype(p)
+            state["row_var"] = torch.zeros(B.shape[0], dtype=work, device=p.device)
+            state["col_var"] = torch.zeros(A.shape[1], dtype=work, device=p.device)
         if group["beta1"] > 0:
             state["exp_avg"] = torch.zeros_like(p)
 
@@ -99,21 +128,29 @@ class AdaPreLoRA(SlimOptimizer):
                 self.state[p]["momentum_steps"] = 0
 
     # ------------------------------------------------------------------ step
-    def _step_group(self, group):
+    def _check_gradients(self, group):
+        if self.is_pair(group):
+            A, B = group["params"]
+            if (A.grad is None) != (B.grad is None):
+                which = "B" if A.grad is None else "A"
+                raise ValueError(
+                    f"AdaPreLoRA: only one factor of the LoRA pair A {tuple(A.shape)}, B "
+                    f"{tuple(B.shape)} has a gradient ({which}); a pair is stepped as a unit. "
+                    "Give both factors requires_grad=True, or neither, or put the factor in the "
+                    "dense group")
+        return super()._check_gradients(group)
+
+    def _step_group(self, group, finite=None):
         if not self.is_pair(group):
-            return super()._step_group(group)
+            return super()._step_group(group, finite)
+        if finite is None:
+            finite = self._check_gradients(group)
         A, B = group["params"]
-        if A.grad is None or B.grad is None:
-            return
-        for p in (A, B):
-            if p not in self._param_keys:
-                raise RuntimeError("AdaPreLoRA was handed tensors that are not its parameters "
-                                   "(DeepSpeed ZeRO shards?): use slimopt.launch.initialize")
-        for p in (A, B):
-            check_gradient(p.grad, p.shape)
+        if A.grad is None:
+            return  # neither factor has a gradient (one alone was refused above)
         state_a, state_b = self._init_state(A, group), self._init_state(B, group)
-        if not (self._grad_is_finite(A.grad, state_a, A.shape)
-                and self._grad_is_finite(B.grad, state_b, B.shape)):
+        if self._skip_nonfinite(state_a, finite.get(A, True)) \
+                or self._skip_nonfinite(state_b, finite.get(B, True)):
             return
         self._pair_step(group, A, B, state_a, state_b)
 
@@ -122,18 +159,26 @@ class AdaPreLoRA(SlimOptimizer):
         state_a["step"] += 1
         state_b["step"] += 1
         t = state_a["step"]
-        seen = reachable_gradient(A, B, A.grad, B.grad, s, damping)
+        work = self._work_dtype(A)  # .to() is a no-op for float32/float64 factors
+        a, b, grad_a, grad_b = (x.to(work) for x in (A, B, A.grad, B.grad))
+        seen = reachable_gradient(a, b, grad_a, grad_b, s, damping)
         adafactor_statistics_(state_a["row_var"], state_a["col_var"], seen, t,
                               group["beta2_decay"])
         p, q = adafactor_weights(state_a["row_var"], state_a["col_var"], group["eps1"])
-        d_a, d_b = factor_update(A, B, A.grad, B.grad, p, q, s, damping)
+        d_a, d_b = factor_update(a, b, grad_a, grad_b, p, q, s, damping)
         if group["clip_threshold"] is not None:
-            rms = float(step_rms(A, B, d_a, d_b, s))
+            rms = float(step_rms(a, b, d_a, d_b, s))
             if rms > group["clip_threshold"]:
                 d_a.mul_(group["clip_threshold"] / rms)
                 d_b.mul_(group["clip_threshold"] / rms)
+        self._apply_factor_steps(group, ((A, state_a, d_a), (B, state_b, d_b)))
+
+    @staticmethod
+    def _apply_factor_steps(group, steps):
+        """Momentum (bias-corrected), decoupled weight decay and ``X -= lr dX`` per factor."""
         lr, b1 = group["lr"], group["beta1"]
-        for param, state, direction in ((A, state_a, d_a), (B, state_b, d_b)):
+        for param, state, direction in steps:
+            direction = direction.to(param.dtype)
             if b1 > 0:
                 state["momentum_steps"] = state.get("momentum_steps", 0) + 1
                 state["exp_avg"].lerp_(direction, 1.0 - b1)

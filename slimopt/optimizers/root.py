@@ -33,7 +33,7 @@ from ..kernels import MUON_COEFFICIENTS, newton_schulz
 from ..kernels.ns_coefficients import coefficients_for
 from .core import SlimOptimizer
 from .core.adam import decoupled_weight_decay_
-from .core.validation import check_choice, check_int, check_nonnegative
+from .core.validation import check_choice, check_eps, check_int, is_finite_real
 
 LR_SCALES = ("match_rms", "original")
 
@@ -53,6 +53,15 @@ def suppress_outliers(update: torch.Tensor, percentile: float | None) -> torch.T
         return update
     eps = outlier_threshold(update, percentile)
     return torch.minimum(torch.maximum(update, -eps), eps)
+
+
+def coefficients_ok(coeffs) -> bool:
+    """A non-empty list of ``(a, b, c)`` triples of finite real numbers."""
+    try:
+        return len(coeffs) >= 1 and all(len(c) == 3 and all(map(is_finite_real, c))
+                                        for c in coeffs)
+    except TypeError:
+        return False
 
 
 def lr_scale_factor(shape, mode: str) -> float:
@@ -90,22 +99,22 @@ class ROOT(SlimOptimizer):
             raise ValueError(f"percentile must be in (0, 1] or None, got {q!r}")
         check_int("ns_steps", group["ns_steps"], 1)
         check_choice("lr_scale", group["lr_scale"], LR_SCALES)
-        check_nonnegative("ns_eps", group["ns_eps"])
+        check_eps("ns_eps", group["ns_eps"])
         check_choice("ns_dtype", group["ns_dtype"], ("bfloat16", "float32", "float64"))
         coeffs = group["coefficients"]
         if isinstance(coeffs, str):
             check_choice("coefficients", coeffs, ("adaptive", "muon"))
-        else:
-            try:
-                ok = len(coeffs) >= 1 and all(len(c) == 3 for c in coeffs)
-            except TypeError:
-                ok = False
-            if not ok:
-                raise ValueError("coefficients must be 'adaptive', 'muon' or a list of (a, b, c) "
-                                 f"triples, one per step; got {coeffs!r}")
+        elif not coefficients_ok(coeffs):
+            raise ValueError("coefficients must be 'adaptive', 'muon' or a list of (a, b, c) "
+                             f"triples of finite numbers, one per step; got {coeffs!r}")
 
     def takes_matrix_rule(self, param, group):
-        return param.dim() == 2 and not group["dense"]
+        """Non-empty matrices outside dense groups (an empty one gets AdamW: a no-op)."""
+        return param.dim() == 2 and param.numel() > 0 and not group["dense"]
+
+    def takes_float16(self, param, group):
+        """The matrix rule keeps only momentum (no squared gradients): safe in float16."""
+        return self.takes_matrix_rule(param, group)
 
     def _init_matrix_state(self, p, group, state):
         state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)

@@ -52,7 +52,8 @@ def random_tangent(basis: torch.Tensor, tangent_rank, gen: torch.Generator) -> t
 
 class GrassmannWalk(BasisPolicy):
     def __init__(self, angle: float = 0.5, tangent_rank=1, init: str = "svd"):
-        if not (isinstance(angle, (int, float)) and 0.0 < angle <= math.pi / 2):
+        if not (isinstance(angle, (int, float)) and not isinstance(angle, bool)
+                and 0.0 < angle <= math.pi / 2):
             raise ValueError(f"walk_angle must be a number in (0, pi/2], got {angle!r}")
         if tangent_rank not in (1, "full"):
             raise ValueError(f"walk_tangent_rank must be 1 or 'full', got {tangent_rank!r}")

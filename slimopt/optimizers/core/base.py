@@ -8,7 +8,14 @@
 - the **non-finite gradient policy**: with ``nonfinite="skip"`` (default) a parameter whose
   gradient holds NaN or Inf is left untouched for that step (weights, state, step count) and
   ``state["nonfinite_skips"]`` counts it; ``"raise"`` raises ``FloatingPointError``; ``"off"``
-  skips the check (it costs one device sync per parameter);
+  skips the check (it costs one fused norm and one host sync per group);
+- **all-or-nothing steps**: ``step()`` first checks everything that can raise (each group's
+  hyperparameters as they are now, e.g. after a scheduler set them; that each gradient belongs to
+  a parameter, is dense and, with ``"raise"``, finite), then updates: a step that raises has
+  changed nothing. ``add_param_group`` and ``load_state_dict`` likewise check before changing;
+- **float16 parameters** are refused unless the rule they get keeps no squared-gradient
+  statistics in float16 (``takes_float16``): Adam-style second moments underflow there and turn
+  finite gradients into NaN weights, as with ``torch.optim.AdamW``;
 - lazy state creation, or all at once with ``init_state()`` (also on the meta device).
 
 A subclass implements ``takes_matrix_rule``, ``_init_matrix_state`` and ``_matrix_step``.
@@ -18,11 +25,14 @@ from __future__ import annotations
 import torch
 from torch.optim import Optimizer
 
+from . import state_checks
 from .adam import adam_direction, adam_moments_, decoupled_weight_decay_
 from .validation import (check_adam_group, check_choice, check_gradient, check_int,
-                         check_parameter)
+                         check_listed_once, check_parameter)
 
 NONFINITE_MODES = ("skip", "raise", "off")
+FLOAT16_ADVICE = ("use bfloat16, float32 or float64 parameters, or float32 master weights with "
+                  "torch.autocast(dtype=torch.float16)")
 
 
 class SlimOptimizer(Optimizer):
@@ -31,6 +41,8 @@ class SlimOptimizer(Optimizer):
     #: whether betas[1] = 1 is allowed (AdaGrad-style sums; the dense AdamW path then skips
     #: its second-moment bias correction, which would be 0)
     beta2_may_be_one: bool = False
+    #: state keys a rule adds after the state is created (absent from a fresh state)
+    optional_state_keys: frozenset = frozenset()
 
     def __init__(self, params, defaults: dict, *, seed=0, nonfinite="skip", options=None):
         options = options or {}
@@ -53,7 +65,16 @@ class SlimOptimizer(Optimizer):
 
     # ------------------------------------------------------------------ subclass hooks
     def check_group(self, group: dict) -> None:
-        """Validate the method's own hyperparameters of ``group``."""
+        """Validate the method's own hyperparameters of ``group``. Also run at every step (a
+        scheduler may have changed them) and on load: cheap, no side effects."""
+
+    def check_group_params(self, group: dict) -> None:
+        """Validate ``group``'s parameters for the method (once, when the group is added)."""
+
+    def takes_float16(self, param: torch.Tensor, group: dict) -> bool:
+        """Whether the rule ``param`` gets is safe in float16 (none that keeps Adam-style
+        squared-gradient statistics is)."""
+        return False
 
     def takes_matrix_rule(self, param: torch.Tensor, group: dict) -> bool:
         raise NotImplementedError
@@ -66,28 +87,52 @@ class SlimOptimizer(Optimizer):
 
     # ------------------------------------------------------------------ set-up
     def add_param_group(self, param_group: dict) -> None:
+        """torch's, with slimopt's checks; a refused group leaves the optimizer as it was."""
+        if isinstance(param_group, dict) and "params" in param_group \
+                and not isinstance(param_group["params"], (torch.Tensor, set)):
+            param_group["params"] = list(param_group["params"])
+            check_listed_once(param_group["params"])
         super().add_param_group(param_group)
         group = self.param_groups[-1]
+        try:
+            self._check_options(group)
+            for p in group["params"]:
+                check_parameter(p)
+                self._check_float16(p, group)
+            self.check_group_params(group)
+        except BaseException:
+            self.param_groups.pop()
+            raise
+        for p in group["params"]:
+            self._param_keys.setdefault(p, len(self._param_keys))
+
+    def _check_options(self, group: dict) -> None:
         check_adam_group(group, self.beta2_may_be_one)
         if not isinstance(group["dense"], bool):
             raise ValueError(f"dense must be True or False, got {group['dense']!r}")
         self.check_group(group)
-        for p in group["params"]:
-            check_parameter(p)
-            self._param_keys.setdefault(p, len(self._param_keys))
 
-    def _init_state(self, p: torch.Tensor, group: dict) -> dict:
-        state = self.state[p]
-        if state:
-            return state
-        state["step"] = 0
-        state["nonfinite_skips"] = 0
-        state["key"] = self._param_keys[p]
+    def _check_float16(self, p: torch.Tensor, group: dict) -> None:
+        if p.dtype == torch.float16 and not self.takes_float16(p, group):
+            raise ValueError(
+                f"{type(self).__name__}: float16 parameters are not supported (one of shape "
+                f"{tuple(p.shape)}): the rule it gets keeps squared-gradient statistics, which "
+                "underflow in float16 and turn finite gradients into NaN weights (as in "
+                f"torch.optim.AdamW); {FLOAT16_ADVICE}")
+
+    def _fresh_state(self, p: torch.Tensor, group: dict, key: int) -> dict:
+        state = {"step": 0, "nonfinite_skips": 0, "key": key}
         if self.takes_matrix_rule(p, group):
             self._init_matrix_state(p, group, state)
         else:
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
+    def _init_state(self, p: torch.Tensor, group: dict) -> dict:
+        state = self.state[p]
+        if not state:
+            state.update(self._fresh_state(p, group, self._param_keys[p]))
         return state
 
     @torch.no_grad()
@@ -116,17 +161,55 @@ class SlimOptimizer(Optimizer):
         flags = torch.stack([n.float() for n in norms]).isfinite().tolist()
         return dict(zip(grads, flags))
 
-    def _grad_is_finite(self, grad: torch.Tensor, state: dict, shape, finite=None) -> bool:
-        """``finite``: the flag from ``_finite_flags`` if computed, else it is computed here."""
-        if finite is None:
-            finite = self.nonfinite == "off" or grad.is_meta or bool(torch.isfinite(grad).all())
-        if self.nonfinite == "off" or finite:
-            return True
+    def _check_groups_now(self) -> None:
+        """Every group's hyperparameters as they are now (a scheduler may have set them)."""
+        for index, group in enumerate(self.param_groups):
+            try:
+                self._check_options(group)
+            except KeyError as err:
+                raise ValueError(f"{type(self).__name__}: parameter group {index} lacks the "
+                                 f"option {err}") from None
+            except ValueError as err:
+                raise ValueError(f"{type(self).__name__}: parameter group {index}: {err} (checked "
+                                 "at step time: set after construction, e.g. by a learning-rate "
+                                 "scheduler?)") from None
+
+    def _check_gradients(self, group: dict) -> dict:
+        """Everything about ``group``'s gradients that can raise, before any update; returns the
+        finiteness flags of ``_finite_flags``."""
+        params = [p for p in group["params"] if p.grad is not None]
+        for p in params:
+            if p not in self._param_keys:
+                raise RuntimeError(
+                    f"{type(self).__name__} was handed a tensor of shape {tuple(p.shape)} that is "
+                    "not one of its parameters: DeepSpeed ZeRO replaces the parameters by flat "
+                    "shards, which would silently turn matrix rules into vector rules. Create "
+                    "the engine with slimopt.launch.initialize instead of deepspeed.initialize.")
+            check_gradient(p.grad, p.shape)
+            self._check_float16(p, group)
+        finite = self._finite_flags(params)
         if self.nonfinite == "raise":
-            raise FloatingPointError(f"{type(self).__name__}: non-finite gradient for a parameter "
-                                     f"of shape {tuple(shape)} at step {state['step']}")
-        state["nonfinite_skips"] += 1
-        return False
+            bad = [p for p, ok in finite.items() if not ok]
+            if bad:
+                raise FloatingPointError(
+                    f"{type(self).__name__}: non-finite gradient for a parameter of shape "
+                    f"{tuple(bad[0].shape)} at step {self.state.get(bad[0], {}).get('step', 0)} "
+                    f"({len(bad)} parameter(s) in the group); nothing was updated")
+        return finite
+
+    def _prepare_step(self) -> list:
+        """All checks of a step, before anything changes: per group, the flags of
+        ``_check_gradients`` (None for a ZeRO partition, which the bridge checks per unit)."""
+        self._check_groups_now()
+        return [None if self._zero_bridge is not None and "zero_index" in group
+                else self._check_gradients(group) for group in self.param_groups]
+
+    @staticmethod
+    def _skip_nonfinite(state: dict, finite: bool) -> bool:
+        """Count and skip a non-finite gradient (``"raise"`` has raised already)."""
+        if not finite:
+            state["nonfinite_skips"] += 1
+        return not finite
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -136,48 +219,28 @@ class SlimOptimizer(Optimizer):
                 loss = closure()
         if self.skip_zero_first_step and not self.state and self._all_grads_zero():
             return loss  # DeepSpeed's step inside initialize (ZeRO-0 + bf16): not a real step
-        for group in self.param_groups:
-            if self._zero_bridge is not None and "zero_index" in group:
+        for group, finite in zip(self.param_groups, self._prepare_step()):
+            if finite is None:
                 self._zero_bridge.step_group(self, group)
             else:
-                self._step_group(group)
+                self._step_group(group, finite)
         return loss
 
     def _all_grads_zero(self) -> bool:
         return all(p.grad is None or not bool(p.grad.any())
                    for g in self.param_groups for p in g["params"])
 
-    # ------------------------------------------------------------------ DeepSpeed ZeRO
-    def attach_zero_bridge(self, bridge) -> None:
-        """Route steps of DeepSpeed's flat partitions through ``bridge`` (see
-        ``slimopt.launch.zero``); ``slimopt.launch.initialize`` does this."""
-        self._zero_bridge = bridge
-
-    def state_dict(self):
-        if self._zero_bridge is not None:
-            return self._zero_bridge.state_dict(self)
-        return super().state_dict()
-
-    def load_state_dict(self, state_dict):
-        if self._zero_bridge is not None:
-            return self._zero_bridge.load_state_dict(self, state_dict)
-        return super().load_state_dict(state_dict)
-
-    def _step_group(self, group: dict) -> None:
-        """One step for every parameter of ``group`` (a subclass may treat a group as a unit)."""
-        finite = self._finite_flags(group["params"])
+    def _step_group(self, group: dict, finite: dict | None = None) -> None:
+        """One step for every parameter of ``group`` (a subclass may treat a group as a unit).
+        ``finite``: the flags of ``_check_gradients``; without them (the ZeRO bridge's call, one
+        unit at a time) the group is checked here first."""
+        if finite is None:
+            finite = self._check_gradients(group)
         for p in group["params"]:
             if p.grad is None:
                 continue
-            if p not in self._param_keys:
-                raise RuntimeError(
-                    f"{type(self).__name__} was handed a tensor of shape {tuple(p.shape)} that is "
-                    "not one of its parameters: DeepSpeed ZeRO replaces the parameters by flat "
-                    "shards, which would silently turn matrix rules into vector rules. Create "
-                    "the engine with slimopt.launch.initialize instead of deepspeed.initialize.")
-            check_gradient(p.grad, p.shape)
             state = self._init_state(p, group)
-            if not self._grad_is_finite(p.grad, state, p.shape, finite.get(p, True)):
+            if self._skip_nonfinite(state, finite.get(p, True)):
                 continue
             if self.takes_matrix_rule(p, group):
                 self._matrix_step(p, group, state)
@@ -194,6 +257,60 @@ class SlimOptimizer(Optimizer):
                                    beta1, beta2, group["eps"])
         decoupled_weight_decay_(p, group["lr"], group["weight_decay"])
         p.add_(direction, alpha=-group["lr"])
+
+    # ------------------------------------------------------------------ DeepSpeed ZeRO
+    def attach_zero_bridge(self, bridge) -> None:
+        """Route steps of DeepSpeed's flat partitions through ``bridge`` (see
+        ``slimopt.launch.zero``); ``slimopt.launch.initialize`` does this."""
+        self._zero_bridge = bridge
+
+    def state_dict(self):
+        if self._zero_bridge is not None:
+            return self._zero_bridge.state_dict(self)
+        state = super().state_dict()
+        state[state_checks.CLASS_KEY] = type(self).__name__
+        return state
+
+    def load_state_dict(self, state_dict):
+        """torch's, after ``check_state_dict``: a state that does not fit is refused with a
+        ``ValueError`` and the optimizer is left as it was."""
+        if self._zero_bridge is not None:
+            return self._zero_bridge.load_state_dict(self, state_dict)
+        self.check_state_dict(state_dict)
+        return super().load_state_dict(state_dict)
+
+    # ------------------------------------------------------------------ checkpoints
+    def expected_state(self, group: dict) -> list:
+        """The fresh state of each parameter of ``group`` (meta tensors: shapes only), what a
+        loaded state must match; ``group["params"]`` may be any tensors of the parameters'
+        shapes and dtypes (the ZeRO bridge can pass its own)."""
+        metas = [torch.empty_like(p, device="meta") for p in group["params"]]
+        meta_group = dict(group, params=metas)
+        return [self._fresh_state(m, meta_group, 0) for m in metas]
+
+    def check_state_dict(self, state_dict) -> None:
+        """Raise a ``ValueError`` naming what does not fit if ``state_dict`` (a plain, non-ZeRO
+        ``state_dict()``) cannot be loaded into this optimizer: another class or format, invalid
+        or missing group options, parameter states of other shapes or keys. Changes nothing.
+        A state without the class marker (older slimopt) is checked on everything else."""
+        name = type(self).__name__
+        state_checks.check_format(state_dict, name)
+        saved_groups, state = state_dict["param_groups"], state_dict["state"]
+        state_checks.check_group_layout(saved_groups, self.param_groups)
+        state_checks.check_param_indices(state, saved_groups)
+        for index, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            state_checks.check_group_options(saved, self.defaults, index)
+            merged = dict(saved, params=group["params"])
+            try:
+                self._check_options(merged)
+            except ValueError as err:
+                raise ValueError(f"{name}: group {index} of the state: {err}") from None
+            expected = self.expected_state(merged)
+            for i, (k, p) in enumerate(zip(saved["params"], group["params"])):
+                if k in state:
+                    where = f"parameter {k} (group {index}, shape {tuple(p.shape)})"
+                    state_checks.check_param_state(state[k], expected[i],
+                                                   self.optional_state_keys, where)
 
     # ------------------------------------------------------------------ diagnostics
     def nonfinite_skips(self) -> int:

@@ -28,9 +28,13 @@ def adafactor_statistics_(row_var: torch.Tensor, col_var: torch.Tensor, grad: to
 
 def adafactor_weights(row_var: torch.Tensor, col_var: torch.Tensor, eps1: float):
     """``(p, q)`` with ``p q^T = sqrt(R C^T / mean(R))``, Adafactor's RMS estimate, floored at
-    ``eps1`` (``sqrt`` of ``eps1^2``, as torch clamps the variance)."""
-    p = (row_var / row_var.mean().clamp(min=eps1)).clamp(min=eps1).sqrt()
-    q = col_var.clamp(min=eps1 * eps1).sqrt()
+    ``eps1``. ``q = max(sqrt(C), eps1)`` equals torch's ``sqrt(max(C, eps1^2))`` but cannot
+    underflow: Adafactor's ``eps1^2 = 1e-60`` is 0 in float32, which made ``q = 0`` for a zero
+    column and ``grad / q`` NaN. The floor is raised to the dtype's smallest normal number when
+    ``eps1`` is below it, so it is never 0."""
+    floor = max(float(eps1), torch.finfo(row_var.dtype).tiny)
+    p = (row_var / row_var.mean().clamp(min=floor)).clamp(min=floor).sqrt()
+    q = col_var.sqrt().clamp(min=floor)
     return p, q
 
 

@@ -53,6 +53,8 @@ class SubspaceOptimizer(SlimOptimizer):
         check_int("update_interval", group["update_interval"], 1)
         check_choice("moment_rule", group["moment_rule"], MOMENT_RULES)
         self.policy_from_group(group)
+
+    def check_group_params(self, group: dict) -> None:
         if group["rank"] is None or group["dense"]:
             return
         dense_shapes = [tuple(p.shape) for p in group["params"]
@@ -120,7 +122,10 @@ class SubspaceOptimizer(SlimOptimizer):
         """The basis ``S`` (``d x r``, canonical orientation) a low-rank parameter used at its last
         step, regenerated if the policy does not store it; ``None`` for dense parameters or before
         the first step."""
-        group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
+        group = next((g for g in self.param_groups if any(q is p for q in g["params"])), None)
+        if group is None:
+            raise ValueError(f"current_basis: the tensor of shape {tuple(p.shape)} is not one of "
+                             f"this {type(self).__name__}'s parameters")
         state = self.state.get(p)
         if not state or not self.takes_matrix_rule(p, group) or state["step"] == 0:
             return None

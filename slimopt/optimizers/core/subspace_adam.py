@@ -28,6 +28,7 @@ class SubspaceAdam(SubspaceOptimizer):
     """
 
     option_defaults = dict(moment_rule="keep", recovery=False, residual="orthogonal", limiter=1.01)
+    optional_state_keys = frozenset({"recovery_norm"})
 
     def __init__(self, params, lr=1e-3, rank=128, update_interval=200, betas=(0.9, 0.999),
                  eps=1e-8, weight_decay=1e-2, scale=0.25, *, seed=0, nonfinite="skip", **options):

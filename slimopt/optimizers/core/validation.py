@@ -6,9 +6,18 @@ import numbers
 
 import torch
 
+#: the smallest eps accepted: the smallest normal float32 (and bfloat16) number, so that an eps
+#: added to a zero denominator never rounds to 0 (0 / 0 would turn a zero gradient into NaN)
+EPS_MIN = torch.finfo(torch.float32).tiny
+
 
 def _is_real(x) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def is_finite_real(x) -> bool:
+    """A real number (not a bool, not a tensor) that is neither NaN nor infinite."""
+    return _is_real(x) and math.isfinite(x)
 
 
 def check_nonnegative(name: str, value) -> None:
@@ -19,6 +28,13 @@ def check_nonnegative(name: str, value) -> None:
 def check_positive(name: str, value) -> None:
     if not _is_real(value) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def check_eps(name: str, value) -> None:
+    """An eps that keeps ``x / (y + eps)`` finite for ``y = 0`` in float32 and bfloat16."""
+    if not _is_real(value) or not math.isfinite(value) or value < EPS_MIN:
+        raise ValueError(f"{name} must be a finite number >= {EPS_MIN:.4g} (the smallest normal "
+                         f"float32, so that it never rounds to 0), got {value!r}")
 
 
 def check_betas(betas, beta2_may_be_one: bool = False) -> None:
@@ -50,7 +66,7 @@ def check_adam_group(group: dict, beta2_may_be_one: bool = False) -> None:
     """The hyperparameters every slimopt Adam-style group shares."""
     check_nonnegative("lr", group["lr"])
     check_betas(group["betas"], beta2_may_be_one)
-    check_nonnegative("eps", group["eps"])
+    check_eps("eps", group["eps"])
     check_nonnegative("weight_decay", group["weight_decay"])
 
 
@@ -60,6 +76,17 @@ def check_parameter(param: torch.Tensor) -> None:
     if param.is_complex():
         raise ValueError(f"complex parameters are not supported (got a {param.dtype} parameter "
                          f"of shape {tuple(param.shape)}); optimize torch.view_as_real(p) instead")
+
+
+def check_listed_once(params) -> None:
+    """Refuse a parameter listed twice in one group (it would be stepped twice per step)."""
+    seen = set()
+    for p in params:
+        tensor = p[1] if isinstance(p, tuple) and len(p) == 2 else p
+        if id(tensor) in seen:
+            raise ValueError(f"a parameter of shape {tuple(getattr(tensor, 'shape', ()))} is listed "
+                             "more than once in a parameter group; list each parameter once")
+        seen.add(id(tensor))
 
 
 def check_gradient(grad: torch.Tensor, shape) -> None:
