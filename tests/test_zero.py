@@ -2,6 +2,7 @@
 single-process run per optimizer x stage, gradient accumulation, bf16, per-rank state bytes,
 checkpoint resume, the negative control, and the refusals and JSON errors."""
 import json
+import math
 import os
 import socket
 import subprocess
@@ -22,20 +23,51 @@ SCENARIOS = ([f"{o}:{s}:fp32:1" for o in OPTIMIZERS for s in (0, 1, 2, 3)]
              + ["adaprelora:0:bf16:1", "adaprelora:2:bf16:1", "adaprelora:3:bf16:1"]
              + ["ckpt:grasswalk:2", "ckpt:adaprelora:1", "ckpt:grasswalk:3", "ckpt:adaprelora:3"]
              + ["naive:grasswalk:1", "naive:grasswalk:3", "grads:3"])
-# tolerances, measured values in brackets
-FP32_TOL = 1e-6        # ZeRO-0/1/2 vs one process, fp32 (0.0)
-ACCUM_TOL = 5e-4       # gradient accumulation 2 changes the summation order (6.4e-5; ZeRO-3 2.5e-5)
-BF16_VS_FP32_TOL = 5e-2  # bf16 weights and activations vs the fp32 single process (2.0e-2)
-# ZeRO-3's own gradients differ from ZeRO-0's by float rounding (the grads:3 probe: 3e-8 on
-# gradients of 1e-2), and 3 steps carry that through each rule: GrassWalk 5.8e-6, GrassJump
-# 6.4e-7, SARA 2.4e-7, SNSM 1.2e-7, AdaPreLoRA 2.8e-7; ROOT 2.5e-4 (its percentile clamp picks
-# different entries). The negative control is at 1e-2.
-ZERO3_TOL = {"root": 1e-3}
-ZERO3_DEFAULT_TOL = 5e-5
-GRADIENT_ROUNDING_TOL = 1e-6
-# bf16 ZeRO-3 vs bf16 ZeRO-0, in bf16 spacings at each tensor's largest weight (GrassWalk 0,
-# AdaPreLoRA 1.4: a few weights rounded the other way)
-BF16_ZERO3_ULPS = 3.0
+# Tolerances: every comparison is exact by construction on any machine, or it is not made.
+# - The bridge: ``replay_diff``, the engine's fp32 master weights against the optimizer run in
+#   one process on DeepSpeed's own gradients (read with ``safe_get_full_grad``) from the same
+#   start. Same inputs, same operations, so 0.0 on any CPU and for every stage, precision and
+#   accumulation (measured 0.0 in all 96 combinations).
+# - End to end against one process on the same global batch, only where the optimizer's inputs
+#   are bitwise the reference's: fp32 ZeRO-0 (any accumulation) and fp32 ZeRO-1/2 without
+#   accumulation. Each rank's gradient comes from the same torch ops on the same rows, a 2-rank
+#   sum is commutative and the 1/2 scale exact (measured 0.0).
+# FP32_TOL is slack for the one thing that may still differ: a BLAS kernel whose rounding
+# depends on memory alignment (ZeRO-1/2 steps views into DeepSpeed's flat buffer): 1e-6 is 8
+# fp32 spacings of the largest weights here (|w| <= 1), far below any change of the rule.
+# Not compared end to end: ZeRO-3 (its linear wrapper runs other matmul kernels), gradient
+# accumulation under ZeRO-1/2/3 (another summation order) and bf16 (bf16 sums): their gradients
+# differ from the reference's by rounding, and no rounding bound carries through these rules.
+# An Adam-type step is lr * sign(g) at |g| >> eps, so a gradient entry within rounding of zero
+# flips a step: 2 lr = 0.02 apart after one step, up to 2 * STEPS * lr = 0.06 after three,
+# however small the perturbation (bf16 GrassWalk vs fp32 is at 0.0199, one flip; ROOT's
+# percentile clamp and AdaPreLoRA's damped solves are not even continuous or well-conditioned).
+# The old bounds (5e-5, ROOT 1e-3, accumulation 5e-4, 3 bf16 spacings, 1.25x ZeRO-0's distance,
+# bf16 vs fp32 5e-2) were measured values times a margin: adaprelora:3:bf16:1 sat at 3.42
+# spacings against 3.0 on a fresh machine. The replay holds all of these to FP32_TOL instead.
+FP32_TOL = 1e-6
+# DeepSpeed's own ZeRO-3 gradients vs ZeRO-0's (plain SGD, the grads:3 probe): each of the about
+# 20 matmuls on a gradient's path (2 layers' attention and MLP, the head) rounds within
+# gamma_K ~ K * u of its operands' scale (inner size K <= 64, u = 2**-24); two evaluations by
+# different kernels within twice that: 2 * 20 * 64 * 2**-24 = 1.5e-4 of the largest gradient
+# (measured 2.7e-7).
+GRADIENT_ROUNDING_REL = 2 * 20 * 64 * 2.0 ** -24
+
+
+def _exact_by_construction(stage, dtype, accum):
+    """The optimizer's inputs are bitwise the single-process reference's (see above)."""
+    return dtype == "fp32" and (stage == "0" or (stage in ("1", "2") and accum == "1"))
+
+
+def _check_row(row, scenario):
+    """What every scenario guarantees (see the tolerances above)."""
+    name, stage, dtype, accum = scenario.split(":")
+    assert row["init_moved"] == 0.0  # initialize never steps (ZeRO-0 + bf16's zero-grad step)
+    assert row["replay_diff"] <= FP32_TOL  # the exact single-process rule on DeepSpeed's grads
+    assert row["weights_vs_masters"] == 0.0  # the model computes with the stepped masters
+    if _exact_by_construction(stage, dtype, accum):
+        assert row["max_diff"] <= FP32_TOL
+    assert math.isfinite(row["max_diff"])
 
 
 def _free_port():
@@ -66,20 +98,10 @@ def results(tmp_path_factory):
 @pytest.mark.parametrize("scenario", [s for s in SCENARIOS if not s.startswith(("ckpt", "naive", "grads"))])
 def test_equals_single_process(results, scenario):
     row = results[scenario]
+    _check_row(row, scenario)
     name, stage, dtype, accum = scenario.split(":")
-    assert row["init_moved"] == 0.0  # initialize never steps (ZeRO-0 + bf16's zero-grad step)
-    if dtype == "bf16":
-        assert row["max_diff"] < BF16_VS_FP32_TOL
-        if stage in ("1", "2"):
-            assert row["max_diff_vs_stage0"] <= FP32_TOL  # bf16 ZeRO-k equals bf16 ZeRO-0
-        elif stage == "3":  # ZeRO-3's gradient rounding may flip a bf16 rounding: 1 ulp
-            assert row["max_bf16_ulps_vs_stage0"] <= BF16_ZERO3_ULPS
-    elif accum != "1":
-        assert row["max_diff"] <= ACCUM_TOL
-    elif stage == "3":
-        assert row["max_diff"] <= ZERO3_TOL.get(name, ZERO3_DEFAULT_TOL)
-    else:
-        assert row["max_diff"] <= FP32_TOL
+    if dtype == "bf16" and stage in ("1", "2"):  # bf16 ZeRO-1/2 do ZeRO-0's arithmetic
+        assert row["max_diff_vs_stage0"] <= FP32_TOL
 
 
 @pytest.mark.parametrize("name", OPTIMIZERS)
@@ -99,16 +121,19 @@ def test_checkpoint_resume_is_exact(results):
 
 
 def test_negative_control_differs(results):
-    # the optimizer run on DeepSpeed's flat shards (a vector rule on fragments) is visibly wrong
-    assert results["naive:grasswalk:1"]["max_diff"] > 1e-2
-    assert results["naive:grasswalk:3"]["max_diff"] > 1e-2
+    # the optimizer run on DeepSpeed's flat shards (a vector rule on fragments) is visibly wrong,
+    # end to end and in the replay: more than one step (lr = 1e-2) apart (measured 0.057, 0.044)
+    for stage in (1, 3):
+        row = results[f"naive:grasswalk:{stage}"]
+        assert row["max_diff"] > 1e-2
+        assert row["replay_diff"] > 1e-2
 
 
 def test_zero3_gradients_differ_only_by_rounding(results):
-    # the source of the ZeRO-3 tolerance: DeepSpeed's gradients, not slimopt's bridge
+    # why ZeRO-3 is not compared end to end: DeepSpeed's gradients differ, not slimopt's bridge
     row = results["grads:3"]
     assert row["max_grad"] > 1e-3
-    assert row["max_diff"] <= GRADIENT_ROUNDING_TOL
+    assert row["max_diff"] <= GRADIENT_ROUNDING_REL * row["max_grad"]
 
 
 FULL_MATRIX = [f"{o}:{s}:{d}:{a}" for o in OPTIMIZERS for d in ("fp32", "bf16") for a in (1, 2)
@@ -123,26 +148,15 @@ def full_matrix():
 @pytest.mark.slow
 @pytest.mark.parametrize("scenario", FULL_MATRIX)
 def test_every_optimizer_stage_precision_and_accumulation(full_matrix, scenario):
-    """All 96 combinations (about 2.5 minutes): ``python -m pytest -m slow tests/test_zero.py``.
-    fp32: as the default tests. bf16: DeepSpeed accumulates bf16 micro-batch gradients
-    differently under ZeRO-2/3 than under ZeRO-0/1 (up to 41 bf16 spacings apart after 3 steps,
-    measured), so a bf16 run is held to its distance from the fp32 single process: no more than
-    ZeRO-0's own (x 1.25; measured at most x 1.10)."""
+    """All 96 combinations (about 2.5 minutes): ``python -m pytest -m slow tests/test_zero.py``,
+    held to what the default tests hold (see the tolerances at the top). DeepSpeed accumulates
+    bf16 micro-batch gradients differently under ZeRO-2/3 than under ZeRO-0/1 (up to 41 bf16
+    spacings apart after 3 steps, measured), so bf16 ZeRO-k equals bf16 ZeRO-0 only where it
+    does the same arithmetic: ZeRO-1, and ZeRO-2 without accumulation."""
     row = full_matrix[scenario]
+    _check_row(row, scenario)
     name, stage, dtype, accum = scenario.split(":")
-    assert row["init_moved"] == 0.0
-    if dtype == "fp32":
-        if accum != "1":
-            assert row["max_diff"] <= ACCUM_TOL
-        elif stage == "3":
-            assert row["max_diff"] <= ZERO3_TOL.get(name, ZERO3_DEFAULT_TOL)
-        else:
-            assert row["max_diff"] <= FP32_TOL
-        return
-    baseline = full_matrix[f"{name}:0:{dtype}:{accum}"]["max_diff"]
-    assert row["max_diff"] <= 1.25 * baseline + 1e-3
-    assert row["max_diff"] < 0.1
-    if stage == "1" or (stage == "2" and accum == "1"):
+    if dtype == "bf16" and (stage == "1" or (stage == "2" and accum == "1")):
         assert row["max_diff_vs_stage0"] <= FP32_TOL
 
 

@@ -1,6 +1,8 @@
 """Run under torchrun (2 CPU ranks, gloo): for each scenario, train a tiny LLaMA k steps with
 slimopt.launch.initialize under a ZeRO stage and compare with the same optimizer run in one
-process on the same global batch. Prints one JSON line per scenario on rank 0.
+process on the same global batch, and (``replay_diff``) the engine's fp32 master weights with
+that optimizer run in one process on DeepSpeed's own gradients from the same start (exact on any
+machine). Prints one JSON line per scenario on rank 0.
 
     torchrun --nproc_per_node 2 tests/distributed/zero_worker.py SCENARIO [SCENARIO ...]
 
@@ -98,7 +100,9 @@ def ds_config(name, stage, dtype, accum):
             "steps_per_print": 10 ** 9, "gradient_clipping": 0.0}
 
 
-def train(engine, rank, world, accum, steps, start=0):
+def train(engine, rank, world, accum, steps, start=0, gradients=None):
+    """``steps`` optimizer steps; with a list ``gradients``, append DeepSpeed's averaged
+    gradients of each step (``full_gradients``) as the optimizer is about to see them."""
     data = batches(world, accum)
     per_step = accum * world * MICRO
     for step in range(start, start + steps):
@@ -107,7 +111,57 @@ def train(engine, rank, world, accum, steps, start=0):
             rows = chunk[a, rank]
             loss = engine(input_ids=rows, labels=rows).loss
             engine.backward(loss)
+            if gradients is not None and a == accum - 1:
+                gradients.append(full_gradients(engine))
             engine.step()
+
+
+def trainable(engine):
+    return [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
+
+
+def full_gradients(engine):
+    """DeepSpeed's own averaged gradient of every trainable parameter, full size, in fp32, read
+    through its public ``safe_get_full_grad`` (a collective under ZeRO-1/2/3): independent of
+    slimopt's bridge and its map of the flat partitions."""
+    from deepspeed.utils import safe_get_full_grad
+    return {n: safe_get_full_grad(p).detach().float().clone() for n, p in trainable(engine)}
+
+
+def masters(engine, stage):
+    """The fp32 weights the optimizer steps, full size, by name: DeepSpeed's master copies
+    (``safe_get_full_fp32_param``, a collective, under ZeRO-1/2/3; the bf16 wrapper's
+    ``fp32_groups`` under ZeRO-0), or the parameters themselves in fp32 ZeRO-0."""
+    named = trainable(engine)
+    if stage >= 1:
+        from deepspeed.utils import safe_get_full_fp32_param
+        return {n: safe_get_full_fp32_param(p).detach().float().clone() for n, p in named}
+    wrapper = engine.optimizer
+    copies = {}
+    if hasattr(wrapper, "fp32_groups"):  # ZeRO-0 with bf16: DeepSpeed's FP16_UnfusedOptimizer
+        for low, high in zip(wrapper.fp16_groups, wrapper.fp32_groups):
+            copies.update({id(lp): hp for lp, hp in zip(low, high)})
+    return {n: copies.get(id(p), p).detach().float().clone() for n, p in named}
+
+
+def replay(name, start, gradients):
+    """The optimizer in one process, started from the engine's initial fp32 ``start`` weights
+    and fed DeepSpeed's own ``gradients`` step by step: its weights are what the engine's
+    masters must be if slimopt's bridge steps each matrix with the exact single-process rule.
+    Same inputs, same operations: no rounding path of the machine enters the comparison."""
+    from slimopt.launch.zero import build_from_config
+    model = tiny_llama(name == "adaprelora")
+    opt = build_from_config({"type": "slimopt." + TYPES[name],
+                             "params": dict(OPT_PARAMS[name])}, model)
+    named = dict(model.named_parameters())
+    with torch.no_grad():
+        for n, value in start.items():
+            named[n].copy_(value)
+    for step_gradients in gradients:
+        for n, g in step_gradients.items():
+            named[n].grad = g.clone()
+        opt.step()
+    return {n: named[n].detach().clone() for n in start}
 
 
 def params_of(engine):
@@ -122,14 +176,6 @@ def params_of(engine):
 
 def max_diff(a, b):
     return max(float((a[n] - b[n].float()).abs().max()) for n in b)
-
-
-def max_ulps(a, b):
-    """Largest difference per tensor in units of bf16's spacing at that tensor's largest
-    magnitude (1 = one rounding flip of its largest weights)."""
-    eps = torch.finfo(torch.bfloat16).eps
-    return max(float((a[n] - b[n]).abs().max() / (eps * b[n].abs().max().clamp_min(1e-12)))
-               for n in b)
 
 
 def run_checkpoint(name, stage, tmp):
@@ -164,11 +210,15 @@ def run_naive(name, stage):
     shards += list(getattr(engine.optimizer, "fp32_partitioned_groups_flat", []))
     for p in shards:
         opt._param_keys.setdefault(p, len(opt._param_keys))
-    train(engine, rank, world, 1, STEPS)
+    start, gradients = masters(engine, stage), []
+    train(engine, rank, world, 1, STEPS, gradients=gradients)
+    end = masters(engine, stage)
     got = params_of(engine)
     if rank == 0:
         print(json.dumps({"scenario": f"naive:{name}:{stage}",
-                          "max_diff": max_diff(got, reference(name, 1, world))}), flush=True)
+                          "max_diff": max_diff(got, reference(name, 1, world)),
+                          "replay_diff": max_diff(replay(name, start, gradients), end)}),
+              flush=True)
 
 
 def ds_config_at(name, stage, world):
@@ -302,7 +352,9 @@ def run(name, stage, dtype, accum):
     engine, opt, _, _ = initialize(model=model, config=ds_config(name, stage, dtype, accum))
     dtype_t = next(engine.module.parameters()).dtype
     init_moved = max_diff(params_of(engine), {n: v.to(dtype_t).float() for n, v in initial.items()})
-    train(engine, rank, world, accum, STEPS)
+    start, gradients = masters(engine, stage), []
+    train(engine, rank, world, accum, STEPS, gradients=gradients)
+    end = masters(engine, stage)
     state = slimopt.state_bytes(opt)
     inner = getattr(opt, "optimizer", opt)
     bridge = getattr(inner, "_zero_bridge", None)
@@ -323,8 +375,10 @@ def run(name, stage, dtype, accum):
         print(json.dumps({"scenario": f"{name}:{stage}:{dtype}:{accum}", "max_diff": diff,
                           "max_diff_vs_stage0": None if baseline is None else
                           max_diff(got, baseline),
-                          "max_bf16_ulps_vs_stage0": None if baseline is None else
-                          max_ulps(got, baseline), "init_moved": init_moved, "comm_elements_per_step": comm,
+                          "replay_diff": max_diff(replay(name, start, gradients), end),
+                          "weights_vs_masters": max_diff(
+                              got, {n: v.to(dtype_t) for n, v in end.items()}),
+                          "init_moved": init_moved, "comm_elements_per_step": comm,
                           "trainable": n_params,
                           "state_bytes_per_rank": [int(x) for x in gathered]}), flush=True)
 
