@@ -92,6 +92,7 @@ argv), ...]``; ``options`` is what ``parse_args`` returns (an ``argparse.Namespa
 from __future__ import annotations
 
 import argparse
+
 import contextlib
 import io
 import os
@@ -103,6 +104,8 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from typing import Mapping, Sequence
+
+from .cli_errors import OneLineParser
 
 __all__ = ["LAUNCHERS", "DEFAULT_MODULE", "DEFAULT_MASTER_PORT", "HOST_RULE", "LaunchError",
            "Plan", "is_host", "read_hostfile", "first_slurm_host", "parse_args", "resolve",
@@ -235,7 +238,7 @@ _port = _int_type(1, 65535, what="a port number in 1..65535")
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog=PROG,
         usage=f"{PROG} [options] -- [pretrain args ...]",
         description="Build and run the torchrun / DeepSpeed / SLURM command that starts the "

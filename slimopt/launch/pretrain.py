@@ -35,6 +35,7 @@ import time
 import torch
 
 from ..state_bytes import state_bytes
+from .cli_errors import OneLineParser
 from .checkpoint_io import (CheckpointError, RunLock, check_writable_dir, load_verified,
                             save_atomic, verify_tag_digests, write_tag_digests)
 from .data import DataError, batch_at, load_documents, token_blocks, tokenizer_for
@@ -49,13 +50,6 @@ DEFAULT_GRAD_CLIP = 1.0
 
 class UsageError(Exception):
     """Reported as ``slimopt-pretrain: error: ...`` with exit code 2."""
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (``prog: error: ...``), without the usage."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (--help lists the options)\n")
 
 
 def parse_args(argv=None):
