@@ -164,12 +164,19 @@ RESHARD = ["grasswalk:2", "adaprelora:3", "root:1"]
 
 
 @pytest.fixture(scope="module")
-def resharded(tmp_path_factory):
-    """A checkpoint saved by 2 ranks, merged and loaded by 1 rank, saved again and loaded by 2."""
-    folder = tmp_path_factory.mktemp("reshard")
+def reshard_folder(tmp_path_factory):
+    return tmp_path_factory.mktemp("reshard")
+
+
+@pytest.fixture(scope="module")
+def resharded(reshard_folder):
+    """A checkpoint saved by 2 ranks, merged and loaded by 1 rank, saved again and loaded by 2;
+    the 1-rank job also runs the bridge's load checks on it."""
     rows = {}
     for ranks, phase in ((2, "save"), (1, "load"), (2, "back")):
-        rows.update(torchrun([f"reshard-{phase}:{s}" for s in RESHARD], ranks, folder, 600))
+        scenarios = [f"reshard-{phase}:{s}" for s in RESHARD]
+        scenarios += [f"loadcheck:{s}" for s in RESHARD] if phase == "load" else []
+        rows.update(torchrun(scenarios, ranks, reshard_folder, 600))
     return rows
 
 
@@ -183,13 +190,114 @@ def test_checkpoint_moves_between_world_sizes(resharded, case):
         assert row["max_diff"] <= FP32_TOL
 
 
-def test_reshard_command_errors(tmp_path):
+@pytest.mark.parametrize("case", RESHARD)
+def test_bridge_load_state_dict_refuses_what_does_not_fit(resharded, case):
+    # review row A233: a 1-rank engine accepted rank 0's share of a 2-rank state (half the
+    # matrices silently without state) and wrong-shaped tensors
+    row = resharded[f"loadcheck:{case}"]
+    assert "written at world size 2" in row["share"] and "runs at world size 1" in row["share"]
+    assert "load_resharded" in row["share"]
+    assert f"'{row['tensor_key']}' has shape" in row["wrong_shape"]
+    assert "parameter 9999, which this optimizer does not have" in row["foreign"]
+    assert row["share_unchanged"] and row["wrong_shape_unchanged"] and row["foreign_unchanged"]
+    assert row["own_reloaded"]
+
+
+@pytest.mark.parametrize("case", RESHARD)
+def test_genuine_checkpoints_load_safely(resharded, reshard_folder, case):
+    """DeepSpeed's own files (ZeRO-1/2/3, 2 ranks and 1) and the merged file pass the
+    weights-only checks (no file needs more than ``safe_load.ALLOWED``)."""
+    from slimopt.launch.safe_load import check_deepspeed_tag, load_file
+    from slimopt.launch.zero_checkpoint import FORMAT
+    folder = reshard_folder / f"reshard-{case.replace(':', '-')}"
+    for world in ("w2", "w1"):
+        assert check_deepspeed_tag(folder / world, "two") == os.path.join(folder / world, "two")
+    assert load_file(folder / "merged.pt")[FORMAT] == 1
+
+
+def _damaged_copy(reshard_folder, tmp_path, damage):
+    """A copy of the 2-rank ZeRO-2 tag whose rank-1 optimizer file ``damage(path)`` changed."""
+    import shutil
+    copy = tmp_path / "ckpt"
+    shutil.copytree(reshard_folder / "reshard-grasswalk-2" / "w2", copy)
+    damage(copy / "two" / "zero_pp_rank_1_mp_rank_00_optim_states.pt")
+    return copy
+
+
+def _command_fails(argv, capsys, *needles):
+    """``python -m slimopt.launch.zero_checkpoint`` ends in one line ``error: ...``, exit 2."""
     from slimopt.launch.zero_checkpoint import main
     with pytest.raises(SystemExit) as exc:
-        main([str(tmp_path), str(tmp_path / "out.pt"), "--tag", "nothing"])
+        main([str(a) for a in argv])
     assert exc.value.code == 2
-    with pytest.raises(SystemExit):
-        main([str(tmp_path), str(tmp_path / "out.pt")])  # no 'latest' file
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    for needle in needles:
+        assert needle in err, err
+
+
+def test_reshard_command_errors(resharded, reshard_folder, tmp_path, capsys):
+    from test_safe_load import Planted
+    out = tmp_path / "out.pt"
+    _command_fails([tmp_path, out, "--tag", "nothing"], capsys, "no such checkpoint tag")
+    _command_fails([tmp_path, out], capsys, "no 'latest' file")
+    good = reshard_folder / "reshard-grasswalk-2" / "w2"
+    _command_fails([good, tmp_path / "none" / "out.pt", "--tag", "two"], capsys,
+                   "does not exist")  # review row D20: a RuntimeError traceback before
+
+    def truncate(path):  # review row D17: a RuntimeError traceback before
+        path.write_bytes(path.read_bytes()[:2000])
+
+    def noise(path):  # review row A236: IndexError before
+        path.write_bytes(os.urandom(5000))
+
+    marker = tmp_path / "MARKER"
+
+    def plant(path):
+        data = torch.load(path, weights_only=False)
+        data["extra"] = Planted(marker)
+        torch.save(data, path)
+
+    for name, damage, needle in (("t", truncate, "not a complete torch checkpoint"),
+                                 ("n", noise, "not a complete torch checkpoint"),
+                                 ("p", plant, "not on slimopt's allow-list")):
+        folder = _damaged_copy(reshard_folder, tmp_path / name, damage)
+        _command_fails([folder, out, "--tag", "two"], capsys,
+                       "zero_pp_rank_1_mp_rank_00_optim_states.pt", needle)
+    assert not marker.exists() and not out.exists()
+
+
+def test_reshard_command_writes_atomically(resharded, reshard_folder, tmp_path):
+    from slimopt.launch.safe_load import load_file
+    from slimopt.launch.zero_checkpoint import main
+    out = tmp_path / "merged.pt"
+    out.write_bytes(b"previous")
+    assert main([str(reshard_folder / "reshard-root-1" / "w2"), str(out), "--tag", "two"]) == 0
+    assert load_file(out)["source"]["world_size"] == 2
+    assert os.listdir(tmp_path) == ["merged.pt"]  # no temp file left behind
+
+
+@pytest.mark.parametrize("params, kind", [([1, 2], "a list"), ("abc", "a string"),
+                                          (None, "null")])
+def test_build_from_config_refuses_params_that_are_not_an_object(params, kind):
+    # review rows A216-A218: TypeError/ValueError from dict() before
+    from slimopt.launch.zero import build_from_config
+    with pytest.raises(ValueError, match=f"optimizer.params must be a JSON object.*got {kind}"):
+        build_from_config({"type": "slimopt.GrassWalk", "params": params}, _model())
+
+
+def test_config_sections_must_be_objects(tmp_path):
+    from slimopt.launch.zero import build_from_config, initialize
+    with pytest.raises(ValueError, match='"optimizer" section must be a JSON object.*got a list'):
+        build_from_config(["slimopt.GrassWalk"], _model())
+    with pytest.raises(ValueError, match='"optimizer" section must be a JSON object.*a string'):
+        initialize(model=_model(), config={"optimizer": "slimopt.GrassWalk"})
+    with pytest.raises(ValueError, match="optimizer.type must be a string.*got a number"):
+        build_from_config({"type": 3}, _model())
+    listed = tmp_path / "list.json"
+    listed.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="a DeepSpeed config is a JSON object.*got a list"):
+        initialize(model=_model(), config=str(listed))
 
 
 def _model():

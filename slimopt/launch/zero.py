@@ -24,7 +24,9 @@ and gradients) on the owner, step, ``scatter`` the new pieces back: ``2N/W`` ele
 ``N/W`` received per rank and step; transient memory is one matrix.
 
 Optimizer/parameter offload and fp16 are refused at ``initialize``. Checkpoints go through
-``engine.save_checkpoint``/``load_checkpoint``; ``slimopt.launch.zero_checkpoint`` moves them to
+``engine.save_checkpoint``/``load_checkpoint``; the bridge's ``load_state_dict`` refuses a state
+that does not fit (one rank's share at another world size, another rank's share, other shapes or
+options) before it changes anything; ``slimopt.launch.zero_checkpoint`` moves checkpoints to
 another world size.
 """
 from __future__ import annotations
@@ -35,6 +37,7 @@ import os
 
 import torch
 
+from ..optimizers.core import state_checks
 from ..optimizers.core.base import SlimOptimizer
 from ..param_groups import param_groups
 from .registry import HEAD_IN_MATRIX_GROUP, OPTIMIZERS, RANKED
@@ -69,6 +72,8 @@ class ZeroBridge:
         self.sub_group_of = {}  # id(flat fp32 partition) -> sub-group index
         self.partitions = []  # this rank's flat fp32 partition per sub-group
         self.owner = {}    # (sub-group, unit) -> rank
+        #: param group index -> [(key, full shape)] of its parameters, in the order stepped
+        self.group_params = {}
         self.pieces = {}   # ZeRO-1/2: key -> holders(...) of that parameter
         #: key -> the owned matrix's handle: the state's key, empty between steps
         self.shadows = {}
@@ -92,6 +97,8 @@ class ZeroBridge:
             else:
                 units = [[e] for e in entries]
             self.groups.append(units)
+            self.group_params.setdefault(group_index, []).extend(
+                (key, shape) for key, _, shape, _ in entries)
             if self.stage3:
                 sizes = [sum(_numel(shape) for _, _, shape, _ in unit) for unit in units]
                 owners = assign_owners(sizes, self.world, load)
@@ -137,6 +144,10 @@ class ZeroBridge:
     def partition(self, s):
         """This rank's flat fp32 partition of sub-group ``s`` (DeepSpeed's master weights)."""
         return self.partitions[s]
+
+    def owner_of(self, key):
+        return next(r for (s, u), r in self.owner.items()
+                    if any(k == key for k, _, _, _ in self.groups[s][u]))
 
     def owned_keys(self):
         return [key for (s, u), r in self.owner.items() if r == self.rank
@@ -323,10 +334,11 @@ class ZeroBridge:
         return {"slimopt_zero": 1, "world_size": self.world, "state": state,
                 "param_groups": groups}
 
-    def load_state_dict(self, optimizer, state_dict):
-        if state_dict.get("slimopt_zero") != 1:
-            raise ValueError("not a slimopt ZeRO optimizer state (was it saved by another "
-                             "optimizer?)")
+    def load_state_dict(self, optimizer, state_dict, merged=False):
+        """Load ``state_dict`` after ``check_state_dict`` (a state that does not fit changes
+        nothing). ``merged``: every rank's states in one (``load_resharded``); each rank takes
+        those of the matrices it owns."""
+        self.check_state_dict(optimizer, state_dict, merged)
         for group, saved in zip(optimizer.param_groups, state_dict["param_groups"]):
             group.update({k: v for k, v in saved.items() if k not in ("params", "zero_index")})
         owned = set(self.owned_keys())
@@ -337,6 +349,68 @@ class ZeroBridge:
             shadow = self._shadow(optimizer, key)
             optimizer.state[shadow] = {k: (v.to(shadow.device) if torch.is_tensor(v) else v)
                                        for k, v in entry.items()}
+
+    def check_state_dict(self, optimizer, state_dict, merged=False) -> None:
+        """Raise a ``ValueError`` naming what does not fit, changing nothing: not a ZeRO-bridge
+        state; one rank's share written at another world size (it would leave the other
+        matrices without state); another rank's share; group options the optimizer refuses;
+        a parameter this optimizer lacks; a state of other keys or shapes."""
+        name = type(optimizer).__name__
+        if not isinstance(state_dict, dict) or state_dict.get("slimopt_zero") != 1:
+            raise ValueError("not a slimopt ZeRO optimizer state (was it saved by another "
+                             "optimizer?)")
+        saved_world = state_dict.get("world_size")
+        if not merged and saved_world != self.world:
+            raise ValueError(
+                f"{name}: this optimizer state is one rank's share of a ZeRO checkpoint written "
+                f"at world size {saved_world}; this engine runs at world size {self.world}, "
+                "where it would leave the other ranks' matrices without state. Move it with "
+                "python -m slimopt.launch.zero_checkpoint and slimopt.launch.load_resharded")
+        groups, state = state_dict.get("param_groups"), state_dict.get("state")
+        if not isinstance(groups, list) or not isinstance(state, dict):
+            raise ValueError(f"{name}: a ZeRO optimizer state needs a dict 'state' and a list "
+                             "'param_groups'")
+        if len(groups) != len(optimizer.param_groups):
+            raise ValueError(f"{name}: the state has {len(groups)} parameter group(s), the "
+                             f"optimizer {len(optimizer.param_groups)}")
+        expected, shapes = {}, dict(p for ps in self.group_params.values() for p in ps)
+        for index, saved in enumerate(groups):
+            expected.update(self._expected_state(optimizer, saved, index))
+        mine = set(expected) if merged else set(self.owned_keys())
+        for key_text, entry in state.items():
+            key = _parameter_key(key_text, name)
+            if key not in expected:
+                raise ValueError(f"{name}: the state holds parameter {key}, which this "
+                                 "optimizer does not have (another model?)")
+            if key not in mine:
+                raise ValueError(f"{name}: parameter {key}'s state belongs to rank "
+                                 f"{self.owner_of(key)} here, not to rank {self.rank}: this is "
+                                 "another rank's share, or the model or config changed")
+            state_checks.check_param_state(entry, expected[key], optimizer.optional_state_keys,
+                                           f"{name}: parameter {key} (shape {shapes[key]})")
+
+    def _expected_state(self, optimizer, saved, index) -> dict:
+        """key -> the fresh state (meta tensors) of each parameter of group ``index`` under the
+        saved group's options, which the optimizer's own checks must accept."""
+        if not isinstance(saved, dict):
+            raise ValueError(f"group {index} of the state is not a dict")
+        state_checks.check_group_options(saved, optimizer.defaults, index)
+        params = self.group_params.get(index, [])
+        metas = [torch.empty(shape, dtype=torch.float32, device="meta") for _, shape in params]
+        group = dict(saved, params=metas)
+        try:
+            optimizer._check_options(group)
+        except ValueError as err:
+            raise ValueError(f"{type(optimizer).__name__}: group {index} of the state: "
+                             f"{err}") from None
+        return dict(zip((key for key, _ in params), optimizer.expected_state(group)))
+
+
+def _parameter_key(text, name) -> int:
+    try:
+        return int(text)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: the state's key {text!r} is not a parameter index") from None
 
 
 def assign_owners(sizes, world: int, load=None) -> list[int]:
@@ -391,25 +465,56 @@ def _load_config(config):
         return {}
     if isinstance(config, (str, os.PathLike)):
         with open(config) as f:
-            return json.load(f)
+            cfg = json.load(f)
+        if not isinstance(cfg, dict):
+            raise ValueError(f"{config}: a DeepSpeed config is a JSON object ({{...}}), got "
+                             f"{_json_kind(cfg)}")
+        return cfg
     if isinstance(config, dict):
         return copy.deepcopy(config)
     raise TypeError(f"config must be a dict or a JSON file path, got {type(config).__name__}")
 
 
+def _json_kind(value) -> str:
+    """``value``'s kind in JSON's words, for error messages ("a list", "null", ...)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    names = {dict: "an object", list: "a list", str: "a string", int: "a number",
+             float: "a number"}
+    return next((n for t, n in names.items() if isinstance(value, t)), type(value).__name__)
+
+
+def _section_params(section) -> dict:
+    """``section["params"]`` (absent: no options), refused unless a JSON object."""
+    if not isinstance(section, dict):
+        raise ValueError('the "optimizer" section must be a JSON object {"type": '
+                         f'"slimopt.NAME", "params": {{...}}}}, got {_json_kind(section)}')
+    params = section.get("params", {})
+    if not isinstance(params, dict):
+        raise ValueError('optimizer.params must be a JSON object of the optimizer\'s options '
+                         f'(such as {{"lr": 0.001, "rank": 128}}), got {_json_kind(params)}: '
+                         f"{params!r}")
+    return dict(params)
+
+
 def build_from_config(section: dict, model) -> SlimOptimizer:
     """The slimopt optimizer an ``{"type": "slimopt.NAME", "params": {...}}`` section names,
     with ``param_groups(model)`` applied (``rank`` goes to the matrix group)."""
-    kind = str(section.get("type", ""))
+    params = _section_params(section)
+    kind = section.get("type", "")
+    if not isinstance(kind, str):
+        raise ValueError(f'optimizer.type must be a string such as "slimopt.GrassWalk", got '
+                         f"{_json_kind(kind)}")
     name = kind[len(PREFIX):].lower()
     name = {"galore": "galore-slimopt"}.get(name, name)  # inside slimopt's namespace: ours
     known = sorted(PREFIX + cls.__name__ for cls in OPTIMIZERS.values()) + ["slimopt.AdaPreLoRA"]
     if name == "adaprelora":
         from ..optimizers import AdaPreLoRA
-        return AdaPreLoRA(model, **section.get("params", {}))
+        return AdaPreLoRA(model, **params)
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown slimopt optimizer {kind!r}; known: {', '.join(known)}")
-    params = dict(section.get("params", {}))
     rank = params.pop("rank", None) if name in RANKED else None
     groups = param_groups(model, rank=rank, include_head=name in HEAD_IN_MATRIX_GROUP)
     try:
@@ -429,6 +534,8 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, con
     import deepspeed
     cfg = _load_config(config if config is not None else kwargs.pop("config_params", None))
     section = cfg.get("optimizer")
+    if section is not None and not isinstance(section, dict):
+        _section_params(section)  # refuses it, naming the field
     if isinstance(section, dict) and str(section.get("type", "")).lower().startswith(PREFIX):
         if optimizer is not None:
             raise ValueError("both an optimizer object and a slimopt optimizer in the config: "

@@ -8,7 +8,8 @@ the fp32 weights come from DeepSpeed's own ``zero_to_fp32`` reader. This module 
     python -m slimopt.launch.zero_checkpoint CHECKPOINT_DIR OUT.pt [--tag TAG]
 
 writes one world-size-free file (fp32 weights by name, every matrix's optimizer state, the param
-group settings, the engine's step counters, LR-scheduler state and the client state), and
+group settings, the engine's step counters, LR-scheduler state and the client state), atomically
+(temp file, fsync, rename), and
 
     client_state = slimopt.launch.load_resharded(engine, "OUT.pt")   # or CHECKPOINT_DIR, tag=
 
@@ -17,6 +18,11 @@ loads it (or a checkpoint directory directly) into an engine made by
 continues as the uninterrupted run would, up to the float rounding of the new world size's
 gradient sums. ZeRO-0 checkpoints need none of this: they are not partitioned, and
 ``engine.load_checkpoint`` reads them at any world size.
+
+No code runs from a checkpoint: every file is loaded with ``weights_only=True``
+(``slimopt.launch.safe_load``), and a DeepSpeed tag is checked whole before DeepSpeed's own
+``zero_to_fp32`` reader (``weights_only=False``) sees it. A damaged, incomplete or crafted
+checkpoint is a ``ValueError`` (the command: one line ``error: ...``, exit code 2).
 """
 from __future__ import annotations
 
@@ -25,8 +31,11 @@ import glob
 import os
 import re
 import sys
+import tempfile
 
 import torch
+
+from .safe_load import check_deepspeed_tag, load_file
 
 #: top-level keys of DeepSpeed's model-states file that are DeepSpeed's own (the rest is the
 #: client state passed to ``save_checkpoint``)
@@ -43,48 +52,60 @@ def _natural(path):
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path)]
 
 
-def _resolve_tag(checkpoint_dir: str, tag: str | None) -> str:
-    if tag is not None:
-        return tag
-    latest = os.path.join(checkpoint_dir, "latest")
-    if not os.path.isfile(latest):
-        raise FileNotFoundError(f"{checkpoint_dir} has no 'latest' file: pass tag=")
-    with open(latest) as f:
-        return f.read().strip()
+def _slimopt_share(path) -> tuple[int, dict]:
+    """``(ZeRO stage, the slimopt bridge's state)`` of one rank's optimizer file."""
+    saved = load_file(path)
+    zero_state = saved.get("optimizer_state_dict") if isinstance(saved, dict) else None
+    if not isinstance(zero_state, dict):
+        raise ValueError(f"{path} is not a DeepSpeed ZeRO optimizer file (no "
+                         "optimizer_state_dict)")
+    # ZeRO-1/2 keep the client optimizer's state under "base_optimizer_state", ZeRO-3 under
+    # "optimizer_state_dict"
+    ours = zero_state.get("base_optimizer_state") or zero_state.get("optimizer_state_dict")
+    if not isinstance(ours, dict) or ours.get("slimopt_zero") != 1 \
+            or not isinstance(ours.get("state"), dict):
+        raise ValueError(f"{path} was not written by a slimopt optimizer under "
+                         "slimopt.launch.initialize")
+    return int(zero_state.get("zero_stage", 0)), ours
+
+
+def _fp32_weights(checkpoint_dir, tag) -> dict:
+    """The full fp32 weights by name, by DeepSpeed's ``zero_to_fp32`` (call it on a checked
+    tag only: it unpickles with ``weights_only=False``)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    try:
+        weights = get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=tag)
+    except Exception as err:  # noqa: BLE001 -- DeepSpeed's reader: one line naming the tag
+        first = (str(err).strip().splitlines() or ["no message"])[0][:300]
+        raise ValueError(f"{os.path.join(checkpoint_dir, tag)}: DeepSpeed's zero_to_fp32 could "
+                         f"not read the weights ({type(err).__name__}: {first})") from None
+    return {name: t.detach().clone() for name, t in weights.items()}
 
 
 def consolidate(checkpoint_dir: str, tag: str | None = None) -> dict:
     """One world-size-free dict from a DeepSpeed checkpoint written through
-    ``slimopt.launch.initialize`` under ZeRO stage 1, 2 or 3."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    tag = _resolve_tag(checkpoint_dir, tag)
-    folder = os.path.join(checkpoint_dir, tag)
+    ``slimopt.launch.initialize`` under ZeRO stage 1, 2 or 3. Every file is checked
+    (``safe_load.check_deepspeed_tag``) before anything reads it; a problem is a
+    ``ValueError``."""
+    folder = check_deepspeed_tag(checkpoint_dir, tag)
+    tag = os.path.basename(folder)
     optim_files = sorted(glob.glob(os.path.join(folder, "*_optim_states.pt")), key=_natural)
     model_files = sorted(glob.glob(os.path.join(folder, "*model_states.pt")), key=_natural)
-    if not optim_files or not model_files:
-        raise FileNotFoundError(f"{folder}: no ZeRO optimizer/model state files (is it a ZeRO "
-                                "stage 1-3 checkpoint? ZeRO-0 loads at any world size as it is)")
+    if not optim_files:
+        raise ValueError(f"{folder}: no ZeRO optimizer state files (is it a ZeRO stage 1-3 "
+                         "checkpoint? ZeRO-0 loads at any world size as it is)")
     merged, groups, stage, world = {}, None, None, len(optim_files)
     for path in optim_files:
-        zero_state = torch.load(path, map_location="cpu", weights_only=False)["optimizer_state_dict"]
-        # ZeRO-1/2 keep the client optimizer's state under "base_optimizer_state", ZeRO-3 under
-        # "optimizer_state_dict"
-        ours = zero_state.get("base_optimizer_state") or zero_state.get("optimizer_state_dict")
-        ours = ours if isinstance(ours, dict) else {}
-        if ours.get("slimopt_zero") != 1:
-            raise ValueError(f"{path} was not written by a slimopt optimizer under "
-                             "slimopt.launch.initialize")
-        stage = int(zero_state.get("zero_stage", 0))
+        stage, ours = _slimopt_share(path)
         for key, entry in ours["state"].items():
             if key in merged:
                 raise ValueError(f"{path}: parameter {key}'s state is on two ranks")
             merged[key] = entry
         groups = ours["param_groups"]
-    engine_state = torch.load(model_files[0], map_location="cpu", weights_only=False)
-    weights = get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=tag)
+    engine_state = load_file(model_files[0])
     return {FORMAT: 1, "source": {"dir": os.path.abspath(checkpoint_dir), "tag": tag,
                                   "zero_stage": stage, "world_size": world},
-            "weights": {name: t.detach().clone() for name, t in weights.items()},
+            "weights": _fp32_weights(checkpoint_dir, tag),
             "optimizer": {"slimopt_zero": 1, "world_size": world, "state": merged,
                           "param_groups": groups},
             "engine": {k: engine_state.get(k) for k in ("global_steps", "global_samples",
@@ -96,37 +117,60 @@ def consolidate(checkpoint_dir: str, tag: str | None = None) -> dict:
 def load_resharded(engine, source, tag: str | None = None) -> dict:
     """Load ``source`` (a file written by this module's command, or a DeepSpeed checkpoint
     directory) into ``engine`` -- made by ``slimopt.launch.initialize`` with a slimopt optimizer
-    under ZeRO stage 1-3, at any world size -- on every rank. Returns the client state."""
-    data = (torch.load(source, map_location="cpu", weights_only=False)
-            if os.path.isfile(source) else consolidate(source, tag))
-    if data.get(FORMAT) != 1:
-        raise ValueError(f"{source} is not a slimopt resharded checkpoint")
-    zero = engine.optimizer
-    optimizer = getattr(zero, "optimizer", None)
+    under ZeRO stage 1-3, at any world size -- on every rank. Returns the client state.
+    Everything is checked before anything changes; a problem is a ``ValueError``."""
+    data = load_file(source) if os.path.isfile(source) else consolidate(source, tag)
+    if not isinstance(data, dict) or data.get(FORMAT) != 1:
+        raise ValueError(f"{source} is not a slimopt resharded checkpoint (written by python -m "
+                         "slimopt.launch.zero_checkpoint)")
+    optimizer = getattr(getattr(engine, "optimizer", None), "optimizer", None)
     bridge = getattr(optimizer, "_zero_bridge", None)
     if bridge is None:
         raise ValueError("load_resharded needs an engine made by slimopt.launch.initialize with a "
                          "slimopt optimizer under ZeRO stage 1, 2 or 3")
-    weights = data["weights"]
     named = dict(engine.module.named_parameters())
+    _check_weights(data.get("weights"), named, source)
+    bridge.check_state_dict(optimizer, data.get("optimizer"), merged=True)
+    _write_weights(data["weights"], named, optimizer, bridge)
+    bridge.load_state_dict(optimizer, data["optimizer"], merged=True)
+    counters = data.get("engine") or {}
+    for key in ("global_steps", "global_samples", "skipped_steps"):
+        if counters.get(key) is not None:
+            setattr(engine, key, counters[key])
+    if counters.get("lr_scheduler") is not None and engine.lr_scheduler is not None:
+        engine.lr_scheduler.load_state_dict(counters["lr_scheduler"])
+    return data.get("client_state") or {}
+
+
+def _check_weights(weights, named, source) -> None:
+    """A full-size tensor of each parameter's shape for every parameter of the model."""
+    if not isinstance(weights, dict):
+        raise ValueError(f"{source} holds no weights")
     missing = sorted(set(named) - set(weights))
     if missing:
         raise ValueError(f"{source} lacks weights for {missing[:5]} (another model?)")
+    for name, p in named.items():
+        shape = tuple(getattr(p, "ds_shape", p.shape))  # ZeRO-3: the real shape
+        value = weights[name]
+        if not torch.is_tensor(value) or tuple(value.shape) != shape:
+            got = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
+            raise ValueError(f"{source}: {name} has shape {got} in the checkpoint, {shape} in "
+                             "the model")
+
+
+def _write_weights(weights, named, optimizer, bridge) -> None:
+    """Every rank rebuilds its fp32 master partitions and its low-precision (and frozen)
+    weights from the full ``weights``."""
     key_to_name = {optimizer._param_keys[p]: n for n, p in named.items()
                    if p in optimizer._param_keys}
-    # fp32 masters: every rank rebuilds its partition from the full weights
     for s, units in enumerate(bridge.groups):
         part = bridge.partition(s)
         table = torch.zeros(bridge.world, part.numel(), dtype=part.dtype, device=part.device)
         for unit in units:
             for key, offset, shape, piece in unit:
-                value = weights[key_to_name[key]].to(part.device)
-                if tuple(value.shape) != tuple(shape):
-                    raise ValueError(f"{key_to_name[key]}: checkpoint shape {tuple(value.shape)}, "
-                                     f"model {tuple(shape)}")
-                bridge.write(table, offset, shape, piece, value)
+                bridge.write(table, offset, shape, piece,
+                             weights[key_to_name[key]].to(part.device))
         part.copy_(table[bridge.rank])
-    # the low-precision weights DeepSpeed computes with, and the frozen ones
     for name, p in named.items():
         value = weights[name].to(p.device)
         if hasattr(p, "ds_tensor"):  # ZeRO-3: this rank's piece
@@ -136,14 +180,34 @@ def load_resharded(engine, source, tag: str | None = None) -> dict:
             p.ds_tensor.copy_(table[bridge.rank])
         else:
             p.copy_(value)
-    optimizer.load_state_dict(data["optimizer"])
-    counters = data["engine"]
-    for key in ("global_steps", "global_samples", "skipped_steps"):
-        if counters.get(key) is not None:
-            setattr(engine, key, counters[key])
-    if counters.get("lr_scheduler") is not None and engine.lr_scheduler is not None:
-        engine.lr_scheduler.load_state_dict(counters["lr_scheduler"])
-    return data["client_state"]
+
+
+def save_atomic(data, out) -> None:
+    """``torch.save(data)`` to a temp file in ``out``'s folder, flushed and fsynced, then
+    ``os.replace``d onto ``out``: a reader (or a crash) sees the old file or the whole new one,
+    never a partial one. Failures are ``OSError``s naming ``out``; the temp file is removed."""
+    folder = os.path.dirname(os.path.abspath(out))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(out)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(data, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+    except RuntimeError as err:  # torch.save reports a failed write (a full disk) this way
+        os.unlink(tmp)
+        first = (str(err).strip().splitlines() or ["no message"])[0][:200]
+        raise OSError(f"could not write {out} (is the disk full?): {first}") from None
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX)
+        dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
 
 
 def main(argv=None) -> int:
@@ -152,15 +216,19 @@ def main(argv=None) -> int:
         description="Merge a slimopt ZeRO-1/2/3 checkpoint (one optimizer file per rank) into one "
                     "file that slimopt.launch.load_resharded loads at any world size.")
     parser.add_argument("checkpoint_dir", help="the folder passed to engine.save_checkpoint")
-    parser.add_argument("out", help="output file (.pt)")
+    parser.add_argument("out", help="output file (.pt), written atomically")
     parser.add_argument("--tag", default=None, help="checkpoint tag (default: the 'latest' file)")
     args = parser.parse_args(argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(out_dir):
+        parser.exit(2, f"error: cannot write {args.out}: the folder {out_dir} does not exist\n")
     try:
         data = consolidate(args.checkpoint_dir, args.tag)
-    except (FileNotFoundError, ValueError) as err:
-        parser.exit(2, f"error: {err}\n")
-    torch.save(data, args.out)
+        save_atomic(data, args.out)
+    except (ValueError, OSError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        parser.exit(2, f"error: {first}\n")
     src = data["source"]
     print(f"{args.out}: {len(data['weights'])} weights, optimizer state of "
           f"{len(data['optimizer']['state'])} parameters, from ZeRO-{src['zero_stage']} at world "

@@ -13,6 +13,8 @@ optimizer run on DeepSpeed's flat shards as if they were parameters), or grads:S
 own averaged gradients under STAGE vs ZeRO-0, through plain SGD with lr 1), or
 reshard-save|reshard-load|reshard-back:OPTIMIZER:STAGE (a checkpoint moved 2 -> 1 -> 2 ranks: run
 save and back with 2 ranks, load with 1, all with the same ZERO_CKPT_DIR), or
+loadcheck:OPTIMIZER:STAGE (one rank, after reshard-save: the bridge's load_state_dict refuses
+another world size's share, wrong shapes and unknown parameters, changing nothing), or
 time:OPTIMIZER:STAGE (seconds per engine.step() through the bridge, for DeepSpeed's own AdamW and
 for the optimizer in one process; a measurement, not a test).
 """
@@ -263,6 +265,55 @@ def run_reshard(phase, name, stage, folder):
                           "max_diff": max_diff(got, straight)}), flush=True)
 
 
+def _same(a, b) -> bool:
+    """Equal nested state (tensors bit for bit)."""
+    if torch.is_tensor(a) or torch.is_tensor(b):
+        return torch.is_tensor(a) and torch.is_tensor(b) and torch.equal(a, b)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def run_load_checks(name, stage, folder):
+    """One rank (review row A233): the bridge's ``load_state_dict`` given rank 0's share of the
+    2-rank checkpoint in ``folder``/w2 (from reshard-save), this engine's own state with one
+    tensor of the wrong shape, and one with a parameter the optimizer does not have. Prints
+    each error (or "accepted") and whether the optimizer's state stayed as it was; the
+    engine's own state then loads."""
+    import copy
+    import glob
+    from slimopt.launch.safe_load import load_file
+    world = dist.get_world_size()
+    engine, _, _, _ = initialize(model=tiny_llama(name == "adaprelora"),
+                                 config=ds_config_at(name, stage, world))
+    optimizer = engine.optimizer.optimizer
+    train(engine, dist.get_rank(), world, 2 // world, 1)
+    own = copy.deepcopy(optimizer.state_dict())
+    first = sorted(glob.glob(os.path.join(folder, "w2", "two", "*_optim_states.pt")))[0]
+    zero_state = load_file(first)["optimizer_state_dict"]
+    share = zero_state.get("base_optimizer_state") or zero_state["optimizer_state_dict"]
+    wrong = copy.deepcopy(own)
+    entry = next(iter(wrong["state"].values()))
+    tensor_key = next(k for k, v in entry.items() if torch.is_tensor(v))
+    entry[tensor_key] = torch.zeros(entry[tensor_key].numel() + 1)
+    foreign = copy.deepcopy(own)
+    foreign["state"]["9999"] = next(iter(own["state"].values()))
+    row = {"scenario": f"loadcheck:{name}:{stage}", "tensor_key": tensor_key}
+    for label, state in (("share", share), ("wrong_shape", wrong), ("foreign", foreign)):
+        before = copy.deepcopy(optimizer.state_dict())
+        try:
+            optimizer.load_state_dict(state)
+            row[label] = "accepted"
+        except ValueError as err:
+            row[label] = str(err)
+        row[f"{label}_unchanged"] = _same(before, optimizer.state_dict())
+    optimizer.load_state_dict(own)
+    row["own_reloaded"] = _same(own, optimizer.state_dict())
+    print(json.dumps(row), flush=True)
+
+
 def run_timing(name, stage, steps=6):
     """Seconds per ``engine.step()`` (the optimizer step with its communication; median over
     ``steps`` after 2 warm-up steps, slowest rank) for NAME through slimopt's bridge and for torch
@@ -398,6 +449,9 @@ if __name__ == "__main__":
             folder = folder.replace("reshard-back", "reshard")
             os.makedirs(folder, exist_ok=True)
             run_reshard(parts[0][len("reshard-"):], parts[1], int(parts[2]), folder)
+        elif parts[0] == "loadcheck":
+            run_load_checks(parts[1], int(parts[2]), os.path.join(
+                os.environ["ZERO_CKPT_DIR"], f"reshard-{parts[1]}-{parts[2]}"))
         elif parts[0] == "time":
             run_timing(parts[1], int(parts[2]))
         elif parts[0] == "grads":
