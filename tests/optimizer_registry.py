@@ -2,8 +2,11 @@
 (the idea of torch's OptimizerInfo). A new optimizer inherits the generic tests by being listed."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
+
+import torch
 
 import slimopt
 from slimopt.optimizers import ROOT, SNSM, SubsetNorm, SubspaceMomentum
@@ -38,7 +41,8 @@ class OptimizerInfo:
 UNIVERSAL_BAD = [
     (dict(lr=-1e-3), "lr"), (dict(lr=float("nan")), "lr"), (dict(lr=math.inf), "lr"),
     (dict(betas=(1.5, 0.999)), "betas[0]"), (dict(betas=(0.9, -0.1)), "betas[1]"),
-    (dict(betas=0.9), "betas"), (dict(eps=-1.0), "eps"), (dict(weight_decay=-0.1), "weight_decay"),
+    (dict(betas=0.9), "betas"), (dict(eps=-1.0), "eps"), (dict(eps=0.0), "eps"),
+    (dict(weight_decay=-0.1), "weight_decay"),
     (dict(nonfinite="zero"), "nonfinite"),
 ]
 SUBSPACE_BAD = [
@@ -53,6 +57,7 @@ ADAM_BAD = SUBSPACE_BAD + [
 ]
 WALK_BAD = ADAM_BAD + [
     (dict(walk_angle=0.0), "walk_angle"), (dict(walk_angle=2.0), "walk_angle"),
+    (dict(walk_angle=True), "walk_angle"),
     (dict(walk_tangent_rank=2), "walk_tangent_rank"), (dict(walk_init="pca"), "walk_init"),
 ]
 SNSM_BAD = SUBSPACE_BAD + [(dict(subset_norm="yes"), "subset_norm")]
@@ -99,7 +104,9 @@ OPTIMIZERS = [
                   [(dict(subset_size=0), "subset_size"), (dict(subset_size="rows"), "subset_size"),
                    (dict(rank=4), "unexpected")], group_bad={"subset_size": -1}, subspace=False),
     OptimizerInfo(ROOT, dict(lr=1e-2, weight_decay=0.1), lambda p, kw: p.numel(),
-                  [(dict(percentile=2.0), "percentile"), (dict(ns_steps=0), "ns_steps")],
+                  [(dict(percentile=2.0), "percentile"), (dict(ns_steps=0), "ns_steps"),
+                   (dict(coefficients=[(math.nan, 0.0, 0.0)]), "coefficients"),
+                   (dict(ns_eps=0.0), "ns_eps")],
                   group_bad={"momentum": 2.0}, subspace=False, ls_lr=0.05),
     OptimizerInfo(ROOT, dict(lr=1e-2, weight_decay=0.1, percentile=None, coefficients="muon",
                              nesterov=False), lambda p, kw: p.numel(), [],
@@ -110,3 +117,33 @@ OPTIMIZERS = [
 def info_id(info: OptimizerInfo) -> str:
     extras = [f"{k}={v}" for k, v in info.kwargs.items() if k not in BASE]
     return info.name + ("[" + ",".join(extras) + "]" if extras else "")
+
+
+# ---------------------------------------------------------------------------- state snapshots
+def same(a, b) -> bool:
+    """Equal values, tensors bit for bit (shape and dtype too), NaN equal to NaN."""
+    if torch.is_tensor(a) or torch.is_tensor(b):
+        return (torch.is_tensor(a) and torch.is_tensor(b) and a.shape == b.shape
+                and a.dtype == b.dtype and torch.equal(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(map(same, a, b))
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    return type(a) is type(b) and a == b
+
+
+def snapshot(opt) -> dict:
+    """Everything a step, an added group or a load may change: parameters, weights, state (by
+    parameter) and group options."""
+    params = [p for g in opt.param_groups for p in g["params"]]
+    return {"params": [id(p) for p in params],
+            "weights": [p.detach().clone() for p in params],
+            "state": {id(p): copy.deepcopy(s) for p, s in opt.state.items()},
+            "groups": [copy.deepcopy({k: v for k, v in g.items() if k != "params"})
+                       for g in opt.param_groups]}
+
+
+def assert_unchanged(opt, before: dict) -> None:
+    assert same(snapshot(opt), before), "the optimizer changed although the call raised"

@@ -9,41 +9,16 @@ import torch
 from torch import nn
 
 import slimopt
-from optimizer_registry import OPTIMIZERS, info_id
+from optimizer_registry import OPTIMIZERS, assert_unchanged, info_id, snapshot
 from slimopt.lora import apply_lora, lora_param_groups
 from slimopt.optimizers import ROOT
+from slimopt.optimizers.bases.base import orthonormalize
+from slimopt.optimizers.core.transport import apply_moment_rule_
 
 by_info = pytest.mark.parametrize("info", OPTIMIZERS, ids=info_id)
 
 
 # ---------------------------------------------------------------------------- helpers
-def _same(a, b) -> bool:
-    if torch.is_tensor(a) or torch.is_tensor(b):
-        return (torch.is_tensor(a) and torch.is_tensor(b) and a.shape == b.shape
-                and a.dtype == b.dtype and torch.equal(a, b))
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return type(a) is type(b) and len(a) == len(b) and all(map(_same, a, b))
-    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
-        return True
-    return type(a) is type(b) and a == b
-
-
-def _snapshot(opt):
-    """Everything a step or a load may change: weights, state (by parameter), groups."""
-    params = [p for g in opt.param_groups for p in g["params"]]
-    return {"params": [id(p) for p in params],
-            "weights": [p.detach().clone() for p in params],
-            "state": {id(p): copy.deepcopy(s) for p, s in opt.state.items()},
-            "groups": [copy.deepcopy({k: v for k, v in g.items() if k != "params"})
-                       for g in opt.param_groups]}
-
-
-def assert_unchanged(opt, before):
-    assert _same(_snapshot(opt), before)
-
-
 def _matrix_and_bias(seed=0, m=16, n=32):
     g = torch.Generator().manual_seed(seed)
     return nn.Parameter(torch.randn(m, n, generator=g)), nn.Parameter(torch.randn(n, generator=g))
@@ -92,7 +67,7 @@ def _trainable(model):
 @by_info
 def test_nonfinite_raise_changes_nothing(info):
     opt, (W, b) = _trained(info, nonfinite="raise")
-    before = _snapshot(opt)
+    before = snapshot(opt)
     _grads([W, b], 10)
     b.grad[3] = float("nan")  # the last parameter of the group: W would be stepped first
     with pytest.raises(FloatingPointError, match="non-finite"):
@@ -110,7 +85,7 @@ def test_nonfinite_raise_in_a_later_group_changes_nothing(info):
     opt = info.cls([{"params": [W, b]}, {"params": [V, c]}], **dict(info.kwargs, nonfinite="raise"))
     _grads([W, b, V, c], 0)
     opt.step()
-    before = _snapshot(opt)
+    before = snapshot(opt)
     _grads([W, b, V, c], 1)
     V.grad[0, 0] = float("inf")
     with pytest.raises(FloatingPointError):
@@ -125,7 +100,7 @@ def test_sparse_gradient_is_refused_before_any_update(info):
     opt, _ = _trained(info, params=[W, emb.weight], steps=0)
     W.grad = torch.randn_like(W)
     emb(torch.tensor([1, 2])).sum().backward()
-    before = _snapshot(opt)
+    before = snapshot(opt)
     with pytest.raises(RuntimeError, match="sparse"):
         opt.step()
     assert_unchanged(opt, before)
@@ -137,7 +112,7 @@ def test_foreign_tensor_is_refused_before_any_update(info):
     stranger = torch.randn(16, 32, requires_grad=True)
     opt.param_groups[0]["params"].append(stranger)  # what deepspeed.initialize does with shards
     _grads([W, b, stranger], 5)
-    before = _snapshot(opt)
+    before = snapshot(opt)
     with pytest.raises(RuntimeError, match="not one of its parameters"):
         opt.step()
     assert_unchanged(opt, before)
@@ -154,7 +129,7 @@ def test_lr_set_by_a_scheduler_is_checked_at_step_time(info, bad_lr):
     _grads([W, b, V, c], 0)
     opt.step()
     sched.step()  # group 1's lr is now bad_lr
-    before = _snapshot(opt)
+    before = snapshot(opt)
     _grads([W, b, V, c], 1)
     with pytest.raises(ValueError, match=r"group 1.*lr") as err:
         opt.step()
@@ -167,7 +142,7 @@ def test_method_option_changed_after_construction_is_checked_at_step_time(info):
     opt, (W, b) = _trained(info)
     key, value = next(iter(info.group_bad.items()))
     opt.param_groups[0][key] = value
-    before = _snapshot(opt)
+    before = snapshot(opt)
     _grads([W, b], 7)
     with pytest.raises(ValueError, match=key):
         opt.step()
@@ -192,7 +167,7 @@ def test_step_time_checks_cost_little():
 def test_rejected_param_group_leaves_the_optimizer_as_it_was(info):
     opt, (W, b) = _trained(info)
     V, c = _matrix_and_bias(seed=1)
-    before = _snapshot(opt)
+    before = snapshot(opt)
     with pytest.raises(ValueError, match="lr"):
         opt.add_param_group({"params": [V, c], "lr": -1.0})
     assert_unchanged(opt, before)
@@ -227,7 +202,7 @@ def _fresh(info):
 
 
 def _refused(opt, state, needle):
-    before = _snapshot(opt)
+    before = snapshot(opt)
     with pytest.raises(ValueError, match=needle):
         opt.load_state_dict(state)
     assert_unchanged(opt, before)
@@ -317,7 +292,7 @@ def test_old_checkpoint_without_the_class_marker_still_loads(info):
 def test_check_state_dict_is_public_and_changes_nothing():
     opt, _ = _trained(OPTIMIZERS[0])
     state = opt.state_dict()
-    before = _snapshot(opt)
+    before = snapshot(opt)
     opt.check_state_dict(state)
     assert_unchanged(opt, before)
     state["param_groups"][0]["lr"] = -1.0
@@ -381,6 +356,37 @@ def test_root_takes_float16_matrices():
     assert W.isfinite().all() and not torch.equal(W.detach(), W0)
 
 
+def test_bfloat16_transport_keeps_the_second_moment_positive():
+    """Transporting bfloat16 moments right after a huge gradient: V - M o M cancels, and bfloat16
+    rounding left V' ~ 0 under a large M' (an Adam step of ~1e24, then NaN; found by the fuzz)."""
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        S0 = orthonormalize(torch.randn(10, 3, generator=g, dtype=torch.float64))
+        S1 = orthonormalize(S0 + 0.5 * torch.randn(10, 3, generator=g, dtype=torch.float64))
+        R = torch.randn(3, 6, generator=g, dtype=torch.float64) * 1e17
+        M, V = 0.1 * R, 0.001 * R * R  # the moments after one Adam step
+        apply_moment_rule_("transport", M, V, S0, S1)
+        Mb, Vb = (0.1 * R).bfloat16(), (0.001 * R * R).bfloat16()
+        apply_moment_rule_("transport", Mb, Vb, S0.bfloat16(), S1.bfloat16())
+        ratio = (Mb.double().abs() / Vb.double().sqrt()).max() / (M.abs() / V.sqrt()).max()
+        assert ratio < 2.0
+
+
+@pytest.mark.parametrize("ns_dtype", ["bfloat16", "float32"])
+def test_root_update_of_a_tiny_gradient_is_the_same_as_of_a_normal_one(ns_dtype):
+    """Newton-Schulz is scale-invariant, so a gradient scaled by 2^-100 (squares underflow in
+    float32) must give the same step; it diverged to NaN with a small ns_eps."""
+    g = torch.randn(12, 20, generator=torch.Generator().manual_seed(1))
+    steps = []
+    for scale in (1.0, 2.0 ** -100):
+        W = nn.Parameter(torch.zeros(12, 20))
+        opt = ROOT([W], lr=1e-2, weight_decay=0.0, ns_eps=1e-30, ns_dtype=ns_dtype)
+        W.grad = g * scale
+        opt.step()
+        steps.append(W.detach().clone())
+    assert steps[1].isfinite().all() and torch.equal(steps[0], steps[1])
+
+
 # ---------------------------------------------------------------------------- AdaPreLoRA
 def test_adaprelora_zero_first_batch_stays_finite_and_trains():
     """The review's reproduction: a first batch of zero inputs gives an all-zero gradient."""
@@ -398,16 +404,22 @@ def test_adaprelora_zero_first_batch_stays_finite_and_trains():
 
 @pytest.mark.parametrize("scale", [0.0, 1e-30, 1e-42])
 def test_adaprelora_tiny_first_gradient_stays_finite(scale):
+    """A first gradient of zeros, 1e-30 or denormal scale (as a LoRA pair's gradients are:
+    g_A = s B^T H, g_B = s H A^T), then normal ones: finite, nothing skipped, and moving."""
     model = _lora_model(seed=1)
     opt = slimopt.AdaPreLoRA(model, lr=1e-3)
-    pairs = [g["params"] for g in opt.param_groups if not g["dense"]]
+    start = _trainable(model)
     for t in range(4):
-        for A, B in pairs:
-            A.grad = torch.randn_like(A) * (scale if t == 0 else 1.0)
-            B.grad = torch.randn_like(B) * (scale if t == 0 else 1.0)
+        opt.zero_grad()
+        x = torch.randn(8, 16, generator=torch.Generator().manual_seed(t))
+        model(x).pow(2).mean().backward()
+        for p in model.parameters():
+            if p.grad is not None and t == 0:
+                p.grad.mul_(scale)
         opt.step()
-        assert all(p.isfinite().all() for pair in pairs for p in pair), t
+        assert all(p.isfinite().all() for p in _trainable(model).values()), t
     assert opt.nonfinite_skips() == 0
+    assert not torch.equal(_trainable(model)["q_proj.lora_A.weight"], start["q_proj.lora_A.weight"])
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -424,11 +436,41 @@ def test_adaprelora_trains_half_precision_factors(dtype):
     assert not torch.equal(now["q_proj.lora_A.weight"], start["q_proj.lora_A.weight"])
 
 
+def test_adaprelora_gradient_whose_squares_underflow_takes_a_bounded_step():
+    """At the first step, statistics of a gradient below ~1e-19 underflow to 0 in float32; p must
+    then be 1 (uniform rows), not sqrt(eps1) = 1e-15, which made the factor step ~1e15 times too
+    large (unclipped: the weights then overflow; found by the fuzz)."""
+    model = _lora_model(seed=6)
+    nn.init.normal_(model.q_proj.lora_B.weight)  # so that every term of the step is exercised
+    opt = slimopt.AdaPreLoRA(model, lr=1e-2, clip_threshold=None)
+    before = _trainable(model)
+    opt.zero_grad()
+    model(torch.randn(8, 16)).pow(2).mean().backward()
+    for p in model.parameters():
+        if p.grad is not None:
+            p.grad.mul_(2.0 ** -80)
+    opt.step()
+    change = max((p - before[n]).abs().max().item() for n, p in _trainable(model).items())
+    # q sits at the eps1 floor (|g| / eps1 ~ 1e6), as in Adafactor; it was 2e17 with p = 1e-15
+    assert math.isfinite(change) and change < 1e3
+
+
+def test_adaprelora_undamped_needs_full_rank_factors():
+    model = _lora_model(seed=7)  # peft's start: B = 0
+    opt = slimopt.AdaPreLoRA(model, lr=1e-2, damping=0.0)
+    opt.zero_grad()
+    model(torch.randn(8, 16)).pow(2).mean().backward()
+    before = snapshot(opt)
+    with pytest.raises(ValueError, match="damping=0.*rank"):
+        opt.step()
+    assert_unchanged(opt, before)
+
+
 def test_adaprelora_pair_with_one_gradient_is_refused_before_any_update():
     model = _lora_model(seed=3)
     opt = slimopt.AdaPreLoRA(model, lr=1e-2)
     _lora_step(model, opt, torch.randn(8, 16))
-    before = _snapshot(opt)
+    before = snapshot(opt)
     opt.zero_grad()
     model(torch.randn(8, 16)).pow(2).mean().backward()
     model.v_proj.lora_A.weight.grad = None  # the second pair: the first would have stepped

@@ -40,8 +40,9 @@ class AdaPreLoRA(SlimOptimizer):
     ``lora_scale`` wins and the option is the default for groups without one.
     A pair is stepped as a unit: both factors need a gradient, or neither (then it is skipped,
     as torch skips a parameter without one); a pair where only one factor has a gradient raises
-    ``ValueError`` before anything is updated. Factors in bfloat16 or float16 are stepped in
-    float32 (``torch.linalg.solve`` takes neither) and keep their statistics in float32; the dense
+    ``ValueError`` before anything is updated, and so does ``damping=0`` with a factor of rank
+    below r (checked at each step, one SVD per factor: the undamped solves would be singular). Factors in bfloat16 or float16 are stepped in
+    float32 (``torch.linalg.solve`` takes neither) and keep their pair state in float32; the dense
     AdamW group refuses float16 parameters as every slimopt optimizer does.
     """
 
@@ -111,12 +112,12 @@ class AdaPreLoRA(SlimOptimizer):
 
     def _init_matrix_state(self, p, group, state):
         A, B = group["params"]
+        work = self._work_dtype(p)
         if p is A:
-            work = self._work_dtype(p)
             state["row_var"] = torch.zeros(B.shape[0], dtype=work, device=p.device)
             state["col_var"] = torch.zeros(A.shape[1], dtype=work, device=p.device)
         if group["beta1"] > 0:
-            state["exp_avg"] = torch.zeros_like(p)
+            state["exp_avg"] = torch.zeros_like(p, dtype=work)
 
     @torch.no_grad()
     def reset_pair(self, A: torch.Tensor, B: torch.Tensor) -> None:
@@ -138,7 +139,19 @@ class AdaPreLoRA(SlimOptimizer):
                     f"{tuple(B.shape)} has a gradient ({which}); a pair is stepped as a unit. "
                     "Give both factors requires_grad=True, or neither, or put the factor in the "
                     "dense group")
+            if group["damping"] == 0 and A.grad is not None:
+                self._check_full_rank(A, B)
         return super()._check_gradients(group)
+
+    def _check_full_rank(self, A, B):
+        """Undamped solves need ``B^T P B`` and ``A Q A^T`` invertible: factors of rank r."""
+        work = self._work_dtype(A)
+        ranks = [int(torch.linalg.matrix_rank(x.detach().to(work))) for x in (A, B)]
+        if min(ranks) < A.shape[0]:
+            raise ValueError(f"AdaPreLoRA: damping=0 (the undamped formulas) needs both factors of "
+                             f"full rank r={A.shape[0]}, got rank(A)={ranks[0]} and "
+                             f"rank(B)={ranks[1]} (peft starts from B = 0); set damping > 0 "
+                             "(the default is 1e-6)")
 
     def _step_group(self, group, finite=None):
         if not self.is_pair(group):
@@ -177,8 +190,7 @@ class AdaPreLoRA(SlimOptimizer):
     def _apply_factor_steps(group, steps):
         """Momentum (bias-corrected), decoupled weight decay and ``X -= lr dX`` per factor."""
         lr, b1 = group["lr"], group["beta1"]
-        for param, state, direction in steps:
-            direction = direction.to(param.dtype)
+        for param, state, direction in steps:  # direction in the work dtype until the add
             if b1 > 0:
                 state["momentum_steps"] = state.get("momentum_steps", 0) + 1
                 state["exp_avg"].lerp_(direction, 1.0 - b1)

@@ -64,6 +64,19 @@ def coefficients_ok(coeffs) -> bool:
         return False
 
 
+def rescale_tiny(update: torch.Tensor) -> torch.Tensor:
+    """``update`` times a power of two bringing its largest entry into [0.5, 1) when that is
+    below 2^-32 (exact, and Newton-Schulz is scale-invariant): squares of entries below ~1e-19
+    underflow in float32 and bfloat16, so ``X / max(||X||, eps)`` would not be normalized and the
+    iteration would diverge. Otherwise the factors are 1: the same bits as before."""
+    amax = update.abs().amax().double()
+    shift = torch.where((amax < 2.0 ** -32) & (amax > 0), -torch.frexp(amax).exponent, 0)
+    half = torch.div(shift, 2, rounding_mode="floor")  # two factors: 2^149 is no float32
+    scale_dtype = torch.float64 if update.dtype == torch.float64 else torch.float32
+    factors = [torch.exp2(k.to(scale_dtype)).to(update.dtype) for k in (half, shift - half)]
+    return update * factors[0] * factors[1]
+
+
 def lr_scale_factor(shape, mode: str) -> float:
     rows, cols = shape
     if mode == "match_rms":
@@ -135,7 +148,7 @@ class ROOT(SlimOptimizer):
         buf = state["momentum_buffer"]
         buf.lerp_(grad, 1.0 - mu)
         update = grad.lerp(buf, mu) if group["nesterov"] else buf
-        robust = suppress_outliers(update, group["percentile"])
+        robust = rescale_tiny(suppress_outliers(update, group["percentile"]))
         ortho = newton_schulz(robust, self.step_coefficients(p.shape, group),
                               eps=group["ns_eps"], dtype=getattr(torch, group["ns_dtype"]))
         state["step"] += 1

@@ -31,9 +31,14 @@ def adafactor_weights(row_var: torch.Tensor, col_var: torch.Tensor, eps1: float)
     ``eps1``. ``q = max(sqrt(C), eps1)`` equals torch's ``sqrt(max(C, eps1^2))`` but cannot
     underflow: Adafactor's ``eps1^2 = 1e-60`` is 0 in float32, which made ``q = 0`` for a zero
     column and ``grad / q`` NaN. The floor is raised to the dtype's smallest normal number when
-    ``eps1`` is below it, so it is never 0."""
+    ``eps1`` is below it, so it is never 0. When ``mean(R) <= eps1`` (statistics of zeros, or of
+    gradients whose squares underflow, |g| < 1e-19 in float32) ``R / mean(R)`` is undefined and
+    ``p = 1``: uniform rows, as torch's floored estimate, not ``sqrt(eps1)``, which would make
+    ``B^T P B`` ~1e-15 and the factor step ~1e15 times too large."""
     floor = max(float(eps1), torch.finfo(row_var.dtype).tiny)
-    p = (row_var / row_var.mean().clamp(min=floor)).clamp(min=floor).sqrt()
+    mean = row_var.mean()
+    p = (row_var / mean.clamp(min=floor)).clamp(min=floor).sqrt()
+    p = torch.where(mean > floor, p, torch.ones_like(p))
     q = col_var.sqrt().clamp(min=floor)
     return p, q
 

@@ -48,8 +48,12 @@ def apply_moment_rule_(rule: str, exp_avg: torch.Tensor, exp_avg_sq: torch.Tenso
         if exp_avg_sq is not None:
             exp_avg_sq.zero_()
         return
-    new_avg, new_avg_sq = transport_moments(exp_avg, exp_avg_sq, basis_old.to(exp_avg.dtype),
-                                            basis_new.to(exp_avg.dtype))
+    # half-precision moments are transported in float32: V - M o M cancels, and bfloat16's
+    # rounding of it can leave V' ~ 0 under a large M' (a ~1e24 Adam step, then NaN)
+    work = exp_avg.dtype if exp_avg.dtype in (torch.float32, torch.float64) else torch.float32
+    new_avg, new_avg_sq = transport_moments(
+        exp_avg.to(work), exp_avg_sq.to(work) if exp_avg_sq is not None else None,
+        basis_old.to(work), basis_new.to(work))
     exp_avg.copy_(new_avg)
     if exp_avg_sq is not None:
         exp_avg_sq.copy_(new_avg_sq)
