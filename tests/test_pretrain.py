@@ -127,6 +127,9 @@ def test_deepspeed_zero2_two_ranks_resume_one_rank_and_contradictions(tmp_path, 
     out = torchrun("--output-dir", str(tmp_path / "b"), "--resume",
                    str(tmp_path / "b" / "deepspeed" / "step3"))
     assert "resumed from step 3" in out and "ZeRO shards it" in out
+    assert "not verified" not in out  # each rank's digest file was checked
+    assert sorted(p.name for p in (tmp_path / "b" / "deepspeed" / "step3").glob("slimopt-*")) \
+        == ["slimopt-sha256-rank0.json", "slimopt-sha256-rank1.json"]
     a = json.loads((tmp_path / "a" / "result.json").read_text())
     b = json.loads((tmp_path / "b" / "result.json").read_text())
     assert a["eval_loss"] == b["eval_loss"]

@@ -233,3 +233,24 @@ def test_a_full_disk_is_one_line_and_leaves_no_temp_file(tmp_path, cache, source
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and "could not write checkpoint" in proc.stderr
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
+
+
+def test_deepspeed_tag_digests_refuse_flipped_bytes(tmp_path):
+    from slimopt.launch.checkpoint_io import (CheckpointError, verify_tag_digests,
+                                              write_tag_digests)
+    tag = tmp_path / "step3"
+    tag.mkdir()
+    files = {"mp_rank_00_model_states.pt": 0, "zero_pp_rank_0_mp_rank_00_optim_states.pt": 0,
+             "zero_pp_rank_1_mp_rank_00_optim_states.pt": 1}
+    for name in files:
+        (tag / name).write_bytes(os.urandom(4096))
+    for rank in (0, 1):
+        write_tag_digests(str(tag), rank)
+    assert json.loads((tag / "slimopt-sha256-rank1.json").read_text()).keys() == {
+        "zero_pp_rank_1_mp_rank_00_optim_states.pt"}
+    assert verify_tag_digests(str(tag)) == 3
+    data = bytearray((tag / "zero_pp_rank_1_mp_rank_00_optim_states.pt").read_bytes())
+    data[100] ^= 0x01
+    (tag / "zero_pp_rank_1_mp_rank_00_optim_states.pt").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="rank_1_mp_rank_00_optim_states.pt: corrupted"):
+        verify_tag_digests(str(tag))
