@@ -106,6 +106,8 @@ def _draw_params(rng, cls, dtype):
     groups = []
     for _ in range(rng.randint(1, 2)):
         r, m, n = rng.choice([1, 2, 4]), rng.choice([1, 5, 8]), rng.choice([1, 5, 8])
+        if rng.random() < 0.05:
+            r, m, n = rng.choice([(0, 5, 4), (2, 0, 4), (2, 5, 0)])  # an empty side: refused
         A, B = _tensor(rng, (r, n), dtype), _tensor(rng, (m, r), dtype)
         if rng.random() < 0.3:
             B.data.zero_()  # peft's start
@@ -184,8 +186,8 @@ def _construct(cls, groups, options, invalid, dtype, case):
             opt = cls(groups, **options)
     except Exception as err:  # noqa: BLE001 - every exception is judged here
         _clean_error(err, f"{case}: construction")
-        assert invalid or (dtype == torch.float16 and "float16" in str(err)), \
-            f"{case}: valid options refused: {err}"
+        assert invalid or (dtype == torch.float16 and "float16" in str(err)) \
+            or "empty side" in str(err), f"{case}: valid options refused: {err}"
         return None
     assert not invalid, f"{case}: invalid {invalid} accepted"
     return opt

@@ -479,6 +479,13 @@ def test_adaprelora_pair_with_one_gradient_is_refused_before_any_update():
     assert_unchanged(opt, before)
 
 
+@pytest.mark.parametrize("r,m,n", [(0, 5, 4), (2, 0, 4), (2, 5, 0)])
+def test_adaprelora_refuses_a_pair_with_an_empty_side(r, m, n):
+    A, B = nn.Parameter(torch.randn(r, n)), nn.Parameter(torch.randn(m, r))
+    with pytest.raises(ValueError, match="empty side"):
+        slimopt.AdaPreLoRA([{"params": [A, B]}], lr=1e-2)
+
+
 def test_adaprelora_lora_scale_option_is_honoured_or_refused():
     model = _lora_model(seed=4)
     with pytest.raises(ValueError, match="lora_scale"):

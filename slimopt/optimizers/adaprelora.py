@@ -98,6 +98,10 @@ class AdaPreLoRA(SlimOptimizer):
             raise ValueError(f"LoRA pair: expected A (r x n) and B (m x r) with the same r, got "
                              f"A {tuple(A.shape)} and B {tuple(B.shape)} (rank mismatch or "
                              "mis-shaped factors)")
+        if A.numel() == 0 or B.numel() == 0:
+            raise ValueError(f"LoRA pair: A {tuple(A.shape)} and B {tuple(B.shape)} have an empty "
+                             "side; r, m and n must be >= 1 (give an empty layer's factors a "
+                             "dense group, or leave them out)")
 
     def takes_matrix_rule(self, param, group):
         return self.is_pair(group)

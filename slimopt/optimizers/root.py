@@ -18,8 +18,11 @@ Per 2-D parameter (m x n) not in a dense group:
    Moonlight's RMS matching, so one lr serves both this and AdamW) or Keller Jordan's
    ``sqrt(max(1, m/n))`` (``lr_scale="original"``).
 
-Embeddings, lm_head, norms and biases (dense groups, and every non-2-D parameter) get AdamW with
-``betas`` (0.9, 0.95 by default) and ``eps``. With ``percentile=None``, ``coefficients="muon"``
+Embeddings, lm_head, norms and biases (dense groups, every non-2-D parameter and empty matrices)
+get AdamW with ``betas`` (0.9, 0.95 by default) and ``eps``. float16 matrices are taken (the rule
+keeps only momentum); float16 parameters that get AdamW are refused, as by every slimopt
+optimizer. An update whose squares underflow (entries below ~1e-19) is first scaled by an exact
+power of two (``rescale_tiny``), which Newton-Schulz's normalization makes invisible. With ``percentile=None``, ``coefficients="muon"``
 and ``lr_scale="match_rms"`` the update equals ``torch.optim.Muon(adjust_lr_fn=
 "match_rms_adamw")``'s (tested).
 """
