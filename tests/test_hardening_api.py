@@ -149,6 +149,18 @@ def test_method_option_changed_after_construction_is_checked_at_step_time(info):
     assert_unchanged(opt, before)
 
 
+@by_info
+def test_step_on_meta_tensors_is_refused(info):
+    with torch.device("meta"):
+        W, b = _matrix_and_bias()
+    opt = info.cls([W, b], **info.kwargs)
+    opt.init_state()  # what meta tensors are for
+    W.grad, b.grad = torch.empty_like(W), torch.empty_like(b)
+    with pytest.raises(ValueError, match="meta device"):
+        opt.step()
+    assert [s["step"] for s in opt.state.values()] == [0, 0]  # meta tensors cannot be compared
+
+
 def test_step_time_checks_cost_little():
     """The per-step re-validation is Python only: well under 0.1 ms per group."""
     import time

@@ -187,6 +187,12 @@ class SlimOptimizer(Optimizer):
                     "the engine with slimopt.launch.initialize instead of deepspeed.initialize.")
             check_gradient(p.grad, p.shape)
             self._check_float16(p, group)
+            if p.is_meta or p.grad.is_meta:
+                raise ValueError(
+                    f"{type(self).__name__}: a parameter of shape {tuple(p.shape)} (or its "
+                    "gradient) is on the meta device, which holds no values: step() needs real "
+                    "tensors (init_state() works on meta; materialize the model first, e.g. "
+                    "model.to_empty(device=...))")
         finite = self._finite_flags(params)
         if self.nonfinite == "raise":
             bad = [p for p, ok in finite.items() if not ok]
