@@ -153,3 +153,26 @@ def test_tags_are_folder_names(tmp_path):
     with pytest.raises(ValueError, match="a tag is the name of one subfolder"):
         resolve_tag(tmp_path, None)
     assert resolve_tag(tmp_path, "step8") == "step8"
+
+
+def test_deepspeed_engine_reads_checkpoints_through_the_allow_list(tmp_path):
+    """``slimopt.launch.initialize`` points the engine's checkpoint reads at ``load_file``, so a
+    file swapped in after ``check_deepspeed_tag`` still cannot run code inside DeepSpeed."""
+    pytest.importorskip("deepspeed")
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    from slimopt.launch.zero import read_checkpoints_safely
+
+    class Engine:
+        checkpoint_engine = TorchCheckpointEngine()
+
+    path, marker = tmp_path / "optim.pt", tmp_path / "MARKER"
+    torch.save({"w": torch.ones(2)}, path)
+    engine = Engine()
+    read_checkpoints_safely(engine)
+    assert torch.equal(engine.checkpoint_engine.load(str(path), map_location="cpu")["w"],
+                       torch.ones(2))
+    _plant(path, marker)
+    with pytest.raises(ValueError, match="leave_marker"):
+        engine.checkpoint_engine.load(str(path), map_location=torch.device("cpu"))
+    assert not marker.exists()

@@ -564,6 +564,7 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, con
     engine, opt, loader, sched = deepspeed.initialize(
         args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
         config=cfg, **kwargs)
+    read_checkpoints_safely(engine)
     if isinstance(optimizer, SlimOptimizer):
         optimizer.skip_zero_first_step = False
         if stage >= 1:
@@ -571,6 +572,18 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, con
         else:
             register_master_copies(optimizer, engine.optimizer)
     return engine, opt, loader, sched
+
+
+def read_checkpoints_safely(engine) -> None:
+    """DeepSpeed's checkpoint engines read files with ``torch.load(weights_only=False)``; make
+    ``engine.load_checkpoint`` read them through ``safe_load.load_file`` (``weights_only=True``
+    and the documented allow-list) instead, so a file swapped in after a check cannot run code."""
+    from .safe_load import load_file
+
+    def load(path, map_location=None):
+        return load_file(path)  # onto the CPU, as DeepSpeed's own loads ask
+
+    engine.checkpoint_engine.load = load
 
 
 def register_master_copies(optimizer: SlimOptimizer, wrapper) -> None:
