@@ -17,12 +17,17 @@ pytest.importorskip("transformers")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OPTIMIZERS = ["grasswalk", "grassjump", "sara", "snsm", "root", "adaprelora"]
+# nonfinite="raise" with a NaN in one rank's partition (the bridge's joint check) or in every
+# rank's gradient (DeepSpeed discards the step when clipping, and always at ZeRO-0 bf16/ZeRO-3)
+NONFINITE = ["nonfinite:1:0:partition", "nonfinite:2:0:partition", "nonfinite:3:0:partition",
+             "nonfinite:2:1:loss", "nonfinite:3:0:loss"]
 SCENARIOS = ([f"{o}:{s}:fp32:1" for o in OPTIMIZERS for s in (0, 1, 2, 3)]
              + ["grasswalk:0:fp32:2", "grasswalk:2:fp32:2", "grasswalk:3:fp32:2"]
              + [f"grasswalk:{s}:bf16:1" for s in (0, 1, 2, 3)]
              + ["adaprelora:0:bf16:1", "adaprelora:2:bf16:1", "adaprelora:3:bf16:1"]
              + ["ckpt:grasswalk:2", "ckpt:adaprelora:1", "ckpt:grasswalk:3", "ckpt:adaprelora:3"]
-             + ["naive:grasswalk:1", "naive:grasswalk:3", "grads:3"])
+             + ["naive:grasswalk:1", "naive:grasswalk:3", "grads:3"]
+             + NONFINITE)
 # Tolerances: every comparison is exact by construction on any machine, or it is not made.
 # - The bridge: ``replay_diff``, the engine's fp32 master weights against the optimizer run in
 #   one process on DeepSpeed's own gradients (read with ``safe_get_full_grad``) from the same
@@ -95,7 +100,8 @@ def results(tmp_path_factory):
     return torchrun(SCENARIOS, checkpoints=tmp_path_factory.mktemp("ckpt"))
 
 
-@pytest.mark.parametrize("scenario", [s for s in SCENARIOS if not s.startswith(("ckpt", "naive", "grads"))])
+@pytest.mark.parametrize("scenario", [s for s in SCENARIOS
+                                      if not s.startswith(("ckpt", "naive", "grads", "nonfinite"))])
 def test_equals_single_process(results, scenario):
     row = results[scenario]
     _check_row(row, scenario)
@@ -351,3 +357,12 @@ def test_example_configs_parse():
             cfg = json.load(f)
         model = torch.nn.Sequential(torch.nn.Linear(300, 300))
         assert build_from_config(cfg["optimizer"], model).param_groups[0]["rank"] == 128
+
+
+@pytest.mark.parametrize("scenario", NONFINITE)
+def test_nonfinite_raise_is_all_or_nothing_on_every_rank(results, scenario):
+    """Before: a NaN in one rank's partition left the other rank waiting in a collective (a hang),
+    and DeepSpeed's own discard of the step turned "raise" into a silent skip."""
+    stage, clip, where = scenario.split(":")[1:]
+    row = results[f"nonfinite:{stage}:{float(clip)}:{where}"]
+    assert row["every_rank_raised"] and row["max_change"] == 0.0

@@ -579,6 +579,9 @@ def train(args, rank, world, device):
                 engine.backward(loss)
                 engine.step()
             grad_norm = engine.get_global_grad_norm() or 0.0
+            if not engine.was_step_applied():  # DeepSpeed's own skip: never a silent one
+                say(f"step {step + 1}: DeepSpeed discarded the update (non-finite gradient "
+                    f"norm); {engine.skipped_steps} discarded so far")
         else:
             with autocast():
                 loss = train_model(input_ids=ids, labels=ids).loss

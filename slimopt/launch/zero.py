@@ -188,6 +188,23 @@ class ZeroBridge:
         table[:, offset:offset + piece].copy_(padded.view(self.world, piece))
 
     @torch.no_grad()
+    def raise_if_nonfinite(self, optimizer, groups) -> None:
+        """``nonfinite="raise"``: whether any rank's partition gradient in ``groups`` holds NaN
+        or Inf is decided by all ranks together (one fused norm per partition and one
+        all-reduce) before any unit steps. So every rank raises, nothing changes anywhere, and no
+        rank is left waiting in a collective for an owner that raised alone."""
+        grads = [g["params"][0].grad for g in groups
+                 if g["params"] and g["params"][0].grad is not None]
+        bad = torch.zeros((), dtype=torch.float32, device=self.device)
+        if grads:
+            norms = torch.stack([n.float() for n in torch._foreach_norm(grads)])
+            bad = (~norms.isfinite().all()).float()
+        self.dist.all_reduce(bad, op=self.dist.ReduceOp.MAX, group=self.process_group)
+        if bool(bad):
+            raise FloatingPointError(
+                f"{type(optimizer).__name__}: a non-finite gradient on some rank (ZeRO "
+                f"partition, world size {self.world}); nothing was updated on any rank")
+
     def step_group(self, optimizer, group):
         if not group["params"]:
             return  # ZeRO-3 steps one sub-group at a time; the others are empty meanwhile
@@ -565,6 +582,8 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, con
         args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
         config=cfg, **kwargs)
     read_checkpoints_safely(engine)
+    if isinstance(optimizer, SlimOptimizer) and optimizer.nonfinite == "raise":
+        raise_on_skipped_steps(engine, optimizer)
     if isinstance(optimizer, SlimOptimizer):
         optimizer.skip_zero_first_step = False
         if stage >= 1:
@@ -572,6 +591,26 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, con
         else:
             register_master_copies(optimizer, engine.optimizer)
     return engine, opt, loader, sched
+
+
+def raise_on_skipped_steps(engine, optimizer) -> None:
+    """DeepSpeed discards a whole step itself, on every rank, when the global gradient norm is
+    not finite (bf16 ZeRO-0 and ZeRO-3 always; ZeRO-1/2 when clipping), before the optimizer sees
+    a gradient. ``nonfinite="raise"`` must still raise: ``engine.step()`` raises
+    ``FloatingPointError`` after such a discarded step (nothing was updated). With ``"skip"``
+    DeepSpeed's discard is the skip; ``engine.skipped_steps`` counts it."""
+    step = engine.step
+
+    def step_or_raise(*args, **kwargs):
+        boundary = engine.is_gradient_accumulation_boundary()
+        out = step(*args, **kwargs)
+        if boundary and not engine.was_step_applied():
+            raise FloatingPointError(
+                f"{type(optimizer).__name__}: DeepSpeed discarded step {engine.global_steps} "
+                "because the gradient norm is not finite; nothing was updated on any rank")
+        return out
+
+    engine.step = step_or_raise
 
 
 def read_checkpoints_safely(engine) -> None:

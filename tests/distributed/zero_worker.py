@@ -15,7 +15,8 @@ reshard-save|reshard-load|reshard-back:OPTIMIZER:STAGE (a checkpoint moved 2 -> 
 save and back with 2 ranks, load with 1, all with the same ZERO_CKPT_DIR), or
 loadcheck:OPTIMIZER:STAGE (one rank, after reshard-save: the bridge's load_state_dict refuses
 another world size's share, wrong shapes and unknown parameters, changing nothing), or
-time:OPTIMIZER:STAGE (seconds per engine.step() through the bridge, for DeepSpeed's own AdamW and
+nonfinite:STAGE:CLIP:loss|partition (nonfinite="raise": every rank raises together, nothing
+changes, no hang), or time:OPTIMIZER:STAGE (seconds per engine.step() through the bridge, for DeepSpeed's own AdamW and
 for the optimizer in one process; a measurement, not a test).
 """
 import json
@@ -434,6 +435,47 @@ def run(name, stage, dtype, accum):
                           "state_bytes_per_rank": [int(x) for x in gathered]}), flush=True)
 
 
+def run_nonfinite(stage, clip, where):
+    """``nonfinite="raise"`` under ZeRO-``stage``: a NaN at the second step, in every rank's
+    gradient (``where="loss"``: rank 1's loss is NaN, and averaging spreads it) or in rank 1's
+    partition only (``"partition"``). Every rank must raise ``FloatingPointError`` (from the
+    bridge's joint check, or after DeepSpeed discarded the step), no rank may hang, and the fp32
+    masters must be those of the first step."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    cfg = ds_config("grasswalk", stage, "fp32", 1)
+    cfg["optimizer"]["params"]["nonfinite"] = "raise"
+    cfg["gradient_clipping"] = clip
+    engine, _, _, _ = initialize(model=tiny_llama(False), config=cfg)
+    train(engine, rank, world, 1, 1)
+    before = masters(engine, stage)
+    client = engine.optimizer.optimizer if stage >= 1 else engine.optimizer
+    if where == "partition" and rank == 1:
+        prepare = client._prepare_step
+
+        def poisoned():
+            for group in client.param_groups:
+                if group["params"] and group["params"][0].grad is not None:
+                    group["params"][0].grad.view(-1)[0] = float("nan")
+                    break
+            return prepare()
+        client._prepare_step = poisoned
+    rows = batches(world, 1)[world * MICRO:2 * world * MICRO].view(world, MICRO, SEQ)[rank]
+    loss = engine(input_ids=rows, labels=rows).loss
+    engine.backward(loss * float("nan") if where == "loss" and rank == 1 else loss)
+    raised = 0.0
+    try:
+        engine.step()
+    except FloatingPointError:
+        raised = 1.0
+    flags = torch.tensor([raised])
+    dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+    change = max_diff(before, masters(engine, stage))  # a collective: every rank
+    if rank == 0:
+        print(json.dumps({"scenario": f"nonfinite:{stage}:{clip}:{where}",
+                          "every_rank_raised": bool(flags.item()), "max_change": change}),
+              flush=True)
+
+
 if __name__ == "__main__":
     import deepspeed
     deepspeed.init_distributed(dist_backend="gloo")
@@ -456,6 +498,8 @@ if __name__ == "__main__":
             run_timing(parts[1], int(parts[2]))
         elif parts[0] == "grads":
             run_gradient_probe(int(parts[1]))
+        elif parts[0] == "nonfinite":
+            run_nonfinite(int(parts[1]), float(parts[2]), parts[3])
         elif parts[0] == "naive":
             run_naive(parts[1], int(parts[2]))
         else:

@@ -207,8 +207,12 @@ class SlimOptimizer(Optimizer):
         """All checks of a step, before anything changes: per group, the flags of
         ``_check_gradients`` (None for a ZeRO partition, which the bridge checks per unit)."""
         self._check_groups_now()
-        return [None if self._zero_bridge is not None and "zero_index" in group
-                else self._check_gradients(group) for group in self.param_groups]
+        bridged = [g for g in self.param_groups
+                   if self._zero_bridge is not None and "zero_index" in g]
+        if bridged and self.nonfinite == "raise":
+            self._zero_bridge.raise_if_nonfinite(self, bridged)  # every rank decides together
+        return [None if any(group is g for g in bridged) else self._check_gradients(group)
+                for group in self.param_groups]
 
     @staticmethod
     def _skip_nonfinite(state: dict, finite: bool) -> bool:
