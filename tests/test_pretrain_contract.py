@@ -254,3 +254,21 @@ def test_deepspeed_tag_digests_refuse_flipped_bytes(tmp_path):
     (tag / "zero_pp_rank_1_mp_rank_00_optim_states.pt").write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="rank_1_mp_rank_00_optim_states.pt: corrupted"):
         verify_tag_digests(str(tag))
+
+
+def test_a_pickled_call_in_the_data_caches_never_runs(tmp_path, capsys):
+    """The token cache is a torch file too: a planted call is refused (and the cache rebuilt,
+    with a note); a damaged tokenizer file is rebuilt the same way."""
+    private = tmp_path / "cache"
+    args = SMALL + ["--cache-dir", str(private), "--steps", "1"]
+    pretrain.execute(args + ["--output-dir", str(tmp_path / "a")])
+    tokens, = private.glob("tokens-*.pt")
+    bpe, = private.glob("bpe-*.json")
+    marker = tmp_path / "PWNED"
+    torch.save({"train": Payload(marker)}, tokens)
+    bpe.write_text("{not json")
+    capsys.readouterr()
+    pretrain.execute(args + ["--output-dir", str(tmp_path / "b")])
+    err = capsys.readouterr().err
+    assert not marker.exists()
+    assert f"the cache file {tokens} is unreadable" in err and str(bpe) in err

@@ -18,6 +18,7 @@ import codecs
 import hashlib
 import json
 import os
+import sys
 import sysconfig
 
 import torch
@@ -120,7 +121,6 @@ def load_documents(source: str | None, *, text_column: str = "text", max_chars: 
     """``(documents, corpus id)``; the id keys the tokenizer and token caches."""
     if source is None:
         docs = stdlib_documents(max_chars)
-        import sys
         return docs, f"stdlib-{sys.version.split()[0]}-{max_chars}"
     try:
         import datasets
@@ -160,12 +160,21 @@ def load_documents(source: str | None, *, text_column: str = "text", max_chars: 
     return docs, f"{corpus_id}-{max_chars}"
 
 
+def _rebuilding(path: str, err: BaseException) -> None:
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+    print(f"note: the cache file {path} is unreadable ({type(err).__name__}: {first}); "
+          "rebuilding it", file=sys.stderr)
+
+
 def tokenizer_for(docs: list[str], corpus_id: str, vocab_size: int, cache_dir: str):
     """A byte-level BPE (``tokenizers``) trained on ``docs``, cached by corpus and vocabulary."""
     from tokenizers import ByteLevelBPETokenizer, Tokenizer
     path = os.path.join(cache_dir, f"bpe-{corpus_id}-{vocab_size}.json")
     if os.path.exists(path):
-        return Tokenizer.from_file(path)
+        try:
+            return Tokenizer.from_file(path)
+        except Exception as err:  # noqa: BLE001 -- a damaged cache entry is rebuilt, and said
+            _rebuilding(path, err)
     tok = ByteLevelBPETokenizer()
     tok.train_from_iterator(docs, vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS],
                             show_progress=False)
@@ -184,8 +193,11 @@ def token_blocks(docs: list[str], tokenizer, seq_len: int, corpus_id: str, cache
                        .encode()).hexdigest()[:16]
     path = os.path.join(cache_dir, f"tokens-{key}.pt")
     if os.path.exists(path):
-        cached = torch.load(path, weights_only=True)
-        return cached["train"], cached["eval"]
+        try:  # weights_only: a pickled call planted in the cache is refused, never run
+            cached = torch.load(path, weights_only=True)
+            return cached["train"], cached["eval"]
+        except Exception as err:  # noqa: BLE001 -- a damaged cache entry is rebuilt, and said
+            _rebuilding(path, err)
     eos = tokenizer.token_to_id(EOS)
     n_eval = max(1, int(len(docs) * eval_fraction))
     if len(docs) - n_eval < 1:
