@@ -79,17 +79,22 @@ def _write_error(path: str, err: BaseException) -> CheckpointError:
         free = f"; {shutil.disk_usage(folder).free:,} bytes free there"
     except OSError:
         free = ""
-    reason = err.strerror if isinstance(err, OSError) and err.strerror else \
-        str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
-        reason = f"disk full ({reason})"
+    if isinstance(err, OSError):
+        reason = err.strerror or str(err)
+        if err.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            reason = f"disk full ({reason})"
+    else:  # torch.save reports a failed write (a full disk, a file-size limit) this way
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        reason = f"the write failed (is the disk full?): {first}"
     return CheckpointError(f"could not write checkpoint {path}: {reason}{free}")
 
 
-def save_atomic(payload: dict, path: str) -> None:
-    """``torch.save`` ``payload`` plus its digest to ``path``, atomically and durably."""
+def write_atomic(data, path: str) -> None:
+    """``torch.save(data)`` to a unique temporary file in ``path``'s folder, flushed and
+    ``fsync``-ed, then ``os.replace``-d onto ``path`` and the folder ``fsync``-ed: a reader (or
+    a crash) sees the old file or the whole new one. A failure is a ``CheckpointError`` naming
+    ``path``, and the temporary file is removed."""
     folder = os.path.dirname(os.path.abspath(path))
-    data = {**payload, DIGEST_KEY: digest(payload)}
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -103,6 +108,11 @@ def save_atomic(payload: dict, path: str) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def save_atomic(payload: dict, path: str) -> None:
+    """``payload`` plus its digest, written by ``write_atomic``."""
+    write_atomic({**payload, DIGEST_KEY: digest(payload)}, path)
 
 
 def load_verified(path: str) -> dict:

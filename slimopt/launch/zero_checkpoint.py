@@ -31,10 +31,10 @@ import glob
 import os
 import re
 import sys
-import tempfile
 
 import torch
 
+from .checkpoint_io import write_atomic
 from .safe_load import check_deepspeed_tag, load_file
 
 #: top-level keys of DeepSpeed's model-states file that are DeepSpeed's own (the rest is the
@@ -182,34 +182,6 @@ def _write_weights(weights, named, optimizer, bridge) -> None:
             p.copy_(value)
 
 
-def save_atomic(data, out) -> None:
-    """``torch.save(data)`` to a temp file in ``out``'s folder, flushed and fsynced, then
-    ``os.replace``d onto ``out``: a reader (or a crash) sees the old file or the whole new one,
-    never a partial one. Failures are ``OSError``s naming ``out``; the temp file is removed."""
-    folder = os.path.dirname(os.path.abspath(out))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(out)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(data, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except RuntimeError as err:  # torch.save reports a failed write (a full disk) this way
-        os.unlink(tmp)
-        first = (str(err).strip().splitlines() or ["no message"])[0][:200]
-        raise OSError(f"could not write {out} (is the disk full?): {first}") from None
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX)
-        dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m slimopt.launch.zero_checkpoint",
@@ -225,7 +197,7 @@ def main(argv=None) -> int:
         parser.exit(2, f"error: cannot write {args.out}: the folder {out_dir} does not exist\n")
     try:
         data = consolidate(args.checkpoint_dir, args.tag)
-        save_atomic(data, args.out)
+        write_atomic(data, args.out)
     except (ValueError, OSError) as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         parser.exit(2, f"error: {first}\n")
