@@ -2,13 +2,13 @@
 error reporting, and one real 2-process torchrun run on CPU (gloo)."""
 import os
 import shlex
-import socket
 import subprocess
 import sys
 import textwrap
 
 import pytest
 
+from net import free_port
 from slimopt.launch import launcher
 from slimopt.launch.launcher import LaunchError, build_commands, main, parse_args
 
@@ -333,12 +333,6 @@ dist.destroy_process_group()
 '''
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_real_torchrun_two_processes(tmp_path):
     (tmp_path / "tiny_allreduce.py").write_text(ALLREDUCE_MODULE)
     out = tmp_path / "out"
@@ -348,7 +342,7 @@ def test_real_torchrun_two_processes(tmp_path):
                                                         os.environ.get("PYTHONPATH")])))
     proc = subprocess.run(
         [PY, "-m", "slimopt.launch.launcher", "--launcher", "torchrun", "--num-gpus", "2",
-         "--master-port", str(_free_port()), "--module", "tiny_allreduce", "--", str(out)],
+         "--master-port", str(free_port()), "--module", "tiny_allreduce", "--", str(out)],
         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "torch.distributed.run" in proc.stderr  # the command is echoed to stderr

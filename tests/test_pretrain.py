@@ -1,12 +1,13 @@
 """slimopt-pretrain: resume without data loss, bad input, a 2-rank CPU run."""
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
+
+from net import free_port
 
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
@@ -85,18 +86,12 @@ def test_local_text_file(tmp_path, cache):
     assert result["eval_loss"] < 6.0
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_cpu_ranks_match_one_process(tmp_path, cache):
     common = SMALL + ["--cache-dir", cache, "--optimizer", "grasswalk", "--no-tensorboard"]
     single = pretrain.execute(common + ["--output-dir", str(tmp_path / "one")])
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", str(_free_port()), "-m", "slimopt.launch.pretrain", *common,
+           "--master_port", str(free_port()), "-m", "slimopt.launch.pretrain", *common,
            "--output-dir", str(tmp_path / "two")]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -117,7 +112,7 @@ def test_deepspeed_zero2_two_ranks_resume_one_rank_and_contradictions(tmp_path, 
 
     def torchrun(*extra, ranks=2):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
-               "--master_port", str(_free_port()), "-m", "slimopt.launch.pretrain", *common, *extra]
+               "--master_port", str(free_port()), "-m", "slimopt.launch.pretrain", *common, *extra]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
         return proc.stdout

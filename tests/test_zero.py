@@ -4,12 +4,13 @@ checkpoint resume, the negative control, and the refusals and JSON errors."""
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
+
+from net import free_port
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported
 deepspeed = pytest.importorskip("deepspeed")
@@ -75,19 +76,13 @@ def _check_row(row, scenario):
     assert math.isfinite(row["max_diff"])
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def torchrun(scenarios, ranks=2, checkpoints=None, timeout=900):
     """Run the worker's ``scenarios`` on ``ranks`` CPU ranks; its JSON rows by scenario."""
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     if checkpoints is not None:
         env["ZERO_CKPT_DIR"] = str(checkpoints)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
-           "--master_port", str(_free_port()), os.path.join(HERE, "distributed", "zero_worker.py"),
+           "--master_port", str(free_port()), os.path.join(HERE, "distributed", "zero_worker.py"),
            *scenarios]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
