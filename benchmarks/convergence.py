@@ -9,8 +9,8 @@ parameter split), all runs on the same data in the same order from the same init
 (``curve``: step, tokens, mean train loss since the previous point, eval loss at every
 ``--eval-every`` step and the last).
 
-- Methods: the slimopt optimizers (``slimopt.launch.registry.OPTIMIZERS``) and the peers
-  (``PEERS``) except ``adamw-fused`` (the same math as ``adamw``).
+- Methods: those whose record (``slimopt.launch.records``) names the convergence suite: the
+  slimopt optimizers and the peers except ``adamw-fused`` (the same math as ``adamw``).
 - Learning rates: a half-decade ladder (1, 3, 10, 30, ...) around a per-method centre, 3 points by
   default (``--convergence-grid``). Centre 3e-3 (grid 1e-3, 3e-3, 1e-2) for the Adam-like methods,
   Muon and ROOT (RMS-matched to AdamW), GaLore-torch (which applies its scale 0.25 itself),
@@ -73,21 +73,20 @@ import tempfile
 import threading
 import time
 
-from slimopt.launch.registry import KNOWN, OPTIMIZERS, PEERS
+from slimopt.launch import records
+from slimopt.launch.registry import KNOWN
 
 from . import report
 
 REPO = report.ROOT
-SLIMOPT_METHODS = tuple(OPTIMIZERS)
+_RUN = records.in_suite(records.CONVERGENCE)
+SLIMOPT_METHODS = tuple(m.name for m in _RUN if not m.is_peer)
 #: the peers in a fixed order; adamw-fused is left out (the same update as adamw)
-PEER_METHODS = ("adamw", "muon", "galore", "apollo", "apollo-mini", "fira", "adafactor")
-assert set(PEER_METHODS) | {"adamw-fused"} == PEERS, "a new peer: add it to PEER_METHODS"
+PEER_METHODS = tuple(m.name for m in _RUN if m.is_peer)
 METHODS = SLIMOPT_METHODS + PEER_METHODS
-LIBRARY = dict({m: "slimopt" for m in SLIMOPT_METHODS}, adamw="torch", muon="torch",
-               galore="galore-torch", apollo="apollo-torch", fira="fira",
-               adafactor="torch-optimizer", **{"apollo-mini": "apollo-torch"})
+LIBRARY = {m.name: m.library for m in _RUN}
 #: the centre of each method's lr grid (see the module docstring)
-LR_CENTRE = dict({m: 3e-3 for m in METHODS}, snsm=3e-2, subspacemomentum=3e-2, subsetnorm=3e-2)
+LR_CENTRE = {m.name: m.lr_centre for m in _RUN}
 
 #: per preset: the suite's changes to the preset's training defaults
 PRESET_SETTINGS = {

@@ -74,6 +74,7 @@ if __package__ in (None, ""):  # run as a script: make the ``benchmarks`` packag
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import slimopt  # noqa: E402
+from slimopt.launch import records  # noqa: E402
 from slimopt.launch.registry import OPTIMIZERS, RANKED, build_optimizer  # noqa: E402
 from slimopt.launch.zero import local_owners  # noqa: E402
 from slimopt.state_bytes import _tensor_bytes  # noqa: E402
@@ -93,19 +94,14 @@ QUICK_SIZES, QUICK_RANKS = ["60m", "130m"], [128]
 #: the ZeRO table's model and rank when they are among the sizes and ranks asked for
 ZERO_SIZE, ZERO_RANK = "1b", 256
 
-#: display name -> launcher name (``slimopt.launch.registry``); slimopt's own GaLore is
-#: "galore-slimopt" there, galore-torch's is the peer "galore"
-SLIMOPT = {"GaLore (slimopt)": "galore-slimopt", "SARA": "sara", "GrassWalk": "grasswalk",
-           "GrassJump": "grassjump", "SNSM": "snsm", "SubspaceMomentum": "subspacemomentum",
-           "SubsetNorm (AdamSN)": "subsetnorm", "ROOT": "root"}
-PEERS = {"AdamW (torch)": "adamw", "Muon + AdamW (torch)": "muon",
-         "Adafactor (torch-optimizer)": "adafactor", "GaLoreAdamW (galore-torch)": "galore",
-         "APOLLO (apollo-torch)": "apollo", "APOLLO-Mini (apollo-torch)": "apollo-mini",
-         "FiraAdamW (fira)": "fira"}
+#: display name -> launcher name, from the method records (``slimopt.launch.records``);
+#: slimopt's own GaLore is "galore-slimopt" there, galore-torch's is the peer "galore"
+SLIMOPT = {m.display: m.name for m in records.in_suite(records.MEMORY) if not m.is_peer}
+PEERS = {m.display: m.name for m in records.in_suite(records.MEMORY) if m.is_peer}
 ORDER = list(PEERS) + list(SLIMOPT)
 ADAMW = "AdamW (torch)"
 #: peers whose rank is fixed by their recipe
-FIXED_RANK = {"apollo-mini": 1}
+FIXED_RANK = {m.name: m.fixed_rank for m in records.METHODS if m.fixed_rank is not None}
 
 
 def llama_on_meta(size: str):

@@ -58,7 +58,8 @@ from contextlib import contextmanager
 
 import torch
 
-from slimopt.launch.registry import KNOWN, OPTIMIZERS, RANKED, build_optimizer
+from slimopt.launch import records
+from slimopt.launch.registry import KNOWN, RANKED, build_optimizer
 
 from . import report
 from .memory import LLAMA_SHAPES, llama_on_meta
@@ -69,11 +70,9 @@ PAPER_RANK = {"60m": 128, "130m": 256, "350m": 256, "1b": 512, "7b": 1024}
 WORKLOADS = [f"{kind}-{size}" for kind in ("block", "model") for size in LLAMA_SHAPES]
 DEFAULT_WORKLOADS = {"cuda": ["block-1b", "model-60m"], "cpu": ["block-350m", "model-60m"],
                      "quick": ["block-60m"]}
-#: peer -> the package it comes from; everything in OPTIMIZERS is "slimopt"
-PEER_LIBRARY = {"adamw": "torch", "adamw-fused": "torch", "muon": "torch",
-                "galore": "galore-torch", "apollo": "apollo-torch", "apollo-mini": "apollo-torch",
-                "fira": "fira", "adafactor": "torch-optimizer"}
-DEFAULT_OPTIMIZERS = list(PEER_LIBRARY) + list(OPTIMIZERS)
+#: the peers first, then slimopt's (``slimopt.launch.records``)
+DEFAULT_OPTIMIZERS = [m.name for m in sorted(records.in_suite(records.STEPTIME),
+                                             key=lambda m: not m.is_peer)]
 
 
 def _at_least(minimum: float, kind=int):
@@ -114,7 +113,7 @@ def add_arguments(group) -> None:
 
 
 def library(name: str) -> str:
-    return PEER_LIBRARY.get(name, "slimopt")
+    return records.BY_NAME[name].library
 
 
 def build_workload(name: str, device: str = "cpu", seed: int = 0) -> torch.nn.Module:

@@ -6,7 +6,7 @@ import pytest
 import torch
 import transformers
 
-from slimopt.launch.registry import PEERS, build_optimizer
+from slimopt.launch.registry import PEERS, RANKED, build_optimizer
 
 
 def tiny():
@@ -20,8 +20,7 @@ def tiny():
 @pytest.mark.parametrize("name", sorted(PEERS))
 def test_peer_trains_on_a_fixed_batch(name):
     model = tiny()
-    ranked = {"galore", "apollo", "apollo-mini", "fira"}
-    options = {"update_interval": 5} if name in ranked else {}
+    options = {"update_interval": 5} if name in RANKED else {}
     opt = build_optimizer(name, model, lr=3e-3, rank=8, **options)
     x = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(0))
     losses = []

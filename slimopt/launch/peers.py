@@ -3,7 +3,8 @@ package with the GaLore parameter split where it has a matrix rule: torch's Adam
 fused) and Muon (matrices) + AdamW (the rest), galore-torch's GaLoreAdamW, apollo-torch's APOLLO
 and APOLLO-Mini, fira's FiraAdamW and torch-optimizer's Adafactor (every parameter).
 
-A missing package is a ``ValueError`` that names the ``pip install`` to run.
+A missing package is a ``ValueError`` that names the ``pip install`` to run. Each builder's name,
+package and rank flag are in its record (``slimopt.launch.records``).
 """
 from __future__ import annotations
 
@@ -73,6 +74,11 @@ def torch_adamw(model, lr: float, implementation: str = "foreach", **options):
     return torch.optim.AdamW(model.parameters(), lr=lr, **flags[implementation], **options)
 
 
+def torch_adamw_fused(model, lr: float, **options):
+    """torch.optim.AdamW, fused: the step-time benchmark's reference."""
+    return torch_adamw(model, lr, "fused", **options)
+
+
 def torch_muon_with_adamw(model, lr: float, weight_decay: float = 0.1, **options):
     """torch.optim.Muon (RMS-matched, so one lr serves both) on the projections, AdamW elsewhere."""
     matrices, dense = _split(model)
@@ -106,6 +112,11 @@ def apollo_torch(model, lr: float, rank: int = 128, update_interval: int = 200,
     return apollo.APOLLOAdamW([group, {"params": dense}], lr=lr, weight_decay=weight_decay)
 
 
+def apollo_mini(model, lr: float, **options):
+    """APOLLO-Mini: ``apollo_torch`` with ``mini=True`` (rank 1, tensor-wise scaling)."""
+    return apollo_torch(model, lr, mini=True, **options)
+
+
 def fira(model, lr: float, rank: int = 128, update_interval: int = 200, alpha: float = 1.0,
          weight_decay: float = 0.0):
     """fira's FiraAdamW (low-rank Adam plus the scaled full-rank residual) on the projections;
@@ -124,16 +135,3 @@ def adafactor(model, lr: float, weight_decay: float = 0.0, beta1: float | None =
     Adafactor = _require("torch_optimizer", "torch-optimizer", "adafactor").Adafactor
     return Adafactor(model.parameters(), lr=lr, relative_step=False, scale_parameter=False,
                      warmup_init=False, beta1=beta1, weight_decay=weight_decay)
-
-
-#: peer name -> (builder, takes rank and update_interval)
-BUILDERS = {
-    "adamw": (torch_adamw, False),
-    "adamw-fused": (lambda model, lr, **o: torch_adamw(model, lr, "fused", **o), False),
-    "muon": (torch_muon_with_adamw, False),
-    "galore": (galore_torch, True),
-    "apollo": (apollo_torch, True),
-    "apollo-mini": (lambda model, lr, **o: apollo_torch(model, lr, mini=True, **o), True),
-    "fira": (fira, True),
-    "adafactor": (adafactor, False),
-}

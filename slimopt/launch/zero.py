@@ -39,8 +39,8 @@ import torch
 
 from ..optimizers.core import state_checks
 from ..optimizers.core.base import SlimOptimizer
-from ..param_groups import param_groups
-from .registry import HEAD_IN_MATRIX_GROUP, OPTIMIZERS, RANKED
+from . import records
+from .registry import split_for
 
 PREFIX = "slimopt."
 
@@ -524,18 +524,14 @@ def build_from_config(section: dict, model) -> SlimOptimizer:
     if not isinstance(kind, str):
         raise ValueError(f'optimizer.type must be a string such as "slimopt.GrassWalk", got '
                          f"{_json_kind(kind)}")
-    name = kind[len(PREFIX):].lower()
-    name = {"galore": "galore-slimopt"}.get(name, name)  # inside slimopt's namespace: ours
-    known = sorted(PREFIX + cls.__name__ for cls in OPTIMIZERS.values()) + ["slimopt.AdaPreLoRA"]
-    if name == "adaprelora":
-        from ..optimizers import AdaPreLoRA
-        return AdaPreLoRA(model, **params)
-    if name not in OPTIMIZERS:
+    method = records.from_deepspeed(kind)
+    if method is None:
+        known = sorted(m.deepspeed_name for m in records.in_suite(records.DEEPSPEED))
         raise ValueError(f"unknown slimopt optimizer {kind!r}; known: {', '.join(known)}")
-    rank = params.pop("rank", None) if name in RANKED else None
-    groups = param_groups(model, rank=rank, include_head=name in HEAD_IN_MATRIX_GROUP)
+    rank = params.pop("rank", None) if method.ranked else None
+    target = split_for(method, model, rank)
     try:
-        return OPTIMIZERS[name](groups, **params)
+        return method.build(target, **params)
     except TypeError as err:
         raise ValueError(f"{kind}: {err}") from None
 
