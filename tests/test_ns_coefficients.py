@@ -1,4 +1,5 @@
-"""Shape-specific Newton-Schulz coefficients (slimopt.kernels.ns_coefficients): lookup rule,
+"""Shape-specific Newton-Schulz coefficients: the tables and lookup rule
+(slimopt.kernels.ns_coefficients), and from the fitter (slimopt.kernels.fit_ns_coefficients) the
 error definitions, stability, determinism of the fit, and fitted beating Muon's fixed triple.
 
 The real-matrix checks run ``newton_schulz_torch`` in float64 on Gaussian and ill-conditioned
@@ -14,6 +15,7 @@ import pytest
 import scipy.fft
 import torch
 
+from slimopt.kernels import fit_ns_coefficients as fit
 from slimopt.kernels import ns_coefficients as ns
 from slimopt.kernels.newton_schulz import MUON_COEFFICIENTS, newton_schulz_torch
 
@@ -22,7 +24,7 @@ LLAMA_SHAPES = [(512, 512), (512, 1376), (768, 768), (768, 2048), (1024, 1024), 
                 (2048, 2048), (2048, 5461), (4096, 4096), (4096, 11008)]
 REAL_SHAPES = [s for s in ns.FITTED if s[0] <= 1024]   # real float64 matrix iteration
 BIG_SHAPES = [s for s in ns.FITTED if s[0] > 1024]     # spectral form on a proxy's real spectrum
-ILL_FAMILIES = [f for f in ns.FAMILIES if f != "gaussian"]
+ILL_FAMILIES = [f for f in fit.FAMILIES if f != "gaussian"]
 
 
 def _gaussian(rows, cols, seed):
@@ -37,17 +39,17 @@ def _dct_rows(r, n):
 
 def _ill_conditioned(r, n, alpha=0.75):
     """``U diag(i^-alpha) V^T`` (r x n) with dense orthonormal DCT factors."""
-    s = torch.from_numpy(ns.power_law_spectrum(r, alpha))
+    s = torch.from_numpy(fit.power_law_spectrum(r, alpha))
     return (_dct_rows(r, r).T * s) @ _dct_rows(r, n)
 
 
 def _svdvals(x):
-    with ns.single_threaded_torch():
+    with fit.single_threaded_torch():
         return torch.linalg.svdvals(x)
 
 
 def _ns_error(x, coeffs):
-    return ns.orthogonality_error(newton_schulz_torch(x, coeffs, dtype=torch.float64))
+    return fit.orthogonality_error(newton_schulz_torch(x, coeffs, dtype=torch.float64))
 
 
 # ---------------------------------------------------------------------------------- tables, lookup
@@ -90,15 +92,15 @@ def test_lookup_rule():
 
 def test_orthogonality_error_definition():
     q = _dct_rows(20, 50)
-    assert ns.orthogonality_error(q) < 1e-12
-    assert ns.orthogonality_error(q.T) < 1e-12
-    assert ns.orthogonality_error(torch.zeros(20, 50)) == pytest.approx(1.0)
+    assert fit.orthogonality_error(q) < 1e-12
+    assert fit.orthogonality_error(q.T) < 1e-12
+    assert fit.orthogonality_error(torch.zeros(20, 50)) == pytest.approx(1.0)
     x = _gaussian(20, 50, 1)
     s = _svdvals(x)
     rms = math.sqrt(float(((s ** 2 - 1) ** 2).mean()))
-    assert ns.orthogonality_error(x) == pytest.approx(rms, rel=1e-10)
-    assert ns.orthogonality_error(x.T) == pytest.approx(rms, rel=1e-10)
-    assert ns.orthogonality_error(x.numpy()) == pytest.approx(rms, rel=1e-10)
+    assert fit.orthogonality_error(x) == pytest.approx(rms, rel=1e-10)
+    assert fit.orthogonality_error(x.T) == pytest.approx(rms, rel=1e-10)
+    assert fit.orthogonality_error(x.numpy()) == pytest.approx(rms, rel=1e-10)
 
 
 @pytest.mark.parametrize("kind", ["gaussian", "ill"])
@@ -110,15 +112,15 @@ def test_spectral_error_matches_matrix_iteration(coeffs, kind):
         s = _svdvals(x).numpy()
     else:
         x = 0.1 * _ill_conditioned(64, 160, alpha=1.0)
-        s = ns.power_law_spectrum(64, 1.0)
+        s = fit.power_law_spectrum(64, 1.0)
     per_step = coeffs if isinstance(coeffs, list) else [coeffs] * 5
     got = _ns_error(x, per_step)
-    assert got == pytest.approx(ns.spectral_error(s, coeffs), abs=1e-10)
+    assert got == pytest.approx(fit.spectral_error(s, coeffs), abs=1e-10)
 
 
 def test_marchenko_pastur_spectrum_matches_a_sample():
-    mp = ns.marchenko_pastur_spectrum(512, 1376)
-    sample = ns.gaussian_sample_spectrum(512, 1376, seed=3)
+    mp = fit.marchenko_pastur_spectrum(512, 1376)
+    sample = fit.gaussian_sample_spectrum(512, 1376, seed=3)
     assert mp.shape == (512,) and np.linalg.norm(mp) == pytest.approx(1.0)
     assert np.max(np.abs(mp - sample)) < 0.02 * mp[0]
 
@@ -128,18 +130,18 @@ def test_marchenko_pastur_spectrum_matches_a_sample():
 @pytest.mark.parametrize("shape", list(ns.FITTED))
 def test_fitted_stable(shape):
     coeffs = ns.FITTED[shape]
-    assert ns.stability_violation(coeffs) == 0.0
-    lo, hi = ns.max_iterate(coeffs, steps=100)
-    assert 0.0 < lo and hi <= ns.STABILITY_BOUND
+    assert fit.stability_violation(coeffs) == 0.0
+    lo, hi = fit.max_iterate(coeffs, steps=100)
+    assert 0.0 < lo and hi <= fit.STABILITY_BOUND
 
 
 def test_stability_check_on_known_triples():
-    assert ns.stability_violation(MUON) == 0.0
-    assert ns.invariant_bound(MUON) == pytest.approx(1.2024, abs=1e-4)
+    assert fit.stability_violation(MUON) == 0.0
+    assert fit.invariant_bound(MUON) == pytest.approx(1.2024, abs=1e-4)
     # ROOT's released 2048 x 2048 triple is not stable: s ~ 0.559 escapes within 5 steps
     released = ns.ROOT_RELEASED[(2048, 2048)]
-    assert ns.stability_violation(released) > 0.0
-    assert ns.max_iterate(released, steps=5)[1] > 2.0
+    assert fit.stability_violation(released) > 0.0
+    assert fit.max_iterate(released, steps=5)[1] > 2.0
 
 
 # ---------------------------------------------------------------------------------- fitted vs Muon
@@ -162,11 +164,11 @@ def test_fitted_beats_muon_real_iteration_ill_conditioned(shape):
     which test_spectral_error_matches_matrix_iteration checks for Muon's triple too."""
     r, c = shape
     x = _ill_conditioned(r, c)
-    s = ns.power_law_spectrum(r, 0.75)
+    s = fit.power_law_spectrum(r, 0.75)
     coeffs = ns.coefficients_for(r, c)
     ours = _ns_error(x, coeffs)
-    assert ours == pytest.approx(ns.spectral_error(s, coeffs), abs=1e-9)
-    muon = ns.spectral_error(s, MUON)
+    assert ours == pytest.approx(fit.spectral_error(s, coeffs), abs=1e-9)
+    muon = fit.spectral_error(s, MUON)
     assert ours < 0.99 * muon, (shape, ours, muon)
 
 
@@ -182,18 +184,18 @@ def test_fitted_beats_muon_big_gaussian_proxy(shape):
     for _ in range(k):
         block = torch.randn(512, n, generator=g, dtype=torch.float64)
         gram = block @ block.T
-        with ns.single_threaded_torch():
+        with fit.single_threaded_torch():
             svals.append(torch.linalg.eigvalsh(gram).clamp(min=0).sqrt().numpy())
     s = np.concatenate(svals)
-    ours, muon = ns.spectral_error(s, ns.FITTED[shape]), ns.spectral_error(s, MUON)
+    ours, muon = fit.spectral_error(s, ns.FITTED[shape]), fit.spectral_error(s, MUON)
     assert ours < 0.99 * muon, (shape, ours, muon)
 
 
 @pytest.mark.parametrize("shape", list(ns.FITTED), ids=lambda s: f"{s[0]}x{s[1]}")
 def test_fitted_beats_muon_every_ill_conditioned_family(shape):
     """Exact spectra (a matrix ``U diag(s) V^T`` has exactly these singular values)."""
-    ours = ns.evaluate(*shape, ns.FITTED[shape])
-    muon = ns.evaluate(*shape, MUON)
+    ours = fit.evaluate(*shape, ns.FITTED[shape])
+    muon = fit.evaluate(*shape, MUON)
     for family in ILL_FAMILIES:
         assert ours[family] < 0.995 * muon[family], (shape, family, ours[family], muon[family])
 
@@ -201,12 +203,12 @@ def test_fitted_beats_muon_every_ill_conditioned_family(shape):
 # ---------------------------------------------------------------------------------- the fit
 
 def test_fit_deterministic_and_beats_muon_small():
-    first = ns.fit_coefficients(64, 160)
-    second = ns.fit_coefficients(64, 160)
+    first = fit.fit_coefficients(64, 160)
+    second = fit.fit_coefficients(64, 160)
     assert first == second
     # (not compared with the committed table digit by digit: a Nelder-Mead path can take another
     # turn under another BLAS's rounding; what must hold anywhere is checked below)
-    assert ns.stability_violation(first) == 0.0
+    assert fit.stability_violation(first) == 0.0
     for x in (_gaussian(64, 160, 5), _ill_conditioned(64, 160)):
         ours, muon = _ns_error(x, [first] * 5), _ns_error(x, [MUON] * 5)
         assert ours < 0.9 * muon

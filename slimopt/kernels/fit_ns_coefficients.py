@@ -1,4 +1,8 @@
-"""Shape-specific quintic Newton-Schulz coefficients for ROOT (arXiv 2511.20626).
+"""Refit ROOT's per-shape Newton-Schulz coefficients (the FITTED table of ns_coefficients).
+
+An offline tool: ``python -m slimopt.kernels.fit_ns_coefficients`` refits every shape of
+:data:`~slimopt.kernels.ns_coefficients.FITTED` and prints the literal to paste there. It needs
+numpy and scipy; the optimizers never import it.
 
 Newton-Schulz normalizes ``X_0 = M / ||M||_F`` (transposed so that rows <= cols) and runs
 ``X <- a X + b (X X^T) X + c (X X^T)^2 X``. It acts on every singular value independently,
@@ -6,8 +10,7 @@ Newton-Schulz normalizes ``X_0 = M / ||M||_F`` (transposed so that rows <= cols)
 the quality of a coefficient triple on a matrix depends only on its normalized spectrum. After
 Frobenius normalization the ``r = min(m, n)`` singular values have unit 2-norm, so their typical
 size is ``1/sqrt(r)`` and their spread depends on the aspect ratio (Marchenko-Pastur for
-Gaussian-like matrices): the best triple depends on the shape. ROOT ships a table for four shapes
-(:data:`ROOT_RELEASED`) without saying how it was fitted; :data:`FITTED` is ours.
+Gaussian-like matrices): the best triple depends on the shape.
 
 Error measure
 -------------
@@ -46,21 +49,16 @@ Fitting procedure (:func:`fit_coefficients`)
    have several local minima), each restarted once from its end point; the best end point is
    rounded to 4 decimals and checked again. Deterministic for a given ``seed`` (default 0).
 
-``python -m slimopt.kernels.ns_coefficients`` refits every shape of :data:`FITTED`, prints the
-``FITTED`` literal and a table of errors (fitted vs Muon) evaluated on the exact singular values
-of a seeded Gaussian matrix of the full shape (not the quantiles used for fitting) and on the
-ill-conditioned spectra; ``--no-sample`` evaluates on the quantiles instead (seconds, not minutes).
-
-Lookup rule (:func:`coefficients_for`)
---------------------------------------
-The shape is canonicalized to ``(min(m, n), max(m, n))``; then :data:`FITTED` if it has the shape,
-else :data:`ROOT_RELEASED`, else Muon's ``(3.4445, -4.7750, 2.0315)``; the triple is repeated for
-every step. Entries were fitted for 5 steps; being stable (step 3 above) they stay bounded for any
-number of steps, but other step counts are not what they were optimized for.
+Command line (:func:`main`)
+---------------------------
+Refits every shape of ``FITTED``, prints the ``FITTED`` literal and a table of errors (fitted vs
+Muon) evaluated on the exact singular values of a seeded Gaussian matrix of the full shape (not
+the quantiles used for fitting) and on the ill-conditioned spectra; ``--no-sample`` evaluates on
+the quantiles instead (seconds, not minutes).
 
 Caveats
 -------
-The Gaussian family is the Marchenko-Pastur limit, not sampled matrices (the ``__main__`` table
+The Gaussian family is the Marchenko-Pastur limit, not sampled matrices (the printed table
 and the tests check on sampled ones); the ill-conditioned families are synthetic spectra, not
 recorded momentum matrices; everything is exact arithmetic (the bf16 rounding of the production
 iteration is not modelled beyond the 0.01 slack). The binding constraint for the LLaMA shapes is
@@ -76,42 +74,14 @@ import argparse
 import contextlib
 import math
 import time
-from typing import Dict, Iterable, List, Sequence, Tuple, Union
+from collections.abc import Iterable, Sequence
 
 import numpy as np
+import torch
 
 from .newton_schulz import MUON_COEFFICIENTS
-
-Triple = Tuple[float, float, float]
-Shape = Tuple[int, int]
-
-FITTED_STEPS = 5
-
-#: ROOT's released table (huawei-noah/noah-research, ROOT), keyed by (rows, cols), rows <= cols.
-ROOT_RELEASED: Dict[Shape, Triple] = {
-    (2048, 2048): (3.4916, -4.8224, 2.1095),
-    (2048, 3072): (3.4509, -4.5790, 1.9325),
-    (2048, 8192): (2.9794, -3.6674, 1.6207),
-    (2048, 16384): (3.1943, -3.8221, 1.5322),
-}
-
-#: Our fit (see the module docstring), keyed by (rows, cols), rows <= cols: the LLaMA projection
-#: shapes we ship (d x d attention, d x ffn MLP) and the tiny-LLaMA test shapes (64 x 64, 64 x 160).
-#: Exactly what ``python -m slimopt.kernels.ns_coefficients`` (or :func:`main`) prints.
-FITTED: Dict[Shape, Triple] = {
-    (64, 64): (2.6627, -2.7826, 1.1201),
-    (64, 160): (2.4068, -2.2644, 0.8578),
-    (512, 512): (3.3917, -4.6521, 2.0675),
-    (512, 1376): (3.3946, -4.6380, 2.0515),
-    (768, 768): (3.4295, -4.9642, 2.3010),
-    (768, 2048): (3.4324, -4.8646, 2.2059),
-    (1024, 1024): (3.4399, -5.0879, 2.4020),
-    (1024, 2736): (3.4405, -5.0282, 2.3452),
-    (2048, 2048): (3.4604, -5.1981, 2.4765),
-    (2048, 5461): (3.4611, -5.0885, 2.3724),
-    (4096, 4096): (3.4939, -5.0003, 2.2468),
-    (4096, 11008): (3.4926, -5.1282, 2.3648),
-}
+from .ns_coefficients import (FITTED, FITTED_STEPS, ROOT_RELEASED, Shape, Triple,
+                              canonical_shape)
 
 SPIKES = 8
 POWER_LAWS = (0.5, 0.75, 1.0)
@@ -124,43 +94,6 @@ FIT_SLACK = 0.01
 
 
 # ----------------------------------------------------------------------------------------------
-# lookup
-
-def canonical_shape(rows: int, cols: int) -> Shape:
-    """``(min, max)``: Newton-Schulz transposes tall matrices, so a shape and its transpose
-    share coefficients."""
-    rows, cols = int(rows), int(cols)
-    if rows <= 0 or cols <= 0:
-        raise ValueError(f"shape must be positive, got ({rows}, {cols})")
-    return (rows, cols) if rows <= cols else (cols, rows)
-
-
-def coefficients_for(rows: int, cols: int, steps: int = FITTED_STEPS) -> List[Triple]:
-    """Per-step ``(a, b, c)`` for an ``rows x cols`` matrix: ``steps`` copies of one triple.
-
-    Rule: canonicalize to ``(min, max)``; use :data:`FITTED` if it has the shape, else
-    :data:`ROOT_RELEASED`, else Muon's fixed coefficients.
-    """
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    key = canonical_shape(rows, cols)
-    if key in FITTED:
-        triple = FITTED[key]
-    elif key in ROOT_RELEASED:
-        triple = ROOT_RELEASED[key]
-    else:
-        triple = tuple(MUON_COEFFICIENTS)
-    return [tuple(float(v) for v in triple)] * steps
-
-
-def coefficients_source(rows: int, cols: int) -> str:
-    """Which table :func:`coefficients_for` uses: ``"fitted"``, ``"root_released"`` or
-    ``"muon"``."""
-    key = canonical_shape(rows, cols)
-    return "fitted" if key in FITTED else "root_released" if key in ROOT_RELEASED else "muon"
-
-
-# ----------------------------------------------------------------------------------------------
 # error measures (pure functions)
 
 def orthogonality_error(x) -> float:
@@ -169,30 +102,20 @@ def orthogonality_error(x) -> float:
     Accepts a torch tensor or anything numpy converts. Equals the RMS of ``s_i^2 - 1`` over the
     ``r = min(m, n)`` singular values of ``X``.
     """
-    try:
-        import torch
-        if isinstance(x, torch.Tensor):
-            x = x.detach().to(device="cpu", dtype=torch.float64)
-            if x.dim() != 2:
-                raise ValueError(f"expected a 2-D matrix, got shape {tuple(x.shape)}")
-            if x.shape[0] > x.shape[1]:
-                x = x.T
-            gram = x @ x.T
-            gram.diagonal().sub_(1.0)
-            return float(gram.norm() / math.sqrt(x.shape[0]))
-    except ImportError:  # pragma: no cover - torch is a dependency of the package
-        pass
-    x = np.asarray(x, dtype=np.float64)
-    if x.ndim != 2:
-        raise ValueError(f"expected a 2-D matrix, got shape {x.shape}")
+    if isinstance(x, torch.Tensor):
+        x = x.detach().to(device="cpu", dtype=torch.float64)
+    else:
+        x = torch.from_numpy(np.asarray(x, dtype=np.float64))
+    if x.dim() != 2:
+        raise ValueError(f"expected a 2-D matrix, got shape {tuple(x.shape)}")
     if x.shape[0] > x.shape[1]:
         x = x.T
     gram = x @ x.T
-    gram[np.diag_indices_from(gram)] -= 1.0
-    return float(np.linalg.norm(gram) / math.sqrt(x.shape[0]))
+    gram.diagonal().sub_(1.0)
+    return float(gram.norm() / math.sqrt(x.shape[0]))
 
 
-def _per_step(coeffs, steps: int) -> List[Triple]:
+def _per_step(coeffs, steps: int) -> list[Triple]:
     arr = np.asarray(coeffs, dtype=np.float64)
     if arr.shape == (3,):
         return [tuple(arr)] * steps
@@ -262,8 +185,6 @@ def marchenko_pastur_spectrum(rows: int, cols: int, points: int = 200_000) -> np
 def single_threaded_torch():
     """Run torch with one intra-op thread inside the block: MKL's multi-threaded symmetric
     eigensolver can be ~100x slower than the single-threaded one on small shared CPUs."""
-    import torch
-
     prev = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -276,8 +197,6 @@ def gaussian_sample_spectrum(rows: int, cols: int, seed: int = 0) -> np.ndarray:
     """Exact singular values (descending, unit 2-norm) of one seeded N(0, 1) matrix of the shape
     (numpy's PCG64 ``default_rng(seed)``), from the float64 eigenvalues of its ``r x r`` Gram
     matrix (torch: matmul, then a single-threaded ``eigvalsh``)."""
-    import torch
-
     r, n = canonical_shape(rows, cols)
     g = torch.from_numpy(np.random.default_rng(seed).standard_normal((r, n)))
     gram = g @ g.T
@@ -304,8 +223,8 @@ def spiked_spectrum(bulk: np.ndarray, energy: float, spikes: int = SPIKES) -> np
     return np.sort(s)[::-1]
 
 
-def spectrum_families(rows: int, cols: int, gaussian: Union[str, np.ndarray] = "mp",
-                      seed: int = 0) -> Dict[str, np.ndarray]:
+def spectrum_families(rows: int, cols: int, gaussian: str | np.ndarray = "mp",
+                      seed: int = 0) -> dict[str, np.ndarray]:
     """The spectra of :data:`FAMILIES` for the shape (see the module docstring).
 
     ``gaussian``: ``"mp"`` (Marchenko-Pastur quantiles), ``"sample"`` (a seeded Gaussian matrix's
@@ -362,7 +281,7 @@ def stability_violation(coeffs: Sequence[float], bound: float = STABILITY_BOUND,
     return max(0.0, v - bound) + max(0.0, top - v) + max(0.0, -float(np.min(ratio)))
 
 
-def max_iterate(coeffs, steps: int = FITTED_STEPS) -> Tuple[float, float]:
+def max_iterate(coeffs, steps: int = FITTED_STEPS) -> tuple[float, float]:
     """``(min, max)`` of ``p^k(s)`` over ``k = 1..steps`` and ``s`` on a grid of (0, 1]."""
     lo, hi = math.inf, -math.inf
     s = np.concatenate([_GRID[1:], np.geomspace(1e-6, 1e-3, 100)])
@@ -377,10 +296,10 @@ def max_iterate(coeffs, steps: int = FITTED_STEPS) -> Tuple[float, float]:
 # ----------------------------------------------------------------------------------------------
 # fitting
 
-_EXTRA_STARTS: Tuple[Triple, ...] = ((3.0, -3.2, 1.2), (1.875, -1.25, 0.375))
+_EXTRA_STARTS: tuple[Triple, ...] = ((3.0, -3.2, 1.2), (1.875, -1.25, 0.375))
 
 
-def _objective(spectra: Dict[str, np.ndarray], steps: int):
+def _objective(spectra: dict[str, np.ndarray], steps: int):
     names = list(spectra)
     stacked = np.concatenate([spectra[k] for k in names])
     bounds = np.cumsum([0] + [len(spectra[k]) for k in names])
@@ -410,7 +329,7 @@ def _objective(spectra: Dict[str, np.ndarray], steps: int):
     return objective, errors, muon
 
 
-def _scan_starts(objective, seed: int, candidates: int = 256, keep: int = 3) -> List[Triple]:
+def _scan_starts(objective, seed: int, candidates: int = 256, keep: int = 3) -> list[Triple]:
     """The ``keep`` best of ``candidates`` scrambled-Sobol points (seeded) of the box
     ``a in [1.5, 4.5], b in [-7, -1], c in [0.2, 3.5]``: extra Nelder-Mead starts, because for small
     shapes the objective has several local minima."""
@@ -424,8 +343,8 @@ def _scan_starts(objective, seed: int, candidates: int = 256, keep: int = 3) -> 
 
 
 def fit_coefficients(rows: int, cols: int, steps: int = FITTED_STEPS, *,
-                     gaussian: Union[str, np.ndarray] = "mp", seed: int = 0,
-                     starts: Iterable[Sequence[float]] = None, decimals: int = 4) -> Triple:
+                     gaussian: str | np.ndarray = "mp", seed: int = 0,
+                     starts: Iterable[Sequence[float]] | None = None, decimals: int = 4) -> Triple:
     """Fit one ``(a, b, c)`` for ``steps`` Newton-Schulz steps on a ``rows x cols`` matrix.
 
     The procedure of the module docstring; deterministic for a given ``seed``. ``starts``
@@ -455,7 +374,7 @@ def fit_coefficients(rows: int, cols: int, steps: int = FITTED_STEPS, *,
 
 
 def evaluate(rows: int, cols: int, coeffs, steps: int = FITTED_STEPS,
-             gaussian: Union[str, np.ndarray] = "mp", seed: int = 0) -> Dict[str, float]:
+             gaussian: str | np.ndarray = "mp", seed: int = 0) -> dict[str, float]:
     """Orthogonality error of ``coeffs`` after ``steps`` steps on each spectrum family."""
     spectra = spectrum_families(rows, cols, gaussian=gaussian, seed=seed)
     return {k: spectral_error(v, coeffs, steps) for k, v in spectra.items()}
@@ -464,7 +383,7 @@ def evaluate(rows: int, cols: int, coeffs, steps: int = FITTED_STEPS,
 # ----------------------------------------------------------------------------------------------
 # refit everything
 
-def main(argv=None) -> Dict[Shape, Triple]:
+def main(argv=None) -> dict[Shape, Triple]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--no-sample", action="store_true",
                         help="evaluate on Marchenko-Pastur quantiles instead of sampled Gaussian "
@@ -473,17 +392,17 @@ def main(argv=None) -> Dict[Shape, Triple]:
     args = parser.parse_args(argv)
 
     t0 = time.time()
-    fitted: Dict[Shape, Triple] = {}
+    fitted: dict[Shape, Triple] = {}
     for shape in FITTED:
         fitted[shape] = fit_coefficients(*shape)
     t_fit = time.time() - t0
-    print("FITTED: Dict[Shape, Triple] = {")
+    print("FITTED: dict[Shape, Triple] = {")
     for shape, (a, b, c) in fitted.items():
         print(f"    {shape}: ({a:.4f}, {b:.4f}, {c:.4f}),")
     print("}")
     print(f"# fitted {len(fitted)} shapes in {t_fit:.1f} s")
     if fitted != FITTED:
-        print("# WARNING: differs from the FITTED literal in this module")
+        print("# WARNING: differs from the FITTED literal in slimopt/kernels/ns_coefficients.py")
 
     gaussian_src = "mp" if args.no_sample else "sample"
     print(f"\northogonality error ||X X^T - I||_F / sqrt(r) after {FITTED_STEPS} steps, "
