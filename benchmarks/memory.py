@@ -43,19 +43,21 @@ state, not a measurement of a distributed run:
   (the projections and every dense parameter alike; a group marked ``zero_unit="group"`` is one
   unit) has one owner rank: the rank whose part of the group's flat buffer (split evenly over
   the ranks) holds most of it (``zero.local_owners``, ties to the least loaded rank), exactly as
-  ``ZeroBridge.__init__`` does under ZeRO-1/2.
-  A rank holds the state of the units it owns (the full-size fp32 "shadow" a unit is stepped on
-  exists only during the step: it views the gathered values). Table cells are the maximum over
-  ranks.
+  ``ZeroBridge.__init__`` does under ZeRO-1/2. A rank holds the state of the units it owns. A
+  unit inside its owner's part is stepped in place on views of DeepSpeed's fp32 master partition;
+  only a unit straddling a part boundary is assembled at full size on its owner for the step
+  (its pieces moved point to point). Table cells are the maximum over ranks.
 * torch AdamW under DeepSpeed's own ZeRO-1/2: the state split evenly, total / world (rounded up;
   DeepSpeed's padding of the flat partitions is ignored).
 * Not counted for either: DeepSpeed's fp32 master partition (4 bytes x params / world, present in
   both cases), the 16-bit weights and gradients, and transient buffers (the bridge's: under
-  ZeRO-1/2 the gathered group, 3-4 x its size in fp32; under ZeRO-3 one matrix).
+  ZeRO-1/2 the straddling units at full size in fp32, their values and gradients; under ZeRO-3
+  one matrix).
 Only slimopt's optimizers and AdamW are in this table: the peers cannot be given to the bridge.
-Under ZeRO-3 the bridge assigns owners per DeepSpeed sub-group (a param group larger than
-``sub_group_size`` is split), with the load carried across sub-groups: the same balance up to
-the order of assignment, not modelled separately here.
+Under ZeRO-3 every parameter is cut evenly over the ranks, so locality cannot pick an owner: the
+bridge gives each matrix, largest first, to the least loaded rank (``zero.assign_owners``), per
+DeepSpeed sub-group (a param group larger than ``sub_group_size`` is split), with the load
+carried across sub-groups. This table does not model ZeRO-3.
 """
 from __future__ import annotations
 
