@@ -16,8 +16,11 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported
 deepspeed = pytest.importorskip("deepspeed")
 pytest.importorskip("transformers")
 
+from slimopt.launch import records  # noqa: E402
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-OPTIMIZERS = ["grasswalk", "grassjump", "sara", "snsm", "root", "adaprelora"]
+#: every method whose record names the ZeRO suite (``slimopt.launch.records``)
+OPTIMIZERS = [m.name for m in records.in_suite(records.ZERO)]
 # nonfinite="raise" with a NaN in one rank's partition (the bridge's joint check) or in every
 # rank's gradient (DeepSpeed discards the step when clipping, and always at ZeRO-0 bf16/ZeRO-3)
 NONFINITE = ["nonfinite:1:0:partition", "nonfinite:2:0:partition", "nonfinite:3:0:partition",

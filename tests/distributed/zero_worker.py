@@ -30,21 +30,19 @@ import torch.distributed as dist  # noqa: E402
 import transformers  # noqa: E402
 
 import slimopt  # noqa: E402
+from slimopt.launch import records  # noqa: E402
 from slimopt.launch.zero import initialize  # noqa: E402
 
 STEPS = int(os.environ.get("ZERO_STEPS", "3"))
 MICRO = 2  # sequences per rank per micro-step
 SEQ = 8
-OPT_PARAMS = {
-    "grasswalk": {"lr": 1e-2, "rank": 4, "update_interval": 2},
-    "grassjump": {"lr": 1e-2, "rank": 4, "update_interval": 2},
-    "sara": {"lr": 1e-2, "rank": 4, "update_interval": 2},
-    "snsm": {"lr": 1e-2, "rank": 4, "update_interval": 2},
-    "root": {"lr": 1e-2},
-    "adaprelora": {"lr": 1e-2},
-}
-TYPES = {"grasswalk": "GrassWalk", "grassjump": "GrassJump", "sara": "SARA", "snsm": "SNSM",
-         "root": "ROOT", "adaprelora": "AdaPreLoRA"}
+#: the methods the ZeRO tests run (their records name the "zero" suite), with small options
+ZERO_METHODS = {m.name: m for m in records.in_suite(records.ZERO)}
+OPT_PARAMS = {name: dict(lr=1e-2, **(dict(rank=4, update_interval=2) if m.ranked else {}))
+              for name, m in ZERO_METHODS.items()}
+TYPES = {name: m.build.__name__ for name, m in ZERO_METHODS.items()}
+#: methods that train LoRA pairs: their model gets adapters
+LORA = {name for name, m in ZERO_METHODS.items() if m.split == records.LORA_PAIRS}
 
 
 def tiny_llama(lora):
@@ -69,7 +67,7 @@ def batches(world, accum):
 
 def reference(name, accum, world):
     """The same optimizer, one process, the whole global batch per step (mean of the losses)."""
-    model = tiny_llama(name == "adaprelora")
+    model = tiny_llama(name in LORA)
     section = {"type": "slimopt." + TYPES[name], "params": dict(OPT_PARAMS[name])}
     from slimopt.launch.zero import build_from_config
     opt = build_from_config(section, model)
@@ -153,7 +151,7 @@ def replay(name, start, gradients):
     masters must be if slimopt's bridge steps each matrix with the exact single-process rule.
     Same inputs, same operations: no rounding path of the machine enters the comparison."""
     from slimopt.launch.zero import build_from_config
-    model = tiny_llama(name == "adaprelora")
+    model = tiny_llama(name in LORA)
     opt = build_from_config({"type": "slimopt." + TYPES[name],
                              "params": dict(OPT_PARAMS[name])}, model)
     named = dict(model.named_parameters())
@@ -183,13 +181,13 @@ def max_diff(a, b):
 
 def run_checkpoint(name, stage, tmp):
     rank, world = dist.get_rank(), dist.get_world_size()
-    engine, _, _, _ = initialize(model=tiny_llama(name == "adaprelora"),
+    engine, _, _, _ = initialize(model=tiny_llama(name in LORA),
                                  config=ds_config(name, stage, "fp32", 1))
     train(engine, rank, world, 1, 2)
     engine.save_checkpoint(tmp, tag="two")
     train(engine, rank, world, 1, 1, start=2)
     straight = params_of(engine)
-    fresh, _, _, _ = initialize(model=tiny_llama(name == "adaprelora"),
+    fresh, _, _, _ = initialize(model=tiny_llama(name in LORA),
                                 config=ds_config(name, stage, "fp32", 1))
     fresh.load_checkpoint(tmp, tag="two")
     train(fresh, rank, world, 1, 1, start=2)
@@ -239,7 +237,7 @@ def run_reshard(phase, name, stage, folder):
     from slimopt.launch.zero_checkpoint import main as convert
     rank, world = dist.get_rank(), dist.get_world_size()
     accum = 2 // world
-    engine, _, _, _ = initialize(model=tiny_llama(name == "adaprelora"),
+    engine, _, _, _ = initialize(model=tiny_llama(name in LORA),
                                  config=ds_config_at(name, stage, world))
     if phase == "save":
         train(engine, rank, world, accum, 2)
@@ -287,7 +285,7 @@ def run_load_checks(name, stage, folder):
     import glob
     from slimopt.launch.safe_load import load_file
     world = dist.get_world_size()
-    engine, _, _, _ = initialize(model=tiny_llama(name == "adaprelora"),
+    engine, _, _, _ = initialize(model=tiny_llama(name in LORA),
                                  config=ds_config_at(name, stage, world))
     optimizer = engine.optimizer.optimizer
     train(engine, dist.get_rank(), world, 2 // world, 1)
@@ -399,7 +397,7 @@ RESULTS = {}
 
 def run(name, stage, dtype, accum):
     rank, world = dist.get_rank(), dist.get_world_size()
-    model = tiny_llama(name == "adaprelora")
+    model = tiny_llama(name in LORA)
     initial = {n: p.detach().float().clone() for n, p in model.named_parameters()}
     engine, opt, _, _ = initialize(model=model, config=ds_config(name, stage, dtype, accum))
     dtype_t = next(engine.module.parameters()).dtype
