@@ -1,0 +1,168 @@
+"""Everything a ``slimopt-pretrain`` run is built from before its first step: the process group,
+the data, the model, the optimizer and its schedule, and the DDP or DeepSpeed wrapper, held in one
+``Run``."""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .data import load_documents, token_blocks, tokenizer_for
+from .deepspeed_config import load_deepspeed_config
+from .presets import llama_config
+from .registry import RANKED, build_optimizer
+from .train_config import UsageError
+
+
+# ---------------------------------------------------------------------------- distributed
+def setup_distributed():
+    """``(rank, world, device)``; initializes the process group under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def all_mean(value: float, world: int, device) -> float:
+    if world == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t)
+    return float(t) / world
+
+
+# ---------------------------------------------------------------------------- data
+def documents_digest(docs) -> str:
+    """SHA-256 of the documents a run trains on (their lengths and text, in order)."""
+    h = hashlib.sha256()
+    for doc in docs:
+        h.update(f"{len(doc)}:".encode())
+        h.update(doc.encode("utf-8", "surrogatepass"))
+    return h.hexdigest()
+
+
+def load_data(args, say):
+    """``(train blocks, eval blocks, tokenizer)``; records the data's and tokenizer's digests
+    in ``args`` (a resumed run must see the same)."""
+    docs, corpus_id = load_documents(args.data, text_column=args.text_column,
+                                     max_chars=args.max_chars)
+    args.data_sha256 = documents_digest(docs)
+    tokenizer = tokenizer_for(docs, corpus_id, args.vocab_size, args.cache_dir)
+    args.tokenizer_sha256 = hashlib.sha256(tokenizer.to_str().encode()).hexdigest()
+    train_blocks, eval_blocks = token_blocks(docs, tokenizer, args.seq_len, corpus_id,
+                                             args.cache_dir)
+    say(f"data: {len(docs):,} documents ({corpus_id}), {train_blocks.numel():,} train tokens, "
+        f"{eval_blocks.numel():,} held out, vocab {tokenizer.get_vocab_size():,}")
+    return train_blocks, eval_blocks, tokenizer
+
+
+# ---------------------------------------------------------------------------- optimizer
+def set_default_weight_decay(options, args) -> None:
+    """``--weight-decay`` unless ``--opt-args`` sets it; without it, 0 except for Muon and GaLore,
+    which keep their own default."""
+    if args.weight_decay:
+        options.setdefault("weight_decay", args.weight_decay)
+    elif args.optimizer not in ("muon", "galore"):
+        options.setdefault("weight_decay", 0.0)
+
+
+def make_optimizer(args, model, ds_config):
+    """The optimizer of ``--optimizer`` (or of the DeepSpeed config's ``optimizer`` section,
+    which is taken out of ``ds_config``)."""
+    options = dict(args.opt_args)
+    if args.optimizer in RANKED:
+        options.setdefault("update_interval", args.update_interval)
+    set_default_weight_decay(options, args)
+    try:
+        section = ds_config.pop("optimizer", None) if ds_config else None
+        if section is not None:
+            from .zero import build_from_config
+            section.setdefault("params", {}).setdefault("lr", args.lr)
+            return build_from_config(section, model)
+        return build_optimizer(args.optimizer, model, lr=args.lr, rank=args.rank, **options)
+    except (TypeError, ValueError) as err:
+        raise UsageError(f"--optimizer {args.optimizer}: {err}") from None
+
+
+def lr_lambda(args):
+    """Linear warmup over ``--warmup`` steps, then cosine down to ``--min-lr-ratio``."""
+    def factor(step):
+        if step < args.warmup:
+            return (step + 1) / args.warmup
+        progress = min(1.0, (step - args.warmup) / max(1, args.steps - args.warmup))
+        cosine = 0.5 * (1 + math.cos(math.pi * progress))
+        return args.min_lr_ratio + (1 - args.min_lr_ratio) * cosine
+    return factor
+
+
+# ---------------------------------------------------------------------------- the run
+@dataclass
+class Run:
+    """What the training loop works on. ``train_model`` is what the forward pass calls (the
+    model, its DDP wrapper or the DeepSpeed engine); ``engine`` is None without DeepSpeed."""
+    args: object
+    rank: int
+    world: int
+    device: torch.device
+    say: object
+    train_blocks: torch.Tensor
+    eval_blocks: torch.Tensor
+    config: object              # the model's transformers.LlamaConfig
+    model: torch.nn.Module
+    opt: torch.optim.Optimizer
+    sched: object
+    n_params: int = 0           # counted before DeepSpeed partitions the model
+    engine: object = None
+    train_model: object = None
+    use_bf16: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16)
+
+
+def build_run(args, rank, world, device) -> Run:
+    """Data, model, optimizer, schedule and the DDP or DeepSpeed wrapper, in that order."""
+    import transformers
+    say = print if rank == 0 else (lambda *a, **k: None)
+    train_blocks, eval_blocks, tokenizer = load_data(args, say)
+    config = llama_config(args.preset, tokenizer.get_vocab_size(), args.seq_len)
+    torch.manual_seed(args.seed)
+    model = transformers.LlamaForCausalLM(config).to(device)
+    ds_config = load_deepspeed_config(args, world) if args.deepspeed else None
+    opt = make_optimizer(args, model, ds_config)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args))
+    run = Run(args, rank, world, device, say, train_blocks, eval_blocks, config, model, opt,
+              sched, n_params=sum(p.numel() for p in model.parameters()), train_model=model)
+    wrap(run, ds_config)
+    run.use_bf16 = args.bf16 == "on" or (args.bf16 == "auto" and device.type == "cuda"
+                                         and torch.cuda.is_bf16_supported())
+    return run
+
+
+def wrap(run: Run, ds_config) -> None:
+    """Hand the model to DeepSpeed (``ds_config`` given) or to DDP (several ranks)."""
+    if ds_config is not None:
+        from .zero import initialize
+        try:
+            run.engine, _, _, run.sched = initialize(model=run.model, optimizer=run.opt,
+                                                     lr_scheduler=run.sched, config=ds_config)
+        except ValueError as err:
+            raise UsageError(f"--deepspeed {run.args.deepspeed}: {err}") from None
+        run.train_model = run.engine
+    elif run.world > 1:
+        device = run.device
+        run.train_model = torch.nn.parallel.DistributedDataParallel(
+            run.model, device_ids=[device.index] if device.type == "cuda" else None)
