@@ -73,6 +73,7 @@ Launchers
     outside an allocation, ``--dry-run`` included, ``--master-addr`` is required. ``N`` defaults
     to ``$SLURM_JOB_NUM_NODES``, ``G`` to ``$SLURM_GPUS_ON_NODE``, ``JOBID`` is
     ``$SLURM_JOB_ID`` (``slimopt`` outside an allocation). ``--hostfile`` is not used.
+    ``examples/slurm.sbatch`` is the same command as a plain sbatch script.
 
 ``PY`` must exist at the same path on every node (a shared filesystem), as usual for these
 launchers. ``--num-gpus`` defaults to ``torch.cuda.device_count()``, or 1 without CUDA.
@@ -108,7 +109,8 @@ from typing import Mapping, Sequence
 from .cli_errors import OneLineParser
 
 __all__ = ["LAUNCHERS", "DEFAULT_MODULE", "DEFAULT_MASTER_PORT", "HOST_RULE", "LaunchError",
-           "Plan", "is_host", "read_hostfile", "first_slurm_host", "parse_args", "resolve",
+           "Plan", "RESOLVERS", "is_host", "read_hostfile", "first_slurm_host", "parse_args",
+           "check_names", "resolve",
            "pdsh_word", "deepspeed_pdsh_quoting", "commands_for", "build_commands",
            "check_pdsh_cwd", "check_deepspeed_pdsh", "nodes_note", "run_command", "main"]
 
@@ -319,31 +321,11 @@ def _default_num_gpus() -> int:
         return 1
 
 
-def _opt(options, name, default=None):
-    return getattr(options, name, default)
-
-
-def resolve(options, env: Mapping[str, str] | None = None) -> Plan:
-    """Settle the launch from ``options`` (a ``parse_args`` namespace), the hostfile and
-    ``env`` (default ``os.environ``). Raises ``LaunchError`` on contradictions."""
-    env = os.environ if env is None else env
-    launcher = _opt(options, "launcher", "torchrun")
-    if launcher not in LAUNCHERS:
-        raise LaunchError(f"unknown launcher {launcher!r}; choose from {', '.join(LAUNCHERS)}")
-    num_nodes = _opt(options, "num_nodes")
-    num_gpus = _opt(options, "num_gpus")
-    node_rank = _opt(options, "node_rank")
-    master_addr = _opt(options, "master_addr")
-    master_port = _opt(options, "master_port", DEFAULT_MASTER_PORT)
-    hostfile = _opt(options, "hostfile")
-    module = _opt(options, "module", DEFAULT_MODULE)
-    for flag, value, low in (("--num-nodes", num_nodes, 1), ("--num-gpus", num_gpus, 1),
-                             ("--node-rank", node_rank, 0), ("--master-port", master_port, 1)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                                  or value < low):
-            raise LaunchError(f"{flag} must be an integer >= {low}, got {value!r}")
-    if master_port > 65535:
-        raise LaunchError(f"--master-port must be at most 65535, got {master_port}")
+def check_names(options) -> None:
+    """What the argparse types leave to check: ``--module`` is a dotted name and
+    ``--master-addr`` a hostname or IP address (both reach a command line and, with pdsh, a
+    shell)."""
+    module, master_addr = options.module, options.master_addr
     if not (isinstance(module, str) and all(part.isidentifier() for part in module.split("."))):
         raise LaunchError(f"--module must name a Python module (dotted identifiers such as "
                           f"{DEFAULT_MODULE}), got {module!r}")
@@ -352,76 +334,123 @@ def resolve(options, env: Mapping[str, str] | None = None) -> Plan:
     if master_addr is not None and not is_host(str(master_addr)):
         raise LaunchError(f"--master-addr {master_addr!r} is not {HOST_RULE}")
 
-    hosts = None
-    if hostfile is not None:
-        hostfile = os.fspath(hostfile)
-        if launcher == "slurm":
+
+@dataclass
+class _Draft:
+    """A plan being settled: the options, then what the hostfile and the environment add."""
+    options: argparse.Namespace
+    env: Mapping[str, str]
+    num_nodes: int | None
+    num_gpus: int | None
+    hosts: tuple[tuple[str, int], ...] | None = None
+
+    def node_rank(self) -> int:
+        if self.options.node_rank is not None:
+            return self.options.node_rank
+        slurm_rank = self.env.get("SLURM_NODEID", "").strip()
+        return int(slurm_rank) if slurm_rank.isdigit() else 0
+
+    def plan(self, master_addr: str | None, rdzv_id: str = "slimopt") -> Plan:
+        o = self.options
+        hostfile = os.fspath(o.hostfile) if o.hostfile is not None else None
+        return Plan(launcher=o.launcher, num_nodes=self.num_nodes, num_gpus=self.num_gpus,
+                    node_rank=self.node_rank(), master_addr=master_addr,
+                    master_port=o.master_port, hostfile=hostfile, hosts=self.hosts,
+                    module=o.module, rdzv_id=rdzv_id)
+
+
+def read_hosts(draft: _Draft) -> None:
+    """Nodes and GPUs per node from ``--hostfile``, checked against ``--num-nodes/--num-gpus``.
+    Only DeepSpeed takes hosts with different slot counts (``num_gpus`` stays None)."""
+    launcher, hostfile = draft.options.launcher, os.fspath(draft.options.hostfile)
+    hosts = draft.hosts = tuple(read_hostfile(hostfile))
+    if draft.num_nodes is not None and draft.num_nodes != len(hosts):
+        raise LaunchError(f"--num-nodes {draft.num_nodes} contradicts hostfile {hostfile}, which "
+                          f"lists {len(hosts)} host(s)")
+    draft.num_nodes = len(hosts)
+    slots = sorted({s for _, s in hosts})
+    if len(slots) == 1:
+        if draft.num_gpus is not None and draft.num_gpus != slots[0]:
+            raise LaunchError(f"--num-gpus {draft.num_gpus} contradicts hostfile {hostfile}, "
+                              f"which gives slots={slots[0]} per host")
+        draft.num_gpus = slots[0]
+        return
+    listed = ", ".join(f"{h} slots={s}" for h, s in hosts)
+    if launcher != "deepspeed":
+        raise LaunchError(f"hostfile {hostfile}: {launcher} needs the same slots on every "
+                          f"host, got {listed}")
+    if draft.num_gpus is not None:
+        raise LaunchError(f"--num-gpus {draft.num_gpus} contradicts hostfile {hostfile}, whose "
+                          f"hosts have different slots ({listed})")
+
+
+def _resolve_torchrun(draft: _Draft) -> Plan:
+    draft.num_nodes = draft.num_nodes or 1
+    if draft.num_gpus is None:
+        draft.num_gpus = _default_num_gpus()
+    if draft.node_rank() >= draft.num_nodes:
+        raise LaunchError(f"--node-rank {draft.node_rank()} is out of range for "
+                          f"{draft.num_nodes} node(s) (0..{draft.num_nodes - 1})")
+    master_addr = draft.options.master_addr
+    if master_addr is None:
+        if draft.hosts is not None:
+            master_addr = draft.hosts[0][0]
+        elif draft.num_nodes == 1:
+            master_addr = "127.0.0.1"
+        else:
+            raise LaunchError(f"{draft.num_nodes} nodes need a master address: give "
+                              "--master-addr (the address of node 0) or --hostfile")
+    return draft.plan(master_addr)
+
+
+def _resolve_deepspeed(draft: _Draft) -> Plan:
+    draft.num_nodes = draft.num_nodes or 1
+    if draft.num_gpus is None and draft.hosts is None:
+        draft.num_gpus = _default_num_gpus()
+    if draft.num_nodes > 1 and draft.hosts is None:
+        raise LaunchError(f"--launcher deepspeed on {draft.num_nodes} nodes needs --hostfile "
+                          "(DeepSpeed starts the other nodes from it)")
+    master_addr = draft.options.master_addr
+    if master_addr is None and draft.num_nodes == 1:
+        master_addr = "127.0.0.1"
+    return draft.plan(master_addr)  # None on several nodes: DeepSpeed's runner finds it
+
+
+def _resolve_slurm(draft: _Draft) -> Plan:
+    env = draft.env
+    draft.num_nodes = (draft.num_nodes or _env_int(env, "SLURM_JOB_NUM_NODES")
+                       or _env_int(env, "SLURM_NNODES") or 1)
+    if draft.num_gpus is None:
+        draft.num_gpus = _env_int(env, "SLURM_GPUS_ON_NODE") or _default_num_gpus()
+    master_addr = draft.options.master_addr
+    if master_addr is None:
+        nodelist = env.get("SLURM_JOB_NODELIST", "").strip()
+        if not nodelist:
+            raise LaunchError("--launcher slurm outside a SLURM allocation "
+                              "($SLURM_JOB_NODELIST is not set) needs --master-addr, the "
+                              "address of the first node")
+        master_addr = _slurm_master(nodelist)
+    return draft.plan(master_addr, rdzv_id=env.get("SLURM_JOB_ID", "").strip() or "slimopt")
+
+
+#: one resolver per launcher: the nodes, GPUs per node and master address it needs
+RESOLVERS = {"torchrun": _resolve_torchrun, "deepspeed": _resolve_deepspeed,
+             "slurm": _resolve_slurm}
+
+
+def resolve(options, env: Mapping[str, str] | None = None) -> Plan:
+    """Settle the launch from ``options`` (a ``parse_args`` namespace: its types have checked
+    every number), the hostfile and ``env`` (default ``os.environ``). Raises ``LaunchError`` on
+    contradictions."""
+    check_names(options)
+    draft = _Draft(options, os.environ if env is None else env, options.num_nodes,
+                   options.num_gpus)
+    if options.hostfile is not None:
+        if options.launcher == "slurm":
             raise LaunchError("--hostfile is not used with --launcher slurm (the nodes are the "
                               "SLURM allocation's)")
-        hosts = tuple(read_hostfile(hostfile))
-        if num_nodes is not None and num_nodes != len(hosts):
-            raise LaunchError(f"--num-nodes {num_nodes} contradicts hostfile {hostfile}, which "
-                              f"lists {len(hosts)} host(s)")
-        num_nodes = len(hosts)
-        slots = sorted({s for _, s in hosts})
-        if len(slots) == 1:
-            if num_gpus is not None and num_gpus != slots[0]:
-                raise LaunchError(f"--num-gpus {num_gpus} contradicts hostfile {hostfile}, "
-                                  f"which gives slots={slots[0]} per host")
-            num_gpus = slots[0]
-        else:
-            listed = ", ".join(f"{h} slots={s}" for h, s in hosts)
-            if launcher != "deepspeed":
-                raise LaunchError(f"hostfile {hostfile}: {launcher} needs the same slots on "
-                                  f"every host, got {listed}")
-            if num_gpus is not None:
-                raise LaunchError(f"--num-gpus {num_gpus} contradicts hostfile {hostfile}, "
-                                  f"whose hosts have different slots ({listed})")
-
-    if launcher == "slurm":
-        num_nodes = num_nodes or _env_int(env, "SLURM_JOB_NUM_NODES") or _env_int(
-            env, "SLURM_NNODES")
-        if num_gpus is None:
-            num_gpus = _env_int(env, "SLURM_GPUS_ON_NODE")
-    num_nodes = num_nodes or 1
-    if num_gpus is None and not (launcher == "deepspeed" and hosts is not None):
-        num_gpus = _default_num_gpus()
-
-    if node_rank is None:
-        slurm_rank = env.get("SLURM_NODEID", "").strip()
-        node_rank = int(slurm_rank) if slurm_rank.isdigit() else 0
-    if launcher == "torchrun" and node_rank >= num_nodes:
-        raise LaunchError(f"--node-rank {node_rank} is out of range for {num_nodes} node(s) "
-                          f"(0..{num_nodes - 1})")
-
-    rdzv_id = "slimopt"
-    if launcher == "torchrun":
-        if master_addr is None:
-            if hosts is not None:
-                master_addr = hosts[0][0]
-            elif num_nodes == 1:
-                master_addr = "127.0.0.1"
-            else:
-                raise LaunchError(f"{num_nodes} nodes need a master address: give "
-                                  "--master-addr (the address of node 0) or --hostfile")
-    elif launcher == "deepspeed":
-        if num_nodes > 1 and hosts is None:
-            raise LaunchError(f"--launcher deepspeed on {num_nodes} nodes needs --hostfile "
-                              "(DeepSpeed starts the other nodes from it)")
-        if master_addr is None and num_nodes == 1:
-            master_addr = "127.0.0.1"
-    else:  # slurm
-        if master_addr is None:
-            nodelist = env.get("SLURM_JOB_NODELIST", "").strip()
-            if not nodelist:
-                raise LaunchError("--launcher slurm outside a SLURM allocation "
-                                  "($SLURM_JOB_NODELIST is not set) needs --master-addr, the "
-                                  "address of the first node")
-            master_addr = _slurm_master(nodelist)
-        rdzv_id = env.get("SLURM_JOB_ID", "").strip() or "slimopt"
-    return Plan(launcher=launcher, num_nodes=num_nodes, num_gpus=num_gpus, node_rank=node_rank,
-                master_addr=master_addr, master_port=master_port, hostfile=hostfile,
-                hosts=hosts, module=module, rdzv_id=rdzv_id)
+        read_hosts(draft)
+    return RESOLVERS[options.launcher](draft)
 
 
 def _torchrun(plan: Plan, node_rank: int, args: list[str]) -> list[str]:
