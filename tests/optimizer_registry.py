@@ -1,5 +1,8 @@
-"""Every slimopt optimizer described once, so the generic tests run over all of them
-(the idea of torch's OptimizerInfo). A new optimizer inherits the generic tests by being listed."""
+"""The test-only facts of every slimopt optimizer (small options, bad inputs, state size), so the
+generic tests run over all of them (the idea of torch's OptimizerInfo). The package facts (class,
+parameter split, which suites run it) are the method records (``slimopt.launch.records``): an
+optimizer whose record names the generic suite and that is not listed here fails
+``tests/test_records.py``. A new optimizer inherits the generic tests by being listed."""
 from __future__ import annotations
 
 import copy
@@ -9,7 +12,8 @@ import math
 import torch
 
 import slimopt
-from slimopt.optimizers import ROOT, SNSM, SubsetNorm, SubspaceMomentum
+from slimopt.launch import records
+from slimopt.optimizers import ROOT, SNSM, AdaPreLoRA, SubsetNorm, SubspaceMomentum
 
 
 def _sorted(p):
@@ -32,10 +36,22 @@ class OptimizerInfo:
     subspace: bool = True
     #: learning rate for the least-squares test
     ls_lr: float = 0.2
+    #: the generic tests that apply (None: all); the others are skipped, naming ``why``
+    only: tuple | None = None
+    why: str = ""
 
     @property
     def name(self):
         return self.cls.__name__
+
+    @property
+    def method(self) -> records.Method:
+        return next(m for m in records.METHODS if m.build is self.cls)
+
+    @property
+    def lora_pairs(self) -> bool:
+        """Built from a model with LoRA adapters (the optimizer finds its pairs)."""
+        return self.method.split == records.LORA_PAIRS
 
 
 UNIVERSAL_BAD = [
@@ -63,6 +79,10 @@ WALK_BAD = ADAM_BAD + [
 SNSM_BAD = SUBSPACE_BAD + [(dict(subset_norm="yes"), "subset_norm")]
 
 BASE = dict(lr=1e-2, rank=3, update_interval=3, weight_decay=0.1)
+#: the generic tests a LoRA-pair method runs (the others step single matrices)
+ONLY_PAIRS = ("test_resume_is_bit_exact", "test_bad_hyperparameters_raise_naming_the_argument",
+              "test_method_specific_bad_input", "test_dense_group_is_adamw",
+              "test_register_with_torch_optim")
 
 
 def adam_floats(stores_basis=True):
@@ -111,7 +131,16 @@ OPTIMIZERS = [
     OptimizerInfo(ROOT, dict(lr=1e-2, weight_decay=0.1, percentile=None, coefficients="muon",
                              nesterov=False), lambda p, kw: p.numel(), [],
                   group_bad={"momentum": 2.0}, subspace=False, ls_lr=0.05),
+    OptimizerInfo(AdaPreLoRA, dict(lr=1e-2, weight_decay=0.1), None,
+                  [(dict(beta1=1.0), "beta1"), (dict(damping=-1.0), "damping"),
+                   (dict(statistics="full"), "statistics"), (dict(eps1=0.0), "eps1")],
+                  group_bad={"beta1": 2.0}, subspace=False, only=ONLY_PAIRS,
+                  why="a per-parameter test; LoRA pairs: tests/test_adaprelora.py"),
 ]
+
+
+#: the entries whose optimizer takes plain parameters (not LoRA pairs found in a model)
+PER_PARAMETER = [info for info in OPTIMIZERS if not info.lora_pairs]
 
 
 def info_id(info: OptimizerInfo) -> str:

@@ -179,32 +179,17 @@ def _train(model, opt, steps, start=0):
     return loss.item()
 
 
-def test_trains_resumes_exactly_and_counts_state(tmp_path):
+def test_trains_and_counts_state():
+    # resume bit-exactness: the generic test (tests/test_generic.py, AdaPreLoRA's entry)
     model = _toy()
-    init = {k: v.clone() for k, v in model.state_dict().items()}
     opt = slimopt.AdaPreLoRA(model, lr=1e-2)
     first = _train(model, opt, 1)
     last = _train(model, opt, 40, start=1)
     assert last < first
-    straight = {k: v.clone() for k, v in model.state_dict().items()}
     pairs = find_lora_pairs(model)
     expected = sum((p.B.shape[0] + p.A.shape[1]) * (1 + p.A.shape[0]) for p in pairs)
     expected += 2 * model.norm.weight.numel()
     assert slimopt.state_bytes(opt) == 4 * expected
-
-    model_a = _toy()
-    model_a.load_state_dict(init)
-    opt_a = slimopt.AdaPreLoRA(model_a, lr=1e-2)
-    _train(model_a, opt_a, 15)
-    torch.save({"model": model_a.state_dict(), "opt": opt_a.state_dict()}, tmp_path / "c.pt")
-    ckpt = torch.load(tmp_path / "c.pt", weights_only=True)
-    model_b = _toy()
-    model_b.load_state_dict(ckpt["model"])
-    opt_b = slimopt.AdaPreLoRA(model_b, lr=1e-2)
-    opt_b.load_state_dict(ckpt["opt"])
-    _train(model_b, opt_b, 26, start=15)
-    for k, v in model_b.state_dict().items():
-        assert torch.equal(v, straight[k]), k
 
 
 def test_relora_merge_keeps_the_function_and_grows_the_rank():

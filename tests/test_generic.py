@@ -44,9 +44,23 @@ def _train(model, opt, steps, start=0):
     return loss.item()
 
 
+@pytest.fixture(autouse=True)
+def _only_the_tests_that_apply(request, info):
+    if info.only is not None and request.node.originalname not in info.only:
+        pytest.skip(f"{info.name}: {info.why}")
+
+
+def _model(info):
+    """``Net``, with LoRA adapters on its two Linears for a method that trains LoRA pairs."""
+    model = Net()
+    if info.lora_pairs:
+        slimopt.lora.apply_lora(model, rank=2, alpha=4, targets=("wide", "tall"))
+    return model
+
+
 def _make(info, model, **overrides):
     kwargs = dict(info.kwargs, **overrides)
-    return info.cls(model.parameters(), **kwargs)
+    return info.cls(model if info.lora_pairs else model.parameters(), **kwargs)
 
 
 def _plain(obj):
@@ -62,13 +76,13 @@ def _plain(obj):
 
 def test_resume_is_bit_exact(info, tmp_path):
     torch.manual_seed(0)
-    model = Net()
+    model = _model(info)
     init = {k: v.clone() for k, v in model.state_dict().items()}
     opt = _make(info, model)
     _train(model, opt, 11)
     straight = {k: v.clone() for k, v in model.state_dict().items()}
 
-    model_a = Net()
+    model_a = _model(info)
     model_a.load_state_dict(init)
     opt_a = _make(info, model_a)
     _train(model_a, opt_a, 4)
@@ -76,7 +90,7 @@ def test_resume_is_bit_exact(info, tmp_path):
 
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)  # plain data only, no pickles
     assert _plain(ckpt["opt"])
-    model_b = Net()
+    model_b = _model(info)
     model_b.load_state_dict(ckpt["model"])
     opt_b = _make(info, model_b)
     opt_b.load_state_dict(ckpt["opt"])
@@ -88,7 +102,7 @@ def test_resume_is_bit_exact(info, tmp_path):
 @pytest.mark.parametrize("bad,needle", UNIVERSAL_BAD, ids=[str(b) for b, _ in UNIVERSAL_BAD])
 def test_bad_hyperparameters_raise_naming_the_argument(info, bad, needle):
     with pytest.raises(ValueError) as err:
-        _make(info, Net(), **bad)
+        _make(info, _model(info), **bad)
     message = str(err.value)
     assert needle in message and repr(next(iter(bad.values()))) in message
 
@@ -96,12 +110,12 @@ def test_bad_hyperparameters_raise_naming_the_argument(info, bad, needle):
 def test_method_specific_bad_input(info):
     for bad, needle in info.bad:
         with pytest.raises((ValueError, TypeError)) as err:
-            _make(info, Net(), **bad)
+            _make(info, _model(info), **bad)
         assert needle in str(err.value), (bad, str(err.value))
         if needle != "unexpected":
             assert repr(next(iter(bad.values()))) in str(err.value)
     with pytest.raises(TypeError, match="unexpected keyword"):
-        _make(info, Net(), rnak=4)
+        _make(info, _model(info), rnak=4)
     key = next(iter(info.group_bad))
     with pytest.raises(ValueError, match=key):  # a group override is checked too
         info.cls([{"params": [nn.Parameter(torch.ones(3, 3))], **info.group_bad}], **info.kwargs)

@@ -9,13 +9,13 @@ import torch
 from torch import nn
 
 import slimopt
-from optimizer_registry import OPTIMIZERS, assert_unchanged, info_id, snapshot
+from optimizer_registry import PER_PARAMETER, assert_unchanged, info_id, snapshot
 from slimopt.lora import apply_lora, lora_param_groups
 from slimopt.optimizers import ROOT
 from slimopt.optimizers.bases.base import orthonormalize
 from slimopt.optimizers.core.transport import apply_moment_rule_
 
-by_info = pytest.mark.parametrize("info", OPTIMIZERS, ids=info_id)
+by_info = pytest.mark.parametrize("info", PER_PARAMETER, ids=info_id)
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -289,7 +289,7 @@ def test_old_checkpoint_without_the_class_marker_still_loads(info):
 
 
 def test_check_state_dict_is_public_and_changes_nothing():
-    opt, _ = _trained(OPTIMIZERS[0])
+    opt, _ = _trained(PER_PARAMETER[0])
     state = opt.state_dict()
     before = snapshot(opt)
     opt.check_state_dict(state)
