@@ -266,21 +266,7 @@ class ZeroBridge:
                 continue
             shadows = []
             for key, offset, shape, _ in unit:
-                n, pieces = _numel(shape), self.pieces[key]
-                if [r for r, _, _ in pieces] == [self.rank]:  # wholly mine: step in place
-                    values = part.data[offset - base:offset - base + n].view(shape)
-                    grads = grad[offset - base:offset - base + n].view(shape)
-                else:
-                    values = torch.empty(n, dtype=part.dtype, device=part.device)
-                    grads = torch.empty(n, dtype=part.dtype, device=part.device)
-                    for r, lo, hi in pieces:
-                        if r == self.rank:
-                            values[lo - offset:hi - offset] = part.data[lo - base:hi - base]
-                            grads[lo - offset:hi - offset] = grad[lo - base:hi - base]
-                        else:
-                            values[lo - offset:hi - offset], grads[lo - offset:hi - offset] = \
-                                received[(key, r)]
-                    values, grads = values.view(shape), grads.view(shape)
+                values, grads = self._whole(part, grad, key, offset, shape, received)
                 shadows.append(self._shadow(optimizer, key, values, grads))
             optimizer._step_group(dict(group, params=shadows))
             for (key, offset, shape, _), shadow in zip(unit, shadows):
@@ -294,6 +280,25 @@ class ZeroBridge:
                         outbound.append((True, new[lo - offset:hi - offset], r))
                 self._release(shadow)
         self._exchange(outbound)
+
+    def _whole(self, part, grad, key, offset, shape, received):
+        """ZeRO-1/2, on the owner: the values and gradient of parameter ``key`` at full
+        ``shape``: views of this rank's partition when it holds all of it (stepped in place),
+        else new tensors assembled from its own slices and the ``received`` ones."""
+        base, n, pieces = self.rank * part.numel(), _numel(shape), self.pieces[key]
+        if [r for r, _, _ in pieces] == [self.rank]:
+            return (part.data[offset - base:offset - base + n].view(shape),
+                    grad[offset - base:offset - base + n].view(shape))
+        values = torch.empty(n, dtype=part.dtype, device=part.device)
+        grads = torch.empty(n, dtype=part.dtype, device=part.device)
+        for r, lo, hi in pieces:
+            if r == self.rank:
+                values[lo - offset:hi - offset] = part.data[lo - base:hi - base]
+                grads[lo - offset:hi - offset] = grad[lo - base:hi - base]
+            else:
+                values[lo - offset:hi - offset], grads[lo - offset:hi - offset] = \
+                    received[(key, r)]
+        return values.view(shape), grads.view(shape)
 
     def _step_by_unit(self, optimizer, group, part, s):
         """ZeRO-3: for each unit, gather its parameters' pieces (values and gradients) on the
