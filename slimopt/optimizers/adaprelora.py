@@ -41,29 +41,47 @@ class AdaPreLoRA(SlimOptimizer):
     A pair is stepped as a unit: both factors need a gradient, or neither (then it is skipped,
     as torch skips a parameter without one); a pair where only one factor has a gradient raises
     ``ValueError`` before anything is updated, and so does ``damping=0`` with a factor of rank
-    below r (checked at each step, one SVD per factor: the undamped solves would be singular). Factors in bfloat16 or float16 are stepped in
-    float32 (``torch.linalg.solve`` takes neither) and keep their pair state in float32; the dense
-    AdamW group refuses float16 parameters as every slimopt optimizer does.
+    below r (checked at each step, one SVD per factor: the undamped solves would be singular).
+    Factors in bfloat16 or float16 are stepped in float32 (``torch.linalg.solve`` takes neither)
+    and keep their pair state in float32; the dense AdamW group refuses float16 parameters as
+    every slimopt optimizer does.
     """
 
-    option_defaults = dict(beta1=0.9, beta2_decay=-0.8, eps1=1e-30, damping=1e-6,
-                           clip_threshold=1.0, statistics="reachable", lora_scale=1.0)
+    argument_docs = {
+        "lr": "learning rate of the pairs and of the AdamW group, a finite number >= 0",
+        "betas": "(beta1, beta2) of the AdamW that dense parameters get, each in [0, 1)",
+        "eps": "the AdamW's eps, a finite number >= 1.175e-38 (the smallest normal float32)",
+        "beta1": "momentum on the factor steps, in [0, 1) (0: none, and no state for it)",
+        "beta2_decay": "Adafactor's statistics decay, beta2_t = 1 - t^beta2_decay; a finite "
+                       "number < 0",
+        "eps1": "Adafactor's eps added to the squared gradient, a finite number > 0",
+        "damping": "damping of B^T P B and A Q A^T, times trace / r, a finite number >= 0 (0 needs "
+                   "factors of full rank r)",
+        "clip_threshold": "Adafactor's update clipping: the largest W-space RMS of a step, a "
+                          "finite number > 0; None: off",
+        "statistics": "what feeds the statistics: 'reachable' (the part of G the pair can see)",
+        "lora_scale": "s in W = W0 + s B A, a finite number > 0; None: the model's alpha / r when "
+                      "given a model (an explicit value is then refused), else 1.0 for a pair "
+                      "group without its own",
+    }
     optional_state_keys = frozenset({"momentum_steps"})
 
     def __init__(self, params, lr=1e-3, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8, *,
-                 nonfinite="skip", **options):
-        if "lora_scale" in options:
-            check_positive("lora_scale", options["lora_scale"])
+                 beta1=0.9, beta2_decay=-0.8, eps1=1e-30, damping=1e-6, clip_threshold=1.0,
+                 statistics="reachable", lora_scale=None, nonfinite="skip"):
+        arguments = dict(locals())
+        if lora_scale is not None:
+            check_positive("lora_scale", lora_scale)
         if isinstance(params, nn.Module):
-            if "lora_scale" in options:
+            if lora_scale is not None:
                 raise ValueError("lora_scale is read from the model's LoRA layers (alpha / r) when "
                                  "AdaPreLoRA is given a model; to override it, pass "
                                  "slimopt.lora.lora_param_groups(model) with the groups' "
                                  "lora_scale changed")
             from ..lora import lora_param_groups
             params = lora_param_groups(params)
-        defaults = dict(lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
-        super().__init__(params, defaults, nonfinite=nonfinite, options=options)
+        arguments["lora_scale"] = 1.0 if lora_scale is None else lora_scale
+        super().__init__(params, arguments)
 
     # ------------------------------------------------------------------ set-up
     @staticmethod
@@ -157,11 +175,9 @@ class AdaPreLoRA(SlimOptimizer):
                              f"rank(B)={ranks[1]} (peft starts from B = 0); set damping > 0 "
                              "(the default is 1e-6)")
 
-    def _step_group(self, group, finite=None):
+    def _update_group(self, group, finite):
         if not self.is_pair(group):
-            return super()._step_group(group, finite)
-        if finite is None:
-            finite = self._check_gradients(group)
+            return super()._update_group(group, finite)
         A, B = group["params"]
         if A.grad is None:
             return  # neither factor has a gradient (one alone was refused above)

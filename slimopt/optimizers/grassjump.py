@@ -14,8 +14,10 @@ class GrassJump(SubspaceAdam):
     the two ``r x max(m, n)`` moments and a few numbers. The first basis is random as well.
     """
 
-    option_defaults = {**SubspaceAdam.option_defaults, "moment_rule": "transport",
-                       "recovery": True}
+    def __init__(self, params, lr=1e-3, rank=128, update_interval=200, betas=(0.9, 0.999),
+                 eps=1e-8, weight_decay=1e-2, scale=0.25, *, moment_rule="transport", recovery=True,
+                 residual="orthogonal", limiter=1.01, seed=0, nonfinite="skip"):
+        super().__init__(params, locals())
 
     @staticmethod
     def policy_from_group(group):

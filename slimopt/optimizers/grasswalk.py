@@ -15,9 +15,17 @@ class GrassWalk(SubspaceAdam):
     of the step size is not public; ``walk_angle=0.5`` is our default (see the README).
     """
 
-    option_defaults = {**SubspaceAdam.option_defaults, "moment_rule": "transport",
-                       "recovery": True, "walk_angle": 0.5, "walk_tangent_rank": 1,
-                       "walk_init": "svd"}
+    argument_docs = {
+        "walk_angle": "the geodesic distance of each move in radians, in (0, pi/2]",
+        "walk_tangent_rank": "directions that turn per move: 1 or 'full'",
+        "walk_init": "the first basis: 'svd' (top-r SVD of the first gradient) or 'random'",
+    }
+
+    def __init__(self, params, lr=1e-3, rank=128, update_interval=200, betas=(0.9, 0.999),
+                 eps=1e-8, weight_decay=1e-2, scale=0.25, *, moment_rule="transport", recovery=True,
+                 residual="orthogonal", limiter=1.01, walk_angle=0.5, walk_tangent_rank=1,
+                 walk_init="svd", seed=0, nonfinite="skip"):
+        super().__init__(params, locals())
 
     @staticmethod
     def policy_from_group(group):

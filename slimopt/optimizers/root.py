@@ -22,9 +22,9 @@ Embeddings, lm_head, norms and biases (dense groups, every non-2-D parameter and
 get AdamW with ``betas`` (0.9, 0.95 by default) and ``eps``. float16 matrices are taken (the rule
 keeps only momentum); float16 parameters that get AdamW are refused, as by every slimopt
 optimizer. An update whose squares underflow (entries below ~1e-19) is first scaled by an exact
-power of two (``rescale_tiny``), which Newton-Schulz's normalization makes invisible. With ``percentile=None``, ``coefficients="muon"``
-and ``lr_scale="match_rms"`` the update equals ``torch.optim.Muon(adjust_lr_fn=
-"match_rms_adamw")``'s (tested).
+power of two (``rescale_tiny``), which Newton-Schulz's normalization makes invisible. With
+``percentile=None``, ``coefficients="muon"`` and ``lr_scale="match_rms"`` the update equals
+``torch.optim.Muon(adjust_lr_fn="match_rms_adamw")``'s (tested).
 """
 from __future__ import annotations
 
@@ -94,14 +94,27 @@ class ROOT(SlimOptimizer):
     ``percentile=0.9``, 5 Newton-Schulz steps, AdamW betas (0.9, 0.95).
     """
 
-    option_defaults = dict(momentum=0.95, nesterov=True, percentile=0.9, ns_steps=5,
-                           coefficients="adaptive", lr_scale="match_rms", ns_eps=1e-7,
-                           ns_dtype="bfloat16")
+    argument_docs = {
+        "betas": "(beta1, beta2) of the AdamW that dense parameters get, each in [0, 1)",
+        "eps": "the AdamW's eps, a finite number >= 1.175e-38 (the smallest normal float32)",
+        "momentum": "the matrices' momentum mu (torch Muon's EMA convention), in [0, 1)",
+        "nesterov": "Nesterov momentum, True or False",
+        "percentile": "the quantile of |U| above which entries are outliers, in (0, 1]; None: no "
+                      "outlier suppression",
+        "ns_steps": "Newton-Schulz steps, an int >= 1",
+        "coefficients": "'adaptive' (per shape), 'muon' (Muon's fixed ones) or a list of (a, b, "
+                        "c) triples of finite numbers, one per step",
+        "lr_scale": "the matrices' lr factor: 'match_rms' (0.2 sqrt(max(m, n))) or 'original' "
+                    "(sqrt(max(1, m/n)))",
+        "ns_eps": "Newton-Schulz's normalization eps, a finite number >= 1.175e-38",
+        "ns_dtype": "the dtype Newton-Schulz runs in: 'bfloat16', 'float32' or 'float64'",
+    }
 
     def __init__(self, params, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8, *,
-                 nonfinite="skip", **options):
-        defaults = dict(lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
-        super().__init__(params, defaults, nonfinite=nonfinite, options=options)
+                 momentum=0.95, nesterov=True, percentile=0.9, ns_steps=5,
+                 coefficients="adaptive", lr_scale="match_rms", ns_eps=1e-7, ns_dtype="bfloat16",
+                 nonfinite="skip"):
+        super().__init__(params, locals())
 
     def check_group(self, group):
         mu = group["momentum"]

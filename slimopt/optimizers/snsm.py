@@ -28,19 +28,23 @@ class SNSM(SubspaceOptimizer):
     cleanly at a refresh (their code applies the new basis to the old momentum for one step and
     drops that step's gradient from the restarted momentum); weight decay is applied before the
     update, not after.
-    Options: ``subset_norm`` (False: Subspace-Momentum with plain SGD steps, no bias correction),
-    ``moment_rule`` ("reset", or "keep"/"transport").
     """
 
-    option_defaults = dict(moment_rule="reset", subset_norm=True)
+    argument_docs = {
+        "betas": "(beta1, beta2): the subspace momentum's decay rate in [0, 1) and the subset-norm "
+                 "accumulators' in [0, 1] (1: a plain sum, AdaGrad-style)",
+        "moment_rule": "what the momentum does when the basis changes: 'reset' (the paper's), "
+                       "'keep' or 'transport'",
+        "subset_norm": "True: subset-norm step sizes; False: Subspace-Momentum with plain SGD "
+                       "steps (no step sizes, no bias correction)",
+    }
     beta2_may_be_one = True
     moment_names = ("exp_avg", None)
 
     def __init__(self, params, lr=1e-3, rank=128, update_interval=200, betas=(0.9, 0.999),
-                 eps=1e-6, weight_decay=0.0, *, seed=0, nonfinite="skip", **options):
-        defaults = dict(lr=lr, rank=rank, update_interval=update_interval, betas=betas, eps=eps,
-                        weight_decay=weight_decay)
-        super().__init__(params, defaults, seed=seed, nonfinite=nonfinite, options=options)
+                 eps=1e-6, weight_decay=0.0, *, moment_rule="reset", subset_norm=True, seed=0,
+                 nonfinite="skip"):
+        super().__init__(params, locals())
 
     @staticmethod
     def policy_from_group(group):
@@ -70,6 +74,12 @@ class SNSM(SubspaceOptimizer):
 class SubspaceMomentum(SNSM):
     """Subspace-Momentum alone: EMA momentum in a top-r singular subspace (reset at each
     refresh), plain SGD on the orthogonal complement, ``W <- W - lr (S m + g - S S^T g)``.
-    With ``rank`` at the full smaller side it is EMA-momentum SGD."""
+    With ``rank`` at the full smaller side it is EMA-momentum SGD (``betas[1]`` and ``eps`` serve
+    only the AdamW of dense parameters)."""
 
-    option_defaults = dict(SNSM.option_defaults, subset_norm=False)
+    def __init__(self, params, lr=1e-3, rank=128, update_interval=200, betas=(0.9, 0.999),
+                 eps=1e-6, weight_decay=0.0, *, moment_rule="reset", subset_norm=False, seed=0,
+                 nonfinite="skip"):
+        super().__init__(params, lr, rank, update_interval, betas, eps, weight_decay,
+                         moment_rule=moment_rule, subset_norm=subset_norm, seed=seed,
+                         nonfinite=nonfinite)

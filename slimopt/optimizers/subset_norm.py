@@ -26,13 +26,17 @@ class SubsetNorm(SlimOptimizer):
     and biases there).
     """
 
-    option_defaults = dict(subset_size="auto")
+    argument_docs = {
+        "betas": "(beta1, beta2): the momentum's decay rate in [0, 1) (0: none, plain SGD) and the "
+                 "accumulators' in [0, 1] (1: a plain sum, AdaGrad-style)",
+        "subset_size": "'auto' or an int >= 1, the chunk size (the closest divisor of numel at or "
+                       "below it; see above)",
+    }
     beta2_may_be_one = True
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, *,
-                 nonfinite="skip", **options):
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
-        super().__init__(params, defaults, nonfinite=nonfinite, options=options)
+                 subset_size="auto", nonfinite="skip"):
+        super().__init__(params, locals())
 
     def check_group(self, group):
         if group["subset_size"] != "auto":

@@ -18,7 +18,9 @@
   finite gradients into NaN weights, as with ``torch.optim.AdamW``;
 - lazy state creation, or all at once with ``init_state()`` (also on the meta device).
 
-A subclass implements ``takes_matrix_rule``, ``_init_matrix_state`` and ``_matrix_step``.
+A subclass lists its hyperparameters with their defaults in its ``__init__`` and passes them on as
+``super().__init__(params, locals())`` (``hyperparameters.py``: the defaults are written only
+there); it implements ``takes_matrix_rule``, ``_init_matrix_state`` and ``_matrix_step``.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from torch.optim import Optimizer
 
 from . import state_checks
 from .adam import adam_direction, adam_moments_, decoupled_weight_decay_
+from .hyperparameters import document, option_defaults, split_arguments
 from .validation import (check_adam_group, check_choice, check_gradient, check_int,
                          check_listed_once, check_parameter)
 
@@ -36,20 +39,34 @@ FLOAT16_ADVICE = ("use bfloat16, float32 or float64 parameters, or float32 maste
 
 
 class SlimOptimizer(Optimizer):
-    #: the method's options and their defaults; a subclass overrides or extends this dict
+    #: the method's options (keyword-only hyperparameters) and their defaults: read from the
+    #: subclass's ``__init__`` signature, never written by hand
     option_defaults: dict = {}
+    #: meaning and valid range of the class's own ``__init__`` arguments, for its docstring's
+    #: ``Args:`` block (``hyperparameters.ARGUMENT_DOCS`` has the shared ones)
+    argument_docs: dict = {}
     #: whether betas[1] = 1 is allowed (AdaGrad-style sums; the dense AdamW path then skips
     #: its second-moment bias correction, which would be 0)
     beta2_may_be_one: bool = False
     #: state keys a rule adds after the state is created (absent from a fresh state)
     optional_state_keys: frozenset = frozenset()
 
-    def __init__(self, params, defaults: dict, *, seed=0, nonfinite="skip", options=None):
-        options = options or {}
-        unknown = sorted(set(options) - set(self.option_defaults))
-        if unknown:
-            raise TypeError(f"{type(self).__name__} got unexpected keyword argument(s) {unknown}; "
-                            f"its options are {sorted(self.option_defaults)}")
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.option_defaults = option_defaults(cls)
+        if "__init__" in cls.__dict__:
+            cls.__doc__ = document(cls)
+
+    def __init__(self, params, arguments: dict):
+        """``arguments``: the subclass ``__init__``'s arguments by name, its ``locals()`` taken as
+        its first statement (``self``, ``params`` and ``__class__`` are passed over). Every
+        hyperparameter becomes a group default; ``seed`` and ``nonfinite`` hold optimizer-wide."""
+        if not isinstance(arguments, dict):
+            raise TypeError(f"{type(self).__name__} declares no hyperparameters: a slimopt "
+                            "optimizer lists them in its own __init__ and passes them on as "
+                            "super().__init__(params, locals()) (see GaLore)")
+        defaults, wide = split_arguments(arguments, self.option_defaults)
+        nonfinite, seed = wide.get("nonfinite", "skip"), wide.get("seed", 0)
         check_choice("nonfinite", nonfinite, NONFINITE_MODES)
         check_int("seed", seed, 0)
         self._param_keys: dict[torch.Tensor, int] = {}
@@ -58,10 +75,7 @@ class SlimOptimizer(Optimizer):
         self.skip_zero_first_step = False
         self.nonfinite = nonfinite
         self.seed = int(seed)
-        if isinstance(defaults.get("betas"), list):
-            defaults["betas"] = tuple(defaults["betas"])
-        super().__init__(params, {**defaults, "dense": False,
-                                  **self.option_defaults, **options})
+        super().__init__(params, defaults)
 
     # ------------------------------------------------------------------ subclass hooks
     def check_group(self, group: dict) -> None:
@@ -241,11 +255,15 @@ class SlimOptimizer(Optimizer):
                    for g in self.param_groups for p in g["params"])
 
     def _step_group(self, group: dict, finite: dict | None = None) -> None:
-        """One step for every parameter of ``group`` (a subclass may treat a group as a unit).
-        ``finite``: the flags of ``_check_gradients``; without them (the ZeRO bridge's call, one
-        unit at a time) the group is checked here first."""
+        """One step for ``group``. ``finite``: the flags of ``_check_gradients``; without them (the
+        ZeRO bridge's call, one unit at a time) the group is checked here first."""
         if finite is None:
             finite = self._check_gradients(group)
+        self._update_group(group, finite)
+
+    def _update_group(self, group: dict, finite: dict) -> None:
+        """Update every parameter of the checked ``group`` (a subclass may treat a group as a
+        unit); a parameter whose gradient is not ``finite`` is skipped and counted."""
         for p in group["params"]:
             if p.grad is None:
                 continue

@@ -18,23 +18,13 @@ from .validation import check_choice, check_nonnegative, check_positive
 class SubspaceAdam(SubspaceOptimizer):
     """Adam with its moments in a low-rank subspace, and dense AdamW for everything else.
 
-    A recipe sets ``policy_from_group`` and, where it differs, ``option_defaults``. Arguments:
-    ``lr``, ``rank`` (``None`` in a group: dense AdamW for it), ``update_interval`` (steps between
-    basis changes), ``betas``, ``eps``, ``weight_decay`` (decoupled, as AdamW; default 1e-2 as
-    ``torch.optim.AdamW``), ``scale`` (GaLore's alpha), ``seed`` and ``nonfinite``; options:
-    ``moment_rule`` ("keep", "reset" or "transport"), ``recovery`` (Fira's recovery scaling),
-    ``residual`` ("orthogonal": ``(I - S S^T) G``, the paper's; or "scaled":
-    ``G - scale S S^T G``, the public codes'), ``limiter`` (Fira's zeta).
+    A recipe sets ``policy_from_group`` and lists its hyperparameters in its ``__init__``: ``lr``,
+    ``rank``, ``update_interval``, ``betas``, ``eps``, ``weight_decay``, ``scale`` and the options
+    ``moment_rule``, ``recovery``, ``residual``, ``limiter``, then ``seed`` and ``nonfinite``
+    (meanings in ``hyperparameters.ARGUMENT_DOCS``).
     """
 
-    option_defaults = dict(moment_rule="keep", recovery=False, residual="orthogonal", limiter=1.01)
     optional_state_keys = frozenset({"recovery_norm"})
-
-    def __init__(self, params, lr=1e-3, rank=128, update_interval=200, betas=(0.9, 0.999),
-                 eps=1e-8, weight_decay=1e-2, scale=0.25, *, seed=0, nonfinite="skip", **options):
-        defaults = dict(lr=lr, rank=rank, update_interval=update_interval, betas=betas, eps=eps,
-                        weight_decay=weight_decay, scale=scale)
-        super().__init__(params, defaults, seed=seed, nonfinite=nonfinite, options=options)
 
     def check_group(self, group: dict) -> None:
         check_positive("scale", group["scale"])
