@@ -13,7 +13,7 @@ import torch
 from .data import load_documents, token_blocks, tokenizer_for
 from .deepspeed_config import load_deepspeed_config
 from .presets import llama_config
-from .registry import RANKED, build_optimizer
+from .registry import RANKED, build_optimizer, cli_defaults
 from .train_config import UsageError
 
 
@@ -67,12 +67,13 @@ def load_data(args, say):
 
 # ---------------------------------------------------------------------------- optimizer
 def set_default_weight_decay(options, args) -> None:
-    """``--weight-decay`` unless ``--opt-args`` sets it; without it, 0 except for Muon and GaLore,
-    which keep their own default."""
+    """``--weight-decay`` unless ``--opt-args`` sets it; without it, the method record's launcher
+    default (``records.cli_defaults``: 0, or the peer package's own)."""
     if args.weight_decay:
         options.setdefault("weight_decay", args.weight_decay)
-    elif args.optimizer not in ("muon", "galore"):
-        options.setdefault("weight_decay", 0.0)
+    else:
+        for key, value in cli_defaults(args.optimizer).items():
+            options.setdefault(key, value)
 
 
 def make_optimizer(args, model, ds_config):
