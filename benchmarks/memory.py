@@ -365,8 +365,8 @@ def markdown(data: dict) -> str:
               "ignored). Cells: the largest rank's bytes; percentages are of AdamW's share at "
               "the same world size. Not counted for either: DeepSpeed's fp32 master partition "
               "(4 bytes x params / world, held in both cases), 16-bit weights and gradients, "
-              "transient buffers (the bridge's: the gathered group under ZeRO-1/2, one matrix "
-              "under ZeRO-3).", "",
+              "transient buffers (the bridge's: the units straddling a share boundary under "
+              "ZeRO-1/2, one matrix under ZeRO-3).", "",
               "| optimizer | rank | " + " | ".join(f"world {w}" for w in worlds) + " |",
               "|" + "---|" * (len(worlds) + 2)]
     share = {r["world"]: r["state_max"] for r in zero if r["optimizer"] == ADAMW}

@@ -5,8 +5,9 @@ DeepSpeed's flat partitions under ZeRO stage 1, 2 and 3.
 Under ZeRO DeepSpeed hands the client optimizer one flat 1-D fp32 partition per (sub-)group and
 rank: a matrix-aware rule run on it would silently become a vector rule. The bridge instead runs
 every rule on whole matrices, once, on an owner rank (the design "whole matrices per rank"): each
-matrix (or LoRA pair) has one owner, chosen once by balancing sizes (``assign_owners``), which
-keeps the optimizer state for it (so state per rank is about total / world size) and steps a
+matrix (or LoRA pair) has one owner, chosen once at construction (ZeRO-1/2: by locality,
+``local_owners``; ZeRO-3: by balancing sizes, ``assign_owners``), which keeps the optimizer
+state for it (so state per rank is about total / world size) and steps a
 full-size fp32 "shadow" of it with the exact single-process code. A shadow is a persistent
 handle (the optimizer's state is keyed by it) whose storage exists only during the step: it
 views the gathered values, so no second fp32 copy of the model is kept.

@@ -1,4 +1,4 @@
-"""AdaPreLoRA's algebra as pure functions (arXiv 2605.08734; our reading in shared/specs).
+"""AdaPreLoRA's algebra as pure functions (arXiv 2605.08734; our reading is in the README).
 
 A LoRA layer is ``W = W0 + s B A`` (B: m x r, A: r x n); autograd gives ``g_A = s B^T G`` and
 ``g_B = s G A^T`` for the W-space gradient ``G``. Adafactor's factored second moment gives
