@@ -15,7 +15,10 @@ ARGS = ["--preset", "1b", "--name", "a b", "$x", "it's"]
 def test_sbatch_recipe_matches_slimopt_launch(tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    (bin_dir / "scontrol").write_text("#!/bin/sh\necho gpu1\necho gpu2\n")
+    # more hosts than a pipe holds: a reader that stops after the first line would make this
+    # stand-in die of SIGPIPE, which the script's pipefail turns into a failed job (exit 141)
+    (bin_dir / "scontrol").write_text("#!/bin/sh\necho gpu1\necho gpu2\n"
+                                      "i=3; while [ $i -le 20000 ]; do echo gpu$i; i=$((i+1)); done\n")
     (bin_dir / "srun").write_text(f"#!{sys.executable}\nimport shlex, sys\n"
                                   "print(shlex.join(['srun'] + sys.argv[1:]))\n")
     for tool in ("scontrol", "srun"):
