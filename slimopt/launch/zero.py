@@ -32,6 +32,7 @@ another world size.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -118,10 +119,11 @@ class ZeroBridge:
         zero = self.zero
 
         def key_of(p):
-            if p not in optimizer._param_keys:
+            key = optimizer.param_key(p)
+            if key is None:
                 raise RuntimeError("slimopt ZeRO bridge: a DeepSpeed parameter is unknown to "
                                    "the optimizer")
-            return optimizer._param_keys[p]
+            return key
 
         if not self.stage3:
             for i, lp_params in enumerate(zero.bit16_groups):
@@ -142,6 +144,12 @@ class ZeroBridge:
                                    f"elements, its parameters' pieces {offset}")
             yield zero.sub_group_to_group_id[s], flat, entries
 
+    @staticmethod
+    def routes(group) -> bool:
+        """Whether ``group`` is one of DeepSpeed's flat partitions, which the bridge steps
+        (``SlimOptimizer.attach_step_router``)."""
+        return "zero_index" in group
+
     def partition(self, s):
         """This rank's flat fp32 partition of sub-group ``s`` (DeepSpeed's master weights)."""
         return self.partitions[s]
@@ -160,7 +168,7 @@ class ZeroBridge:
         if shadow is None:
             shadow = torch.empty(0, dtype=torch.float32, device=self.device)
             self.shadows[key] = shadow
-            optimizer._param_keys[shadow] = key
+            optimizer.adopt_key(shadow, key)
         if values is not None:
             shadow.data = values
             shadow.grad = grad
@@ -269,7 +277,7 @@ class ZeroBridge:
             for key, offset, shape, _ in unit:
                 values, grads = self._whole(part, grad, key, offset, shape, received)
                 shadows.append(self._shadow(optimizer, key, values, grads))
-            optimizer._step_group(dict(group, params=shadows))
+            optimizer.step_params(dict(group, params=shadows))
             for (key, offset, shape, _), shadow in zip(unit, shadows):
                 pieces = self.pieces[key]
                 new = shadow.data.reshape(-1)
@@ -319,7 +327,7 @@ class ZeroBridge:
                                                 self.read(values, 0, shape, piece),
                                                 self.read(grads, 0, shape, piece)))
             if mine:
-                optimizer._step_group(dict(group, params=shadows))
+                optimizer.step_params(dict(group, params=shadows))
             for i, (key, offset, shape, piece) in enumerate(unit):
                 table = None
                 if mine:
@@ -422,7 +430,7 @@ class ZeroBridge:
         metas = [torch.empty(shape, dtype=torch.float32, device="meta") for _, shape in params]
         group = dict(saved, params=metas)
         try:
-            optimizer._check_options(group)
+            optimizer.check_options(group)
         except ValueError as err:
             raise ValueError(f"{type(optimizer).__name__}: group {index} of the state: "
                              f"{err}") from None
@@ -579,20 +587,50 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, con
             raise ValueError("fp16 with slimopt optimizers is not supported; use bf16")
         if stage >= 1:
             cfg["zero_allow_untested_optimizer"] = True
-        optimizer.skip_zero_first_step = True
-    engine, opt, loader, sched = deepspeed.initialize(
-        args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
-        config=cfg, **kwargs)
+    with _first_step_skipped(optimizer):
+        engine, opt, loader, sched = deepspeed.initialize(
+            args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
+            config=cfg, **kwargs)
     read_checkpoints_safely(engine)
     if isinstance(optimizer, SlimOptimizer) and optimizer.nonfinite == "raise":
         raise_on_skipped_steps(engine, optimizer)
     if isinstance(optimizer, SlimOptimizer):
-        optimizer.skip_zero_first_step = False
         if stage >= 1:
-            optimizer.attach_zero_bridge(ZeroBridge(optimizer, engine.optimizer))
+            optimizer.attach_step_router(ZeroBridge(optimizer, engine.optimizer))
         else:
             register_master_copies(optimizer, engine.optimizer)
     return engine, opt, loader, sched
+
+
+@contextlib.contextmanager
+def _first_step_skipped(optimizer):
+    """While DeepSpeed initializes, a slimopt ``optimizer`` ignores a step taken before any
+    state exists on all-zero gradients: DeepSpeed's wrappers (ZeRO-0 + bf16, ZeRO-1/2/3) step
+    once inside ``deepspeed.initialize`` to create the state, which is not a real step."""
+    if not isinstance(optimizer, SlimOptimizer):
+        yield
+        return
+    step = optimizer.step
+
+    def step_or_skip(closure=None):
+        if optimizer.state or not _all_grads_zero(optimizer):
+            return step(closure)
+        if closure is not None:
+            with torch.enable_grad():
+                return closure()
+        return None
+
+    optimizer.step = step_or_skip
+    try:
+        yield
+    finally:
+        if vars(optimizer).get("step") is step_or_skip:
+            del optimizer.step
+
+
+def _all_grads_zero(optimizer) -> bool:
+    return all(p.grad is None or not bool(p.grad.any())
+               for g in optimizer.param_groups for p in g["params"])
 
 
 def raise_on_skipped_steps(engine, optimizer) -> None:
@@ -637,5 +675,6 @@ def register_master_copies(optimizer: SlimOptimizer, wrapper) -> None:
         return
     for lp_group, hp_group in zip(low, high):
         for lp, hp in zip(lp_group, hp_group):
-            if lp in optimizer._param_keys:
-                optimizer._param_keys[hp] = optimizer._param_keys[lp]
+            key = optimizer.param_key(lp)
+            if key is not None:
+                optimizer.adopt_key(hp, key)

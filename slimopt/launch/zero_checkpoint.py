@@ -124,7 +124,7 @@ def load_resharded(engine, source, tag: str | None = None) -> dict:
         raise ValueError(f"{source} is not a slimopt resharded checkpoint (written by python -m "
                          "slimopt.launch.zero_checkpoint)")
     optimizer = getattr(getattr(engine, "optimizer", None), "optimizer", None)
-    bridge = getattr(optimizer, "_zero_bridge", None)
+    bridge = getattr(optimizer, "step_router", None)
     if bridge is None:
         raise ValueError("load_resharded needs an engine made by slimopt.launch.initialize with a "
                          "slimopt optimizer under ZeRO stage 1, 2 or 3")
@@ -161,8 +161,8 @@ def _check_weights(weights, named, source) -> None:
 def _write_weights(weights, named, optimizer, bridge) -> None:
     """Every rank rebuilds its fp32 master partitions and its low-precision (and frozen)
     weights from the full ``weights``."""
-    key_to_name = {optimizer._param_keys[p]: n for n, p in named.items()
-                   if p in optimizer._param_keys}
+    key_to_name = {optimizer.param_key(p): n for n, p in named.items()
+                   if optimizer.param_key(p) is not None}
     for s, units in enumerate(bridge.groups):
         part = bridge.partition(s)
         table = torch.zeros(bridge.world, part.numel(), dtype=part.dtype, device=part.device)

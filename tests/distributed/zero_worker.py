@@ -210,7 +210,8 @@ def run_naive(name, stage):
     shards = [p for group in opt.param_groups for p in group["params"]]
     shards += list(getattr(engine.optimizer, "fp32_partitioned_groups_flat", []))
     for p in shards:
-        opt._param_keys.setdefault(p, len(opt._param_keys))
+        if opt.param_key(p) is None:
+            opt.adopt_key(p)
     start, gradients = masters(engine, stage), []
     train(engine, rank, world, 1, STEPS, gradients=gradients)
     end = masters(engine, stage)
@@ -407,7 +408,7 @@ def run(name, stage, dtype, accum):
     end = masters(engine, stage)
     state = slimopt.state_bytes(opt)
     inner = getattr(opt, "optimizer", opt)
-    bridge = getattr(inner, "_zero_bridge", None)
+    bridge = getattr(inner, "step_router", None)
     comm = None if bridge is None else {k: v // STEPS for k, v in bridge.communicated.items()}
     n_params = sum(p.numel() for p in engine.module.parameters() if p.requires_grad)
     got = params_of(engine)

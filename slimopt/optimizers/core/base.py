@@ -16,7 +16,11 @@
 - **float16 parameters** are refused unless the rule they get keeps no squared-gradient
   statistics in float16 (``takes_float16``): Adam-style second moments underflow there and turn
   finite gradients into NaN weights, as with ``torch.optim.AdamW``;
-- lazy state creation, or all at once with ``init_state()`` (also on the meta device).
+- lazy state creation, or all at once with ``init_state()`` (also on the meta device);
+- a **public seam for distributed engines** (``slimopt.launch.zero`` uses nothing else):
+  ``param_key``/``adopt_key`` (stand-in tensors such as master copies step under their
+  parameter's key), ``check_options``, ``step_params`` (whole matrices stepped with the
+  single-process code) and ``attach_step_router`` (groups an engine steps itself).
 
 A subclass lists its hyperparameters with their defaults in its ``__init__`` and passes them on as
 ``super().__init__(params, locals())`` (``hyperparameters.py``: the defaults are written only
@@ -70,9 +74,7 @@ class SlimOptimizer(Optimizer):
         check_choice("nonfinite", nonfinite, NONFINITE_MODES)
         check_int("seed", seed, 0)
         self._param_keys: dict[torch.Tensor, int] = {}
-        self._zero_bridge = None
-        #: set by slimopt.launch.initialize while DeepSpeed may take its zero-gradient first step
-        self.skip_zero_first_step = False
+        self._step_router = None
         self.nonfinite = nonfinite
         self.seed = int(seed)
         super().__init__(params, defaults)
@@ -109,7 +111,7 @@ class SlimOptimizer(Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
-            self._check_options(group)
+            self.check_options(group)
             for p in group["params"]:
                 check_parameter(p)
                 self._check_float16(p, group)
@@ -120,11 +122,51 @@ class SlimOptimizer(Optimizer):
         for p in group["params"]:
             self._param_keys.setdefault(p, len(self._param_keys))
 
-    def _check_options(self, group: dict) -> None:
+    def check_options(self, group: dict) -> None:
+        """Validate every option of ``group`` (the shared AdamW ones, ``dense``, then the
+        method's own, ``check_group``); ``group["params"]`` may be stand-ins (meta tensors of the
+        parameters' shapes). Raises ``ValueError``; changes nothing."""
         check_adam_group(group, self.beta2_may_be_one)
         if not isinstance(group["dense"], bool):
             raise ValueError(f"dense must be True or False, got {group['dense']!r}")
         self.check_group(group)
+
+    # ------------------------------------------------------------------ distributed seam
+    def param_key(self, tensor: torch.Tensor) -> int | None:
+        """The stable integer key of parameter ``tensor`` (or of a stand-in adopted with
+        ``adopt_key``): it names the parameter's state in checkpoints and seeds its random draws.
+        None for a tensor the optimizer does not know."""
+        return self._param_keys.get(tensor)
+
+    def adopt_key(self, alias: torch.Tensor, key: int | None = None) -> int:
+        """Let ``alias`` (a master copy, or a whole matrix gathered on its owner rank) step as the
+        parameter of key ``key``: same key, so the same random draws and checkpoint entry.
+        ``key=None`` gives ``alias`` a new key of its own. Returns the key."""
+        if key is None:
+            key = len(self._param_keys)
+        self._param_keys[alias] = key
+        return key
+
+    def step_params(self, group: dict) -> None:
+        """One step, with the single-process code, of the tensors of ``group``: a dict with a
+        param group's options whose ``params`` are the tensors to update, each a parameter or a
+        stand-in adopted with ``adopt_key`` (a whole matrix and its ``.grad``). Gradients are
+        checked first (the non-finite policy applies); a group that must be stepped as one unit
+        (``zero_unit="group"``) is passed whole."""
+        self._step_group(group)
+
+    def attach_step_router(self, router) -> None:
+        """Hand the groups ``router.routes(group)`` accepts to ``router`` (an engine adapter such
+        as ``slimopt.launch.zero.ZeroBridge``): ``step()`` calls ``router.step_group(self,
+        group)`` for them after the checks (with ``nonfinite="raise"``,
+        ``router.raise_if_nonfinite(self, groups)`` first), and ``state_dict``/
+        ``load_state_dict`` are the router's. ``slimopt.launch.initialize`` attaches it."""
+        self._step_router = router
+
+    @property
+    def step_router(self):
+        """The router attached with ``attach_step_router``, or None."""
+        return self._step_router
 
     def _check_float16(self, p: torch.Tensor, group: dict) -> None:
         if p.dtype == torch.float16 and not self.takes_float16(p, group):
@@ -179,7 +221,7 @@ class SlimOptimizer(Optimizer):
         """Every group's hyperparameters as they are now (a scheduler may have set them)."""
         for index, group in enumerate(self.param_groups):
             try:
-                self._check_options(group)
+                self.check_options(group)
             except KeyError as err:
                 raise ValueError(f"{type(self).__name__}: parameter group {index} lacks the "
                                  f"option {err}") from None
@@ -219,12 +261,12 @@ class SlimOptimizer(Optimizer):
 
     def _prepare_step(self) -> list:
         """All checks of a step, before anything changes: per group, the flags of
-        ``_check_gradients`` (None for a ZeRO partition, which the bridge checks per unit)."""
+        ``_check_gradients`` (None for a group the step router takes, which it checks per unit)."""
         self._check_groups_now()
-        bridged = [g for g in self.param_groups
-                   if self._zero_bridge is not None and "zero_index" in g]
+        router = self._step_router
+        bridged = [g for g in self.param_groups if router is not None and router.routes(g)]
         if bridged and self.nonfinite == "raise":
-            self._zero_bridge.raise_if_nonfinite(self, bridged)  # every rank decides together
+            router.raise_if_nonfinite(self, bridged)  # every rank decides together
         return [None if any(group is g for g in bridged) else self._check_gradients(group)
                 for group in self.param_groups]
 
@@ -241,22 +283,16 @@ class SlimOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self.skip_zero_first_step and not self.state and self._all_grads_zero():
-            return loss  # DeepSpeed's step inside initialize (ZeRO-0 + bf16): not a real step
         for group, finite in zip(self.param_groups, self._prepare_step()):
             if finite is None:
-                self._zero_bridge.step_group(self, group)
+                self._step_router.step_group(self, group)
             else:
                 self._step_group(group, finite)
         return loss
 
-    def _all_grads_zero(self) -> bool:
-        return all(p.grad is None or not bool(p.grad.any())
-                   for g in self.param_groups for p in g["params"])
-
     def _step_group(self, group: dict, finite: dict | None = None) -> None:
-        """One step for ``group``. ``finite``: the flags of ``_check_gradients``; without them (the
-        ZeRO bridge's call, one unit at a time) the group is checked here first."""
+        """One step for ``group``. ``finite``: the flags of ``_check_gradients``; without them
+        (``step_params``: an engine's call, one unit at a time) the group is checked here first."""
         if finite is None:
             finite = self._check_gradients(group)
         self._update_group(group, finite)
@@ -286,15 +322,10 @@ class SlimOptimizer(Optimizer):
         decoupled_weight_decay_(p, group["lr"], group["weight_decay"])
         p.add_(direction, alpha=-group["lr"])
 
-    # ------------------------------------------------------------------ DeepSpeed ZeRO
-    def attach_zero_bridge(self, bridge) -> None:
-        """Route steps of DeepSpeed's flat partitions through ``bridge`` (see
-        ``slimopt.launch.zero``); ``slimopt.launch.initialize`` does this."""
-        self._zero_bridge = bridge
-
+    # ------------------------------------------------------------------ state
     def state_dict(self):
-        if self._zero_bridge is not None:
-            return self._zero_bridge.state_dict(self)
+        if self._step_router is not None:
+            return self._step_router.state_dict(self)
         state = super().state_dict()
         state[state_checks.CLASS_KEY] = type(self).__name__
         return state
@@ -302,8 +333,8 @@ class SlimOptimizer(Optimizer):
     def load_state_dict(self, state_dict):
         """torch's, after ``check_state_dict``: a state that does not fit is refused with a
         ``ValueError`` and the optimizer is left as it was."""
-        if self._zero_bridge is not None:
-            return self._zero_bridge.load_state_dict(self, state_dict)
+        if self._step_router is not None:
+            return self._step_router.load_state_dict(self, state_dict)
         self.check_state_dict(state_dict)
         return super().load_state_dict(state_dict)
 
@@ -330,7 +361,7 @@ class SlimOptimizer(Optimizer):
             state_checks.check_group_options(saved, self.defaults, index)
             merged = dict(saved, params=group["params"])
             try:
-                self._check_options(merged)
+                self.check_options(merged)
             except ValueError as err:
                 raise ValueError(f"{name}: group {index} of the state: {err}") from None
             expected = self.expected_state(merged)
