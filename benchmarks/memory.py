@@ -78,7 +78,7 @@ if __package__ in (None, ""):  # run as a script: make the ``benchmarks`` packag
 import slimopt  # noqa: E402
 from slimopt.launch import records  # noqa: E402
 from slimopt.launch.registry import OPTIMIZERS, RANKED, build_optimizer  # noqa: E402
-from slimopt.launch.zero import local_owners  # noqa: E402
+from slimopt.launch.zero import Slot, local_owners  # noqa: E402
 from slimopt.state_bytes import _tensor_bytes  # noqa: E402
 
 from benchmarks import report  # noqa: E402
@@ -258,7 +258,7 @@ def per_rank(units, world: int) -> list[int]:
         if not total:
             continue
         offsets = [sum(n for n, _ in entries[:i]) for i in range(len(entries))]
-        ranges = [[(None, offset, (numel,), None)] for offset, (numel, _) in zip(offsets, entries)]
+        ranges = [[Slot(None, offset, (numel,), None)] for offset, (numel, _) in zip(offsets, entries)]
         for (_, nbytes), owner in zip(entries, local_owners(ranges, -(-total // world), world,
                                                             load)):
             state[owner] += nbytes

@@ -20,8 +20,8 @@ master partition: no copy, no communication. Only units straddling a partition b
 a few per group and boundary) move their pieces point to point: values and gradients to the
 owner, new values back.
 
-ZeRO-3 (every parameter cut into ``world`` even pieces): per matrix, ``gather`` its pieces (values
-and gradients) on the owner, step, ``scatter`` the new pieces back: ``2N/W`` elements sent and
+ZeRO-3 (every parameter cut into ``world`` even chunks): per matrix, ``gather`` its chunks (values
+and gradients) on the owner, step, ``scatter`` the new chunks back: ``2N/W`` elements sent and
 ``N/W`` received per rank and step; transient memory is one matrix.
 
 Optimizer/parameter offload and fp16 are refused at ``initialize``. Checkpoints go through
@@ -36,6 +36,7 @@ import contextlib
 import copy
 import json
 import os
+from typing import NamedTuple
 
 import torch
 
@@ -47,6 +48,27 @@ from .registry import split_for
 PREFIX = "slimopt."
 
 
+class Slot(NamedTuple):
+    """Where one parameter lies in its sub-group's flat fp32 partitions."""
+    #: the optimizer's key of the parameter (``SlimOptimizer.param_key``)
+    key: int
+    #: ZeRO-1/2: its start in the group's flat buffer (all ranks' partitions back to back);
+    #: ZeRO-3: the start of its chunk in every rank's partition
+    offset: int
+    #: its full shape
+    shape: tuple
+    #: ZeRO-3: elements of each rank's chunk of it, ``ceil(numel / world)``; None at ZeRO-1/2
+    chunk: int | None
+
+
+class Holding(NamedTuple):
+    """ZeRO-1/2: the part ``[start, end)`` of the group's flat buffer that rank ``rank``'s
+    partition holds of one parameter."""
+    rank: int
+    start: int
+    end: int
+
+
 class ZeroBridge:
     """Maps DeepSpeed's flat partitions to whole matrices (see the module docstring). Built from
     a ``DeepSpeedZeroOptimizer`` (ZeRO-1/2) or a ``DeepSpeedZeroOptimizer_Stage3``.
@@ -55,9 +77,10 @@ class ZeroBridge:
     same size on every rank, so an all-gather gives a ``(world, size)`` table; what differs is
     where a parameter lies in it. ZeRO-1/2 cut the concatenated group into ``world`` consecutive
     pieces: a parameter is ``table.view(-1)[offset:offset + numel]``. ZeRO-3 cuts every parameter
-    into ``world`` pieces of ``piece = ceil(numel / world)`` elements (the last one padded), and a
-    rank's partition concatenates its pieces: a parameter is
-    ``table[:, offset:offset + piece].reshape(-1)[:numel]``."""
+    into ``world`` chunks of ``chunk = ceil(numel / world)`` elements (the last one padded), and a
+    rank's partition concatenates its chunks: a parameter is
+    ``table[:, offset:offset + chunk].reshape(-1)[:numel]``. Each parameter's place is a
+    ``Slot``."""
 
     def __init__(self, optimizer: SlimOptimizer, zero_optimizer):
         import torch.distributed as dist
@@ -68,15 +91,14 @@ class ZeroBridge:
                               else zero_optimizer.real_dp_process_group[0])
         self.rank = dist.get_rank(group=self.process_group)
         self.world = dist.get_world_size(group=self.process_group)
-        #: per flat partition ("sub-group"): list of units; a unit is a list of
-        #: (key, offset, shape, piece) with piece None under ZeRO-1/2
+        #: per flat partition ("sub-group"): list of units; a unit is a list of ``Slot``s
         self.groups = []
         self.sub_group_of = {}  # id(flat fp32 partition) -> sub-group index
         self.partitions = []  # this rank's flat fp32 partition per sub-group
         self.owner = {}    # (sub-group, unit) -> rank
         #: param group index -> [(key, full shape)] of its parameters, in the order stepped
         self.group_params = {}
-        self.pieces = {}   # ZeRO-1/2: key -> holders(...) of that parameter
+        self.holdings = {}   # ZeRO-1/2: key -> the ``Holding``s of that parameter
         #: key -> the owned matrix's handle: the state's key, empty between steps
         self.shadows = {}
         #: elements this rank passed to each collective so far (for the communication report)
@@ -100,22 +122,23 @@ class ZeroBridge:
                 units = [[e] for e in entries]
             self.groups.append(units)
             self.group_params.setdefault(group_index, []).extend(
-                (key, shape) for key, _, shape, _ in entries)
+                (slot.key, slot.shape) for slot in entries)
             if self.stage3:
-                sizes = [sum(_numel(shape) for _, _, shape, _ in unit) for unit in units]
+                sizes = [sum(_numel(slot.shape) for slot in unit) for unit in units]
                 owners = assign_owners(sizes, self.world, load)
             else:
                 owners = local_owners(units, flat.numel(), self.world, load)
             for u, target in enumerate(owners):
                 self.owner[(s, u)] = target
             if not self.stage3:  # who holds which slice of each parameter: fixed, so once
-                for unit in units:
-                    for key, offset, shape, _ in unit:
-                        self.pieces[key] = holders(offset, _numel(shape), flat.numel(), self.world)
+                for slot in (slot for unit in units for slot in unit):
+                    self.holdings[slot.key] = holders(slot.offset, _numel(slot.shape),
+                                                      flat.numel(), self.world)
             group["zero_index"] = group_index
 
     def _layout(self, optimizer):
-        """(param group index, flat fp32 partition, entries) per flat partition."""
+        """(param group index, flat fp32 partition, its parameters' ``Slot``s) per flat
+        partition."""
         zero = self.zero
 
         def key_of(p):
@@ -128,16 +151,16 @@ class ZeroBridge:
         if not self.stage3:
             for i, lp_params in enumerate(zero.bit16_groups):
                 flat = zero.bit16_groups_flat[i]
-                entries = [(key_of(p), (p.data_ptr() - flat.data_ptr()) // p.element_size(),
-                            tuple(p.shape), None) for p in lp_params]
+                entries = [Slot(key_of(p), (p.data_ptr() - flat.data_ptr()) // p.element_size(),
+                                tuple(p.shape), None) for p in lp_params]
                 yield i, zero.single_partition_of_fp32_groups[i], entries
             return
         for s, params in enumerate(zero.fp16_groups):
             offset, entries = 0, []
-            for p in params:  # a rank's partition concatenates its pieces in this order
-                piece = int(p.partition_numel())
-                entries.append((key_of(p), offset, tuple(p.ds_shape), piece))
-                offset += piece
+            for p in params:  # a rank's partition concatenates its chunks in this order
+                chunk = int(p.partition_numel())
+                entries.append(Slot(key_of(p), offset, tuple(p.ds_shape), chunk))
+                offset += chunk
             flat = zero.fp32_partitioned_groups_flat[s]
             if offset != flat.numel():
                 raise RuntimeError(f"slimopt ZeRO bridge: sub-group {s} holds {flat.numel()} "
@@ -156,11 +179,11 @@ class ZeroBridge:
 
     def owner_of(self, key):
         return next(r for (s, u), r in self.owner.items()
-                    if any(k == key for k, _, _, _ in self.groups[s][u]))
+                    if any(slot.key == key for slot in self.groups[s][u]))
 
     def owned_keys(self):
-        return [key for (s, u), r in self.owner.items() if r == self.rank
-                for key, _, _, _ in self.groups[s][u]]
+        return [slot.key for (s, u), r in self.owner.items() if r == self.rank
+                for slot in self.groups[s][u]]
 
     def _shadow(self, optimizer, key, values=None, grad=None):
         """The handle of matrix ``key``; with ``values``/``grad``, made to hold them for a step."""
@@ -179,22 +202,23 @@ class ZeroBridge:
         shadow.grad = None
         shadow.data = torch.empty(0, dtype=shadow.dtype, device=shadow.device)
 
-    def read(self, table, offset, shape, piece):
-        """One parameter, full size, out of a ``(world, size)`` table."""
+    def read(self, table, offset, shape, chunk):
+        """One parameter, full size, out of a ``(world, size)`` table (``offset``, ``shape``,
+        ``chunk``: its ``Slot``'s)."""
         n = _numel(shape)
-        if piece is None:
+        if chunk is None:
             return table.view(-1)[offset:offset + n].view(shape)
-        return table[:, offset:offset + piece].reshape(-1)[:n].view(shape)
+        return table[:, offset:offset + chunk].reshape(-1)[:n].view(shape)
 
-    def write(self, table, offset, shape, piece, values):
+    def write(self, table, offset, shape, chunk, values):
         """The inverse of ``read``: put a full-size parameter into its places in ``table``."""
         n = _numel(shape)
-        if piece is None:
+        if chunk is None:
             table.view(-1)[offset:offset + n].copy_(values.reshape(-1))
             return
-        padded = torch.zeros(self.world * piece, dtype=table.dtype, device=table.device)
+        padded = torch.zeros(self.world * chunk, dtype=table.dtype, device=table.device)
         padded[:n].copy_(values.reshape(-1))
-        table[:, offset:offset + piece].copy_(padded.view(self.world, piece))
+        table[:, offset:offset + chunk].copy_(padded.view(self.world, chunk))
 
     @torch.no_grad()
     def raise_if_nonfinite(self, optimizer, groups) -> None:
@@ -247,94 +271,118 @@ class ZeroBridge:
         and its gradient: no copy, no communication. Only the pieces of units that straddle a
         partition boundary travel, point to point: values and gradients to the owner, the new
         values back."""
-        base = self.rank * part.numel()
         grad = part.grad.to(part.dtype)
         units = [(unit, self.owner[(s, u)]) for u, unit in enumerate(self.groups[s])]
-        inbound, received = [], {}
-        for unit, owner in units:  # every rank walks the units in the same order
-            for key, _, _, _ in unit:
-                for r, lo, hi in self.pieces[key]:
-                    if r == owner:
-                        continue
-                    if r == self.rank:
-                        inbound += [(True, part.data[lo - base:hi - base], owner),
-                                    (True, grad[lo - base:hi - base], owner)]
-                    elif owner == self.rank:
-                        pair = (torch.empty(hi - lo, dtype=part.dtype, device=part.device),
-                                torch.empty(hi - lo, dtype=part.dtype, device=part.device))
-                        received[(key, r)] = pair
-                        inbound += [(False, pair[0], r), (False, pair[1], r)]
-        self._exchange(inbound)
+        received = self._bring_straddlers(units, part, grad)
         outbound = []
         for unit, owner in units:
-            if owner != self.rank:
-                for key, _, _, _ in unit:  # my pieces of others' units come back
-                    for r, lo, hi in self.pieces[key]:
-                        if r == self.rank:
-                            outbound.append((False, part.data[lo - base:hi - base], owner))
+            if owner != self.rank:  # my slices of others' units come back
+                outbound += [(False, self._slice(part.data, held), owner)
+                             for slot in unit for held in self.holdings[slot.key]
+                             if held.rank == self.rank]
                 continue
-            shadows = []
-            for key, offset, shape, _ in unit:
-                values, grads = self._whole(part, grad, key, offset, shape, received)
-                shadows.append(self._shadow(optimizer, key, values, grads))
+            shadows = [self._shadow(optimizer, slot.key, *self._whole(part, grad, slot, received))
+                       for slot in unit]
             optimizer.step_params(dict(group, params=shadows))
-            for (key, offset, shape, _), shadow in zip(unit, shadows):
-                pieces = self.pieces[key]
-                new = shadow.data.reshape(-1)
-                in_place = [r for r, _, _ in pieces] == [self.rank]
-                for r, lo, hi in pieces if not in_place else ():
-                    if r == self.rank:
-                        part.data[lo - base:hi - base] = new[lo - offset:hi - offset]
-                    else:  # the slice keeps the released storage alive until sent
-                        outbound.append((True, new[lo - offset:hi - offset], r))
+            for slot, shadow in zip(unit, shadows):
+                outbound += self._put_back(part, slot, shadow)
                 self._release(shadow)
         self._exchange(outbound)
 
-    def _whole(self, part, grad, key, offset, shape, received):
-        """ZeRO-1/2, on the owner: the values and gradient of parameter ``key`` at full
-        ``shape``: views of this rank's partition when it holds all of it (stepped in place),
-        else new tensors assembled from its own slices and the ``received`` ones."""
-        base, n, pieces = self.rank * part.numel(), _numel(shape), self.pieces[key]
-        if [r for r, _, _ in pieces] == [self.rank]:
-            return (part.data[offset - base:offset - base + n].view(shape),
-                    grad[offset - base:offset - base + n].view(shape))
+    def _slice(self, flat, held):
+        """The slice ``held`` (a ``Holding`` of this rank) of this rank's partition ``flat``."""
+        base = self.rank * flat.numel()
+        return flat[held.start - base:held.end - base]
+
+    def _in_place(self, key) -> bool:
+        """Whether parameter ``key`` lies whole in this rank's partition (ZeRO-1/2)."""
+        return [held.rank for held in self.holdings[key]] == [self.rank]
+
+    def _bring_straddlers(self, units, part, grad) -> dict:
+        """ZeRO-1/2: this rank's slices of straddling units go to their owners, other ranks'
+        slices of the units it owns come in, posted together. Returns ``{(key, rank): (values,
+        grads)}`` of what came in."""
+        inbound, received = [], {}
+        for unit, owner in units:  # every rank walks the units in the same order
+            for slot in unit:
+                for held in self.holdings[slot.key]:
+                    if held.rank == owner:
+                        continue
+                    if held.rank == self.rank:
+                        inbound += [(True, self._slice(part.data, held), owner),
+                                    (True, self._slice(grad, held), owner)]
+                    elif owner == self.rank:
+                        n = held.end - held.start
+                        pair = (torch.empty(n, dtype=part.dtype, device=part.device),
+                                torch.empty(n, dtype=part.dtype, device=part.device))
+                        received[(slot.key, held.rank)] = pair
+                        inbound += [(False, pair[0], held.rank), (False, pair[1], held.rank)]
+        self._exchange(inbound)
+        return received
+
+    def _put_back(self, part, slot, shadow) -> list:
+        """ZeRO-1/2, on the owner, after the step: the new values of ``slot`` (in ``shadow``)
+        go to the ranks holding them, this rank's slices copied into its partition, the others'
+        returned as sends; nothing for a parameter stepped in place."""
+        if self._in_place(slot.key):
+            return []
+        new, sends = shadow.data.reshape(-1), []
+        for held in self.holdings[slot.key]:
+            lo, hi = held.start - slot.offset, held.end - slot.offset
+            if held.rank == self.rank:
+                self._slice(part.data, held).copy_(new[lo:hi])
+            else:  # the slice keeps the released storage alive until sent
+                sends.append((True, new[lo:hi], held.rank))
+        return sends
+
+    def _whole(self, part, grad, slot, received):
+        """ZeRO-1/2, on the owner: the values and gradient of the parameter at ``slot``, full
+        size: views of this rank's partition when it holds all of it (stepped in place), else
+        new tensors assembled from its own slices and the ``received`` ones."""
+        n, shape = _numel(slot.shape), slot.shape
+        if self._in_place(slot.key):
+            whole = Holding(self.rank, slot.offset, slot.offset + n)
+            return (self._slice(part.data, whole).view(shape),
+                    self._slice(grad, whole).view(shape))
         values = torch.empty(n, dtype=part.dtype, device=part.device)
         grads = torch.empty(n, dtype=part.dtype, device=part.device)
-        for r, lo, hi in pieces:
-            if r == self.rank:
-                values[lo - offset:hi - offset] = part.data[lo - base:hi - base]
-                grads[lo - offset:hi - offset] = grad[lo - base:hi - base]
+        for held in self.holdings[slot.key]:
+            lo, hi = held.start - slot.offset, held.end - slot.offset
+            if held.rank == self.rank:
+                values[lo:hi] = self._slice(part.data, held)
+                grads[lo:hi] = self._slice(grad, held)
             else:
-                values[lo - offset:hi - offset], grads[lo - offset:hi - offset] = \
-                    received[(key, r)]
+                values[lo:hi], grads[lo:hi] = received[(slot.key, held.rank)]
         return values.view(shape), grads.view(shape)
 
     def _step_by_unit(self, optimizer, group, part, s):
-        """ZeRO-3: for each unit, gather its parameters' pieces (values and gradients) on the
-        owner, step there, scatter the new pieces back. Every parameter is split evenly, so the
-        collectives are rooted ``gather``/``scatter`` of ``piece`` elements, and the transient
+        """ZeRO-3: for each unit, gather its parameters' chunks (values and gradients) on the
+        owner, step there, scatter the new chunks back. Every parameter is split evenly, so the
+        collectives are rooted ``gather``/``scatter`` of ``chunk`` elements, and the transient
         memory is one unit at full size."""
         grad = part.grad.to(part.dtype)
         for u, unit in enumerate(self.groups[s]):
             owner = self.owner[(s, u)]
             mine = owner == self.rank
             shadows = []
-            for key, offset, shape, piece in unit:
-                values = self._gather_to(part.data[offset:offset + piece], owner)
-                grads = self._gather_to(grad[offset:offset + piece], owner)
+            for slot in unit:
+                local = slice(slot.offset, slot.offset + slot.chunk)
+                values = self._gather_to(part.data[local], owner)
+                grads = self._gather_to(grad[local], owner)
                 if mine:
-                    shadows.append(self._shadow(optimizer, key,
-                                                self.read(values, 0, shape, piece),
-                                                self.read(grads, 0, shape, piece)))
+                    shadows.append(self._shadow(optimizer, slot.key,
+                                                self.read(values, 0, slot.shape, slot.chunk),
+                                                self.read(grads, 0, slot.shape, slot.chunk)))
             if mine:
                 optimizer.step_params(dict(group, params=shadows))
-            for i, (key, offset, shape, piece) in enumerate(unit):
+            for i, slot in enumerate(unit):
                 table = None
                 if mine:
-                    table = torch.empty(self.world, piece, dtype=part.dtype, device=part.device)
-                    self.write(table, 0, shape, piece, shadows[i])
+                    table = torch.empty(self.world, slot.chunk, dtype=part.dtype,
+                                        device=part.device)
+                    self.write(table, 0, slot.shape, slot.chunk, shadows[i])
                     self._release(shadows[i])
-                self._scatter_from(table, part.data[offset:offset + piece], owner)
+                self._scatter_from(table, part.data[slot.offset:slot.offset + slot.chunk], owner)
 
     def _global(self, group_rank):
         return self.dist.get_global_rank(self.process_group, group_rank)
@@ -456,17 +504,17 @@ def assign_owners(sizes, world: int, load=None) -> list[int]:
     return owners
 
 
-def holders(offset: int, numel: int, size: int, world: int) -> list[tuple[int, int, int]]:
-    """``(rank, start, end)`` for each rank whose ZeRO-1/2 partition (``size`` elements of the
+def holders(offset: int, numel: int, size: int, world: int) -> list[Holding]:
+    """A ``Holding`` ``(rank, start, end)`` for each rank whose ZeRO-1/2 partition (``size`` elements of the
     group's flat buffer, rank ``r`` holding ``[r * size, (r + 1) * size)``) holds part of the
     flat range ``[offset, offset + numel)``."""
     first, last = offset // size, min((offset + numel - 1) // size, world - 1)
-    return [(r, max(offset, r * size), min(offset + numel, (r + 1) * size))
+    return [Holding(r, max(offset, r * size), min(offset + numel, (r + 1) * size))
             for r in range(first, last + 1) if min(offset + numel, (r + 1) * size) > max(offset, r * size)]
 
 
 def local_owners(units, size: int, world: int, load=None) -> list[int]:
-    """ZeRO-1/2 owners: each unit (a list of ``(key, offset, shape, _)``) goes to the rank whose
+    """ZeRO-1/2 owners: each unit (a list of ``Slot``s) goes to the rank whose
     partition holds most of its elements, so only units straddling a partition boundary move and
     the state follows DeepSpeed's even split of the elements; ties (a small group split evenly)
     go to the least loaded rank (``load``, elements per rank, carried across groups and updated
@@ -475,9 +523,9 @@ def local_owners(units, size: int, world: int, load=None) -> list[int]:
     owners = []
     for unit in units:
         count = [0] * world
-        for _, offset, shape, _ in unit:
-            for r, lo, hi in holders(offset, _numel(shape), size, world):
-                count[r] += hi - lo
+        for slot in unit:
+            for held in holders(slot.offset, _numel(slot.shape), size, world):
+                count[held.rank] += held.end - held.start
         owner = max(range(world), key=lambda r: (count[r], -load[r], -r))
         load[owner] += sum(count)
         owners.append(owner)

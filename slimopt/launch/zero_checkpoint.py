@@ -166,17 +166,16 @@ def _write_weights(weights, named, optimizer, bridge) -> None:
     for s, units in enumerate(bridge.groups):
         part = bridge.partition(s)
         table = torch.zeros(bridge.world, part.numel(), dtype=part.dtype, device=part.device)
-        for unit in units:
-            for key, offset, shape, piece in unit:
-                bridge.write(table, offset, shape, piece,
-                             weights[key_to_name[key]].to(part.device))
+        for slot in (slot for unit in units for slot in unit):
+            bridge.write(table, slot.offset, slot.shape, slot.chunk,
+                         weights[key_to_name[slot.key]].to(part.device))
         part.copy_(table[bridge.rank])
     for name, p in named.items():
         value = weights[name].to(p.device)
-        if hasattr(p, "ds_tensor"):  # ZeRO-3: this rank's piece
-            piece = p.ds_tensor.numel()
-            table = torch.zeros(bridge.world, piece, dtype=value.dtype, device=value.device)
-            bridge.write(table, 0, value.shape, piece, value)
+        if hasattr(p, "ds_tensor"):  # ZeRO-3: this rank's chunk
+            chunk = p.ds_tensor.numel()
+            table = torch.zeros(bridge.world, chunk, dtype=value.dtype, device=value.device)
+            bridge.write(table, 0, value.shape, chunk, value)
             p.ds_tensor.copy_(table[bridge.rank])
         else:
             p.copy_(value)
