@@ -39,7 +39,7 @@ Per rank under ZeRO-1/2 (one model size, default 1b, at one rank, default 256; w
 default 1 2 4 8). This is a model of the layout, computed from the single-process meta-device
 state, not a measurement of a distributed run:
 
-* slimopt under its DeepSpeed bridge (``slimopt.launch.zero``): each parameter of each param group
+* slimopt under its DeepSpeed bridge (``slimopt.distributed.deepspeed``): each parameter of each param group
   (the projections and every dense parameter alike; a group marked ``zero_unit="group"`` is one
   unit) has one owner rank: the rank whose part of the group's flat buffer (split evenly over
   the ranks) holds most of it (``zero.local_owners``, ties to the least loaded rank), exactly as
@@ -78,7 +78,7 @@ if __package__ in (None, ""):  # run as a script: make the ``benchmarks`` packag
 import slimopt  # noqa: E402
 from slimopt.launch import records  # noqa: E402
 from slimopt.launch.registry import OPTIMIZERS, RANKED, build_optimizer  # noqa: E402
-from slimopt.launch.zero import Slot, local_owners  # noqa: E402
+from slimopt.distributed.owners import Slot, local_owners  # noqa: E402
 from slimopt.state_bytes import _tensor_bytes  # noqa: E402
 
 from benchmarks import report  # noqa: E402
@@ -258,7 +258,8 @@ def per_rank(units, world: int) -> list[int]:
         if not total:
             continue
         offsets = [sum(n for n, _ in entries[:i]) for i in range(len(entries))]
-        ranges = [[Slot(None, offset, (numel,), None)] for offset, (numel, _) in zip(offsets, entries)]
+        ranges = [[Slot(None, offset, (numel,), None)]
+                  for offset, (numel, _) in zip(offsets, entries)]
         for (_, nbytes), owner in zip(entries, local_owners(ranges, -(-total // world), world,
                                                             load)):
             state[owner] += nbytes

@@ -4,8 +4,8 @@ from .registry import OPTIMIZERS, build_optimizer
 
 
 def initialize(*args, **kwargs):
-    """``deepspeed.initialize`` with slimopt optimizers (see ``slimopt.launch.zero``)."""
-    from .zero import initialize as _initialize
+    """``deepspeed.initialize`` with slimopt optimizers (see ``slimopt.distributed.deepspeed``)."""
+    from ..distributed.deepspeed import initialize as _initialize
     return _initialize(*args, **kwargs)
 
 

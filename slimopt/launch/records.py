@@ -2,8 +2,8 @@
 
 Everything that names a method is derived from ``METHODS``: the launcher's names and
 ``build_optimizer`` (``slimopt.launch.registry``), DeepSpeed's ``"slimopt.<Class>"`` lookup
-(``slimopt.launch.zero.build_from_config``), the benchmarks' labels, libraries, learning-rate
-centres and method lists, and the test tables (``tests/optimizer_registry.py``,
+(``slimopt.distributed.deepspeed.build_from_config``), the benchmarks' labels, libraries,
+learning-rate centres and method lists, and the test tables (``tests/optimizer_registry.py``,
 ``tests/test_zero.py``), which refuse a method that has no record. Adding a method is its module,
 its export and one ``Method(...)`` line here.
 """

@@ -17,7 +17,7 @@
   statistics in float16 (``takes_float16``): Adam-style second moments underflow there and turn
   finite gradients into NaN weights, as with ``torch.optim.AdamW``;
 - lazy state creation, or all at once with ``init_state()`` (also on the meta device);
-- a **public seam for distributed engines** (``slimopt.launch.zero`` uses nothing else):
+- a **public seam for distributed engines** (``slimopt.distributed`` uses nothing else):
   ``param_key``/``adopt_key`` (stand-in tensors such as master copies step under their
   parameter's key), ``check_options``, ``step_params`` (whole matrices stepped with the
   single-process code) and ``attach_step_router`` (groups an engine steps itself).
@@ -157,7 +157,7 @@ class SlimOptimizer(Optimizer):
 
     def attach_step_router(self, router) -> None:
         """Hand the groups ``router.routes(group)`` accepts to ``router`` (an engine adapter such
-        as ``slimopt.launch.zero.ZeroBridge``): ``step()`` calls ``router.step_group(self,
+        as ``slimopt.distributed.deepspeed.ZeroBridge``): ``step()`` calls ``router.step_group(self,
         group)`` for them after the checks (with ``nonfinite="raise"``,
         ``router.raise_if_nonfinite(self, groups)`` first), and ``state_dict``/
         ``load_state_dict`` are the router's. ``slimopt.launch.initialize`` attaches it."""

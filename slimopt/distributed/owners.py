@@ -1,0 +1,84 @@
+"""Where each matrix lives and which rank steps it: the planning of the owner-computes design,
+pure and engine-agnostic (no communication, no engine objects), so every rank computes the same
+plan and the benchmarks use the same code as the runs.
+
+- ``Slot``: where one parameter lies in a flat partition; ``Holding``: which slice of it a rank
+  holds;
+- ``assign_owners``: owners balancing sizes (ZeRO-3: every rank holds an even chunk of
+  everything);
+- ``local_owners`` and ``holders``: owners by locality, for engines that cut a flat buffer into
+  consecutive shares (ZeRO-1/2).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+
+class Slot(NamedTuple):
+    """Where one parameter lies in its sub-group's flat fp32 partitions."""
+    #: the optimizer's key of the parameter (``SlimOptimizer.param_key``)
+    key: int
+    #: ZeRO-1/2: its start in the group's flat buffer (all ranks' partitions back to back);
+    #: ZeRO-3: the start of its chunk in every rank's partition
+    offset: int
+    #: its full shape
+    shape: tuple
+    #: ZeRO-3: elements of each rank's chunk of it, ``ceil(numel / world)``; None at ZeRO-1/2
+    chunk: int | None
+
+
+class Holding(NamedTuple):
+    """ZeRO-1/2: the part ``[start, end)`` of the group's flat buffer that rank ``rank``'s
+    partition holds of one parameter."""
+    rank: int
+    start: int
+    end: int
+
+
+def assign_owners(sizes, world: int, load=None) -> list[int]:
+    """The owner rank of each unit of ``sizes`` elements: largest first, each to the least loaded
+    rank (ties to the lowest rank). ``load`` (one entry per rank, updated in place) carries the
+    balance across param groups. Deterministic, so every rank computes the same assignment."""
+    load = [0] * world if load is None else load
+    owners = [0] * len(sizes)
+    for u in sorted(range(len(sizes)), key=lambda u: -sizes[u]):
+        owners[u] = min(range(world), key=lambda r: (load[r], r))
+        load[owners[u]] += sizes[u]
+    return owners
+
+
+def holders(offset: int, numel: int, size: int, world: int) -> list[Holding]:
+    """A ``Holding`` ``(rank, start, end)`` for each rank whose ZeRO-1/2 partition (``size``
+    elements of the group's flat buffer, rank ``r`` holding ``[r * size, (r + 1) * size)``) holds
+    part of the flat range ``[offset, offset + numel)``."""
+    first, last = offset // size, min((offset + numel - 1) // size, world - 1)
+    return [Holding(r, max(offset, r * size), min(offset + numel, (r + 1) * size))
+            for r in range(first, last + 1)
+            if min(offset + numel, (r + 1) * size) > max(offset, r * size)]
+
+
+def local_owners(units, size: int, world: int, load=None) -> list[int]:
+    """ZeRO-1/2 owners: each unit (a list of ``Slot``s) goes to the rank whose
+    partition holds most of its elements, so only units straddling a partition boundary move and
+    the state follows DeepSpeed's even split of the elements; ties (a small group split evenly)
+    go to the least loaded rank (``load``, elements per rank, carried across groups and updated
+    in place), then to the lower rank."""
+    load = [0] * world if load is None else load
+    owners = []
+    for unit in units:
+        count = [0] * world
+        for slot in unit:
+            for held in holders(slot.offset, shape_numel(slot.shape), size, world):
+                count[held.rank] += held.end - held.start
+        owner = max(range(world), key=lambda r: (count[r], -load[r], -r))
+        load[owner] += sum(count)
+        owners.append(owner)
+    return owners
+
+
+def shape_numel(shape) -> int:
+    """Elements of a tensor of ``shape``."""
+    n = 1
+    for s in shape:
+        n *= s
+    return n
