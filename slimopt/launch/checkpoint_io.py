@@ -28,6 +28,8 @@ import tempfile
 
 import torch
 
+from .cli_errors import first_line
+
 DIGEST_KEY = "sha256"
 
 
@@ -84,7 +86,7 @@ def _write_error(path: str, err: BaseException) -> CheckpointError:
         if err.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
             reason = f"disk full ({reason})"
     else:  # torch.save reports a failed write (a full disk, a file-size limit) this way
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        first = first_line(err, limit=200)
         reason = f"the write failed (is the disk full?): {first}"
     return CheckpointError(f"could not write checkpoint {path}: {reason}{free}")
 
@@ -110,9 +112,11 @@ def write_atomic(data, path: str) -> None:
             os.remove(tmp)
 
 
-def save_atomic(payload: dict, path: str) -> None:
-    """``payload`` plus its digest, written by ``write_atomic``."""
-    write_atomic({**payload, DIGEST_KEY: digest(payload)}, path)
+def save_atomic(payload: dict, *paths: str) -> None:
+    """``payload`` plus its digest (computed once), written by ``write_atomic`` to each path."""
+    data = {**payload, DIGEST_KEY: digest(payload)}
+    for path in paths:
+        write_atomic(data, path)
 
 
 def load_verified(path: str) -> dict:
@@ -130,7 +134,7 @@ def load_verified(path: str) -> dict:
             raise CheckpointError(f"{path}: refused: it holds a pickled object "
                                   f"({found.group(1)}) that is not plain data, and loading it "
                                   "could run code") from None
-        first = (str(err).strip().splitlines() or [""])[0][:300]
+        first = first_line(err, "")
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(err).__name__}: "
                               f"{first})") from None
     if not isinstance(data, dict):

@@ -16,6 +16,7 @@ import os
 
 import torch
 
+from .cli_errors import first_line
 from .checkpoint_io import (CheckpointError, load_verified, save_atomic, verify_tag_digests,
                             write_tag_digests)
 from .resume import apply_schedule, check_position, check_settings, run_settings
@@ -91,7 +92,7 @@ class PlainCheckpointer(Checkpointer):
             run.sched.load_state_dict(ckpt["scheduler"])
             torch.set_rng_state(ckpt["rng"])
         except (RuntimeError, ValueError, KeyError, TypeError) as err:
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+            first = first_line(err)
             raise UsageError(f"--resume {self.args.resume}: its state does not fit this run "
                              f"({first})") from None
 
@@ -102,10 +103,9 @@ def save_checkpoint(path, model, opt, sched, step, args, world):
                "model": model.state_dict(), "optimizer": opt.state_dict(),
                "scheduler": sched.state_dict(), "rng": torch.get_rng_state(),
                "args": run_settings(args), "world_size": world}
-    save_atomic(payload, path)
     latest = os.path.join(os.path.dirname(path), "checkpoint-latest.pt")
-    if os.path.abspath(latest) != os.path.abspath(path):
-        save_atomic(payload, latest)
+    same = os.path.abspath(latest) == os.path.abspath(path)
+    save_atomic(payload, *([path] if same else [path, latest]))
 
 
 def load_checkpoint(path, args):
@@ -170,7 +170,7 @@ def save_deepspeed_checkpoint(engine, args, step) -> None:
         engine.save_checkpoint(folder, tag=f"step{step}",
                                client_state={"data_position": step, "args": run_settings(args)})
     except (OSError, RuntimeError) as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        first = first_line(err)
         raise CheckpointError(f"could not write the DeepSpeed checkpoint under {folder} "
                               f"({first})") from None
     write_tag_digests(os.path.join(folder, f"step{step}"), engine.global_rank)
@@ -208,7 +208,7 @@ def load_deepspeed_checkpoint(engine, args):
         else:
             path, client = engine.load_checkpoint(folder, tag=tag)
     except Exception as err:
-        first = (str(err).strip().splitlines() or ["no message"])[0][:300]
+        first = first_line(err, "no message")
         raise UsageError(f"--resume {args.resume}: DeepSpeed could not load it "
                          f"({type(err).__name__}: {first})") from None
     if path is None or not client:

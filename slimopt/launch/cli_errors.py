@@ -10,3 +10,11 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def first_line(err: BaseException, default: str | None = None, limit: int | None = 300) -> str:
+    """The first line of ``err``'s message, cut at ``limit`` characters, for a one-line report;
+    ``default`` (else the exception's type name) when the message is empty."""
+    lines = str(err).strip().splitlines()
+    line = lines[0] if lines else (default if default is not None else type(err).__name__)
+    return line[:limit] if limit is not None else line

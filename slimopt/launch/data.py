@@ -23,6 +23,8 @@ import sysconfig
 
 import torch
 
+from .cli_errors import first_line
+
 EOS = "<|endoftext|>"
 TEXT_SUFFIXES = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 SKIP_DIRS = {"test", "tests", "site-packages", "dist-packages", "idlelib", "__pycache__"}
@@ -109,7 +111,7 @@ def _read_local(kind: str, files: list, source: str):
         return datasets.load_dataset(kind, data_files=files, split="train")
     except Exception as err:  # DatasetGenerationError wraps the parser's own error
         cause = err.__cause__ or err.__context__ or err
-        first = (str(cause).strip().splitlines() or [type(cause).__name__])[0][:300]
+        first = first_line(cause)
         raise DataError(f"--data {source}: could not read it as {kind} ({type(cause).__name__}: "
                         f"{first})") from None
     finally:
@@ -161,7 +163,7 @@ def load_documents(source: str | None, *, text_column: str = "text", max_chars: 
 
 
 def _rebuilding(path: str, err: BaseException) -> None:
-    first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+    first = first_line(err, limit=200)
     print(f"note: the cache file {path} is unreadable ({type(err).__name__}: {first}); "
           "rebuilding it", file=sys.stderr)
 

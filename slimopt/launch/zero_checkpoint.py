@@ -34,6 +34,7 @@ import sys
 
 import torch
 
+from .cli_errors import first_line
 from .checkpoint_io import write_atomic
 from .safe_load import check_deepspeed_tag, load_file
 
@@ -76,7 +77,7 @@ def _fp32_weights(checkpoint_dir, tag) -> dict:
     try:
         weights = get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=tag)
     except Exception as err:  # noqa: BLE001 -- DeepSpeed's reader: one line naming the tag
-        first = (str(err).strip().splitlines() or ["no message"])[0][:300]
+        first = first_line(err, "no message")
         raise ValueError(f"{os.path.join(checkpoint_dir, tag)}: DeepSpeed's zero_to_fp32 could "
                          f"not read the weights ({type(err).__name__}: {first})") from None
     return {name: t.detach().clone() for name, t in weights.items()}
@@ -198,7 +199,7 @@ def main(argv=None) -> int:
         data = consolidate(args.checkpoint_dir, args.tag)
         write_atomic(data, args.out)
     except (ValueError, OSError) as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        first = first_line(err, limit=None)
         parser.exit(2, f"error: {first}\n")
     src = data["source"]
     print(f"{args.out}: {len(data['weights'])} weights, optimizer state of "
