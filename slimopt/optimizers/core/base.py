@@ -264,11 +264,12 @@ class SlimOptimizer(Optimizer):
         ``_check_gradients`` (None for a group the step router takes, which it checks per unit)."""
         self._check_groups_now()
         router = self._step_router
-        bridged = [g for g in self.param_groups if router is not None and router.routes(g)]
+        routed = [router is not None and router.routes(g) for g in self.param_groups]
+        bridged = [g for g, r in zip(self.param_groups, routed) if r]
         if bridged and self.nonfinite == "raise":
             router.raise_if_nonfinite(self, bridged)  # every rank decides together
-        return [None if any(group is g for g in bridged) else self._check_gradients(group)
-                for group in self.param_groups]
+        return [None if r else self._check_gradients(g)
+                for g, r in zip(self.param_groups, routed)]
 
     @staticmethod
     def _skip_nonfinite(state: dict, finite: bool) -> bool:
