@@ -691,6 +691,15 @@ def _options_of(opt):
     return {k: opt.param_groups[0].get(k) for k in sorted(keys)}
 
 
+def trained_source(cls):
+    """A ``cls`` optimizer over a fresh 16x32 matrix and 32-vector, trained 2 steps: the source
+    of the load_state_dict cases."""
+    src_p = params_wb()
+    src = make(cls, src_p)
+    train(src, src_p, 2)
+    return src
+
+
 def _load_case(src_opt, dst_opt, dst_params, sd=None, check=None, steps_after=1):
     """Load ``sd`` (default: ``src_opt``'s state) into ``dst_opt`` (stepped once), then step:
     CLEAN for a clear refusal with nothing changed, CRASH for an unclear error or one at the
@@ -724,9 +733,7 @@ def _load_case(src_opt, dst_opt, dst_params, sd=None, check=None, steps_after=1)
 
 @case("A110", "CRASH", ALL8)
 def a110(ctx, cls):
-    src_p = params_wb()
-    src = make(cls, src_p)
-    train(src, src_p, 2)
+    src = trained_source(cls)
     dst_p = params_wb(1, ((16, 48), (48,)))
     return _load_case(src, make(cls, dst_p), dst_p)
 
@@ -741,9 +748,7 @@ def a111(ctx, cls):
 
 
 def _swapped(ctx, cls):
-    src_p = params_wb()
-    src = make(cls, src_p)
-    train(src, src_p, 2)
+    src = trained_source(cls)
     W, b = params_wb(1)
     return _load_case(src, make(cls, [b, W]), [b, W])
 
@@ -756,9 +761,7 @@ for _cid, _classes in (("A112", ("GrassWalk", "GrassJump", "SARA", "GaLore")),
 
 @case("A113", "SILENT", ALL8)
 def a113(ctx, cls):
-    src_p = params_wb()
-    src = make(cls, src_p)
-    train(src, src_p, 2)
+    src = trained_source(cls)
     sd = src.state_dict()
     sd["param_groups"][0]["lr"] = float("nan")
     dst_p = params_wb(1)
@@ -772,9 +775,7 @@ def a113(ctx, cls):
 
 
 def _rank0(ctx, cls):
-    src_p = params_wb()
-    src = make(cls, src_p)
-    train(src, src_p, 2)
+    src = trained_source(cls)
     sd = src.state_dict()
     sd["param_groups"][0]["rank"] = 0
     dst_p = params_wb(1)
@@ -793,9 +794,7 @@ case("A120", "CRASH", ("GrassJump",))(_rank0)
 
 @case("A117", "CRASH", ALL8)
 def a117(ctx, cls):
-    src_p = params_wb()
-    src = make(cls, src_p)
-    train(src, src_p, 2)
+    src = trained_source(cls)
     plain = src.state_dict()
     bridge = {"slimopt_zero": 1, "world_size": 1,
               "state": {str(k): v for k, v in plain["state"].items()},
@@ -806,9 +805,7 @@ def a117(ctx, cls):
 
 
 def _adamw_state(ctx, cls):
-    src_p = params_wb()
-    src = make("AdamW", src_p)
-    train(src, src_p, 2)
+    src = trained_source("AdamW")
     dst_p = params_wb(1)
     return _load_case(src, make(cls, dst_p), dst_p)
 
@@ -819,9 +816,7 @@ case("A123", "CRASH", ("SubsetNorm", "ROOT"))(_adamw_state)
 
 def _cross(src_cls, dst_cls):
     def run_case(ctx, cls):
-        src_p = params_wb()
-        src = make(src_cls, src_p)
-        train(src, src_p, 2)
+        src = trained_source(src_cls)
         dst_p = params_wb(1)
         return _load_case(src, make(dst_cls, dst_p), dst_p)
     return run_case
@@ -840,9 +835,7 @@ for _cid, _rv, _s, _d in (("A125", "SILENT", "GaLore", "GrassJump"),
 
 @case("A150", "SILENT", ("GaLore->GrassJump",))
 def a150(ctx, cls):
-    src_p = params_wb()
-    src = make("GaLore", src_p)
-    train(src, src_p, 2)
+    src = trained_source("GaLore")
     dst_p = params_wb(1)
     dst = make("GrassJump", dst_p)
     before = {k: dst.param_groups[0].get(k) for k in ("moment_rule", "recovery")}
