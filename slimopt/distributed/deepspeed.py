@@ -151,6 +151,9 @@ class ZeroBridge:
                                    f"elements, its parameters' pieces {offset}")
             yield zero.sub_group_to_group_id[s], flat, entries
 
+    #: the bridge checks its groups' gradients itself, per whole unit on its owner
+    checks_gradients = True
+
     @staticmethod
     def routes(group) -> bool:
         """Whether ``group`` is one of DeepSpeed's flat partitions, which the bridge steps
@@ -222,7 +225,9 @@ class ZeroBridge:
                 f"{type(optimizer).__name__}: a non-finite gradient on some rank (ZeRO "
                 f"partition, world size {self.world}); nothing was updated on any rank")
 
-    def step_group(self, optimizer, group):
+    def step_group(self, optimizer, group, finite=None):
+        """Step DeepSpeed's flat partition ``group`` (``finite`` is None: the bridge checks each
+        unit's whole gradient on its owner)."""
         if not group["params"]:
             return  # ZeRO-3 steps one sub-group at a time; the others are empty meanwhile
         part = group["params"][0]

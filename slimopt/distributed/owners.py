@@ -7,7 +7,9 @@ plan and the benchmarks use the same code as the runs.
 - ``assign_owners``: owners balancing sizes (ZeRO-3: every rank holds an even chunk of
   everything);
 - ``local_owners`` and ``holders``: owners by locality, for engines that cut a flat buffer into
-  consecutive shares (ZeRO-1/2).
+  consecutive shares (ZeRO-1/2);
+- ``row_shares``: the elements of a tensor each rank holds when dim 0 is split as FSDP2 splits
+  it, where element-wise state stays.
 """
 from __future__ import annotations
 
@@ -74,6 +76,17 @@ def local_owners(units, size: int, world: int, load=None) -> list[int]:
         load[owner] += sum(count)
         owners.append(owner)
     return owners
+
+
+def row_shares(shape, world: int) -> list[int]:
+    """Elements of a tensor of ``shape`` on each rank when its dim 0 is cut as ``torch.chunk``
+    cuts it (FSDP2's ``Shard(0)``): ``ceil(rows / world)`` rows each, the last ranks fewer or
+    none. A 0-d tensor is held whole by rank 0."""
+    if len(shape) == 0:
+        return [1] + [0] * (world - 1)
+    rows, rest = shape[0], shape_numel(shape[1:])
+    chunk = -(-rows // world)
+    return [max(0, min(chunk, rows - r * chunk)) * rest for r in range(world)]
 
 
 def shape_numel(shape) -> int:

@@ -35,7 +35,7 @@ from . import state_checks
 from .adam import adam_direction, adam_moments_, decoupled_weight_decay_
 from .hyperparameters import document, option_defaults, split_arguments
 from .validation import (check_adam_group, check_choice, check_gradient, check_int,
-                         check_listed_once, check_parameter)
+                         check_listed_once, check_parameter, is_dtensor)
 
 NONFINITE_MODES = ("skip", "raise", "off")
 FLOAT16_ADVICE = ("use bfloat16, float32 or float64 parameters, or float32 master weights with "
@@ -74,10 +74,16 @@ class SlimOptimizer(Optimizer):
         check_choice("nonfinite", nonfinite, NONFINITE_MODES)
         check_int("seed", seed, 0)
         self._param_keys: dict[torch.Tensor, int] = {}
+        self._state_alias: dict[torch.Tensor, torch.Tensor] = {}
         self._step_router = None
+        self._constructed = False
         self.nonfinite = nonfinite
         self.seed = int(seed)
         super().__init__(params, defaults)
+        self._constructed = True
+        if any(is_dtensor(p) for g in self.param_groups for p in g["params"]):
+            from ...distributed.fsdp import FSDPRouter  # FSDP2: sharded DTensor parameters
+            self.attach_step_router(FSDPRouter(self))
 
     # ------------------------------------------------------------------ subclass hooks
     def check_group(self, group: dict) -> None:
@@ -116,11 +122,25 @@ class SlimOptimizer(Optimizer):
                 check_parameter(p)
                 self._check_float16(p, group)
             self.check_group_params(group)
+            if self._constructed:
+                self._check_sharding_unchanged(group)
         except BaseException:
             self.param_groups.pop()
             raise
         for p in group["params"]:
             self._param_keys.setdefault(p, len(self._param_keys))
+        if self._constructed and getattr(self._step_router, "add_group", None) is not None:
+            self._step_router.add_group(self, group)
+
+    def _check_sharding_unchanged(self, group: dict) -> None:
+        """A group added after construction is sharded (DTensor) exactly when the optimizer's
+        parameters are: the FSDP2 router is chosen at construction."""
+        sharded = getattr(self._step_router, "add_group", None) is not None
+        if any(is_dtensor(p) != sharded for p in group["params"]):
+            raise TypeError(
+                f"{type(self).__name__}: add_param_group mixes FSDP2 (DTensor) and plain "
+                "parameters with the optimizer's own; give all of a model's parameters to one "
+                "optimizer, sharded with torch.distributed.fsdp.fully_shard or not at all")
 
     def check_options(self, group: dict) -> None:
         """Validate every option of ``group`` (the shared AdamW ones, ``dense``, then the
@@ -138,29 +158,41 @@ class SlimOptimizer(Optimizer):
         None for a tensor the optimizer does not know."""
         return self._param_keys.get(tensor)
 
-    def adopt_key(self, alias: torch.Tensor, key: int | None = None) -> int:
+    def adopt_key(self, alias: torch.Tensor, key: int | None = None,
+                  state_of: torch.Tensor | None = None) -> int:
         """Let ``alias`` (a master copy, or a whole matrix gathered on its owner rank) step as the
         parameter of key ``key``: same key, so the same random draws and checkpoint entry.
-        ``key=None`` gives ``alias`` a new key of its own. Returns the key."""
+        ``key=None`` gives ``alias`` a new key of its own. ``state_of``: a parameter whose state
+        entry ``alias`` uses (so the state stays keyed by the parameter, as
+        ``torch.distributed.checkpoint`` expects); by default ``alias`` has its own entry.
+        Returns the key."""
         if key is None:
             key = len(self._param_keys)
         self._param_keys[alias] = key
+        if state_of is not None:
+            self._state_alias[alias] = state_of
         return key
 
-    def step_params(self, group: dict) -> None:
+    def step_params(self, group: dict, finite: dict | None = None) -> None:
         """One step, with the single-process code, of the tensors of ``group``: a dict with a
         param group's options whose ``params`` are the tensors to update, each a parameter or a
-        stand-in adopted with ``adopt_key`` (a whole matrix and its ``.grad``). Gradients are
-        checked first (the non-finite policy applies); a group that must be stepped as one unit
-        (``zero_unit="group"``) is passed whole."""
-        self._step_group(group)
+        stand-in adopted with ``adopt_key`` (a whole matrix and its ``.grad``). Without
+        ``finite`` the gradients are checked first (the non-finite policy applies); an engine
+        that decided finiteness across ranks passes its flags (tensor -> bool). A group that
+        must be stepped as one unit (``zero_unit="group"``) is passed whole."""
+        self._step_group(group, finite)
 
     def attach_step_router(self, router) -> None:
-        """Hand the groups ``router.routes(group)`` accepts to ``router`` (an engine adapter such
-        as ``slimopt.distributed.deepspeed.ZeroBridge``): ``step()`` calls ``router.step_group(self,
-        group)`` for them after the checks (with ``nonfinite="raise"``,
-        ``router.raise_if_nonfinite(self, groups)`` first), and ``state_dict``/
-        ``load_state_dict`` are the router's. ``slimopt.launch.initialize`` attaches it."""
+        """Hand the groups ``router.routes(group)`` accepts to ``router`` (an engine adapter:
+        ``slimopt.distributed.deepspeed.ZeroBridge``, attached by ``slimopt.launch.initialize``,
+        or ``slimopt.distributed.fsdp.FSDPRouter``, attached at construction when the parameters
+        are FSDP2 DTensors): ``step()`` calls ``router.step_group(self, group, finite)`` for
+        them after the checks. A router with ``checks_gradients`` checks its groups itself
+        (``finite`` is None; with ``nonfinite="raise"``, ``router.raise_if_nonfinite(self,
+        groups)`` runs first); otherwise ``finite`` holds the flags of the usual checks, which
+        ``router.agree(flags)`` (if present) makes every rank's. ``state_dict``/
+        ``load_state_dict`` are the router's; ``router.add_group(self, group)`` (if present)
+        plans a group added later."""
         self._step_router = router
 
     @property
@@ -186,7 +218,7 @@ class SlimOptimizer(Optimizer):
         return state
 
     def _init_state(self, p: torch.Tensor, group: dict) -> dict:
-        state = self.state[p]
+        state = self.state[self._state_alias.get(p, p)]
         if not state:
             state.update(self._fresh_state(p, group, self._param_keys[p]))
         return state
@@ -213,9 +245,12 @@ class SlimOptimizer(Optimizer):
                  and p.grad.layout == torch.strided and not p.grad.is_complex()]
         if not grads:
             return {}
-        norms = torch._foreach_norm([p.grad for p in grads])
-        flags = torch.stack([n.float() for n in norms]).isfinite().tolist()
-        return dict(zip(grads, flags))
+        local = [p.grad.to_local() if is_dtensor(p.grad) else p.grad for p in grads]
+        flags = torch.stack([n.float() for n in torch._foreach_norm(local)]).isfinite()
+        agree = getattr(self._step_router, "agree", None)
+        if agree is not None:  # sharded gradients: every rank decides on the whole gradient
+            flags = agree(flags)
+        return dict(zip(grads, flags.tolist()))
 
     def _check_groups_now(self) -> None:
         """Every group's hyperparameters as they are now (a scheduler may have set them)."""
@@ -261,15 +296,16 @@ class SlimOptimizer(Optimizer):
 
     def _prepare_step(self) -> list:
         """All checks of a step, before anything changes: per group, the flags of
-        ``_check_gradients`` (None for a group the step router takes, which it checks per unit)."""
+        ``_check_gradients`` (None for a group the step router checks itself, per unit)."""
         self._check_groups_now()
         router = self._step_router
-        routed = [router is not None and router.routes(g) for g in self.param_groups]
-        bridged = [g for g, r in zip(self.param_groups, routed) if r]
+        own = [router is not None and router.routes(g) and router.checks_gradients
+               for g in self.param_groups]
+        bridged = [g for g, r in zip(self.param_groups, own) if r]
         if bridged and self.nonfinite == "raise":
             router.raise_if_nonfinite(self, bridged)  # every rank decides together
         return [None if r else self._check_gradients(g)
-                for g, r in zip(self.param_groups, routed)]
+                for g, r in zip(self.param_groups, own)]
 
     @staticmethod
     def _skip_nonfinite(state: dict, finite: bool) -> bool:
@@ -284,9 +320,10 @@ class SlimOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        router = self._step_router
         for group, finite in zip(self.param_groups, self._prepare_step()):
-            if finite is None:
-                self._step_router.step_group(self, group)
+            if router is not None and router.routes(group):
+                router.step_group(self, group, finite)
             else:
                 self._step_group(group, finite)
         return loss
@@ -344,7 +381,7 @@ class SlimOptimizer(Optimizer):
         """The fresh state of each parameter of ``group`` (meta tensors: shapes only), what a
         loaded state must match; ``group["params"]`` may be any tensors of the parameters'
         shapes and dtypes (the ZeRO bridge can pass its own)."""
-        metas = [torch.empty_like(p, device="meta") for p in group["params"]]
+        metas = [torch.empty(p.shape, dtype=p.dtype, device="meta") for p in group["params"]]
         meta_group = dict(group, params=metas)
         return [self._fresh_state(m, meta_group, 0) for m in metas]
 

@@ -76,13 +76,12 @@ def check_parameter(param: torch.Tensor) -> None:
     if param.is_complex():
         raise ValueError(f"complex parameters are not supported (got a {param.dtype} parameter "
                          f"of shape {tuple(param.shape)}); optimize torch.view_as_real(p) instead")
-    if hasattr(param, "device_mesh") and hasattr(param, "placements"):  # a DTensor
-        raise TypeError(
-            f"DTensor parameters (FSDP2 fully_shard, tensor parallel; got one of shape "
-            f"{tuple(param.shape)} placed {tuple(param.placements)}) are not supported yet: the "
-            "matrix rules need whole matrices, and a rule run on a local shard would silently "
-            "change the method. Supported: one process, DDP, and DeepSpeed ZeRO-0/1/2/3 through "
-            "slimopt.launch.initialize.")
+
+
+def is_dtensor(tensor) -> bool:
+    """Whether ``tensor`` is a ``torch.distributed.tensor.DTensor`` (FSDP2's parameters), told
+    without importing torch.distributed."""
+    return hasattr(tensor, "device_mesh") and hasattr(tensor, "placements")
 
 
 def check_listed_once(params) -> None:

@@ -1,0 +1,281 @@
+"""FSDP2 (``torch.distributed.fsdp.fully_shard``): the exact single-process math on DTensor
+parameters, attached by the optimizer itself.
+
+A model sharded with ``fully_shard`` has DTensor parameters, each cut along dim 0 across the ranks
+of a 1-D device mesh (``placements == (Shard(0),)``). A slimopt optimizer built on them
+(``slimopt.GrassWalk(slimopt.param_groups(model, ...))``, no extra call) gets an ``FSDPRouter``:
+
+- **element-wise parameters** (the dense AdamW rule: norms, biases, embeddings in a dense group)
+  step on the shard each rank holds, through DTensor's local dispatch: no communication, and their
+  state (DTensors of the parameter's layout) is split like the parameter;
+- **matrices** (every matrix rule; a LoRA pair is one unit) each have one owner rank, planned once
+  by ``plan``: largest state first, each to the rank holding the least state so far, the
+  element-wise shares counted first. Per matrix and step the owner gathers the pieces of the
+  values and the gradient (``transfer.Transfer.gather_to``), steps the whole matrix with the
+  single-process code, and scatters the new pieces back (``scatter_from``). The matrix's state
+  lives on its owner only, keyed by the DTensor parameter itself; the other ranks hold
+  ``{"key": k}`` for it, so ``torch.distributed.checkpoint`` finds an entry for every parameter;
+- **non-finite gradients**: every rank's flags are combined (one all-reduce per group), so a
+  NaN in one rank's shard skips (or raises for) the whole parameter on every rank, as in one
+  process.
+
+Refused at construction, naming what works: a device mesh of more than one dimension (HSDP,
+FSDP + tensor parallel), placements other than ``(Shard(0),)`` (tensor parallel), parameters
+offloaded to the CPU by FSDP2's ``CPUOffloadPolicy``, and DTensor and plain parameters mixed.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from ..optimizers.core import state_checks
+from ..optimizers.core.validation import is_dtensor
+from .owners import assign_owners, row_shares
+from .transfer import Transfer, padded, table_of, whole
+
+SUPPORTED = ("supported: torch.distributed.fsdp.fully_shard on a 1-D device mesh (every "
+             "parameter a DTensor placed (Shard(0),)), DeepSpeed ZeRO-0/1/2/3 through "
+             "slimopt.launch.initialize, DDP, and one process")
+
+
+class Plan(NamedTuple):
+    """Where the optimizer state lives at a world size (``plan``)."""
+    #: the matrix units (lists of parameters stepped together), in planning order
+    units: list
+    #: the owner rank of each unit
+    owners: list
+    #: state bytes on each rank: its shares of the element-wise states plus the owned units'
+    per_rank: list
+
+
+def _tensor_bytes(state: dict) -> int:
+    return sum(v.numel() * v.element_size() for v in state.values() if torch.is_tensor(v))
+
+
+def units_of(optimizer, group: dict) -> tuple[list, list]:
+    """``group``'s element-wise parameters and its matrix units (a LoRA pair group,
+    ``zero_unit="group"``, is one unit; otherwise one unit per matrix)."""
+    matrices = [p for p in group["params"] if optimizer.takes_matrix_rule(p, group)]
+    dense = [p for p in group["params"] if not optimizer.takes_matrix_rule(p, group)]
+    if group.get("zero_unit") == "group":
+        return dense, [matrices] if matrices else []
+    return dense, [[p] for p in matrices]
+
+
+def plan(optimizer, world: int, groups=None) -> Plan:
+    """The owners of ``optimizer``'s matrix units at ``world`` ranks and the state bytes each rank
+    then holds, from the optimizer's own fresh-state shapes (``expected_state``: meta tensors, so
+    this runs for any model size on any machine, and the benchmarks' per-rank table is this
+    function). Deterministic: every rank computes the same plan. ``groups``: plan only these
+    (default: all), the load of the others is not counted."""
+    load, units, unit_bytes = [0] * world, [], []
+    for group in optimizer.param_groups if groups is None else groups:
+        states = optimizer.expected_state(group)
+        size = {id(p): _tensor_bytes(s) for p, s in zip(group["params"], states)}
+        dense, group_units = units_of(optimizer, group)
+        for p in dense:
+            numel = max(p.numel(), 1)
+            for r, share in enumerate(row_shares(tuple(p.shape), world)):
+                load[r] += size[id(p)] * share // numel
+        units += group_units
+        unit_bytes += [sum(size[id(p)] for p in unit) for unit in group_units]
+    owners = assign_owners(unit_bytes, world, load)
+    return Plan(units, owners, load)
+
+
+def check_layout(params, name: str):
+    """The device mesh of ``params`` if they are all FSDP2 DTensors on one 1-D mesh placed
+    ``(Shard(0),)``, with their local shards on the mesh's device; else a ``TypeError`` naming
+    what is supported."""
+    from torch.distributed.tensor import Shard
+    sharded = [is_dtensor(p) for p in params]
+    if not all(sharded):
+        raise TypeError(f"{name}: {sharded.count(True)} of {len(params)} parameters are DTensors "
+                        "(FSDP2) and the others plain tensors; give one optimizer the parameters "
+                        f"of one fully_shard-ed model ({SUPPORTED})")
+    mesh = params[0].device_mesh
+    for p in params:
+        where = f"a parameter of shape {tuple(p.shape)}"
+        if p.device_mesh != mesh:
+            raise TypeError(f"{name}: the parameters live on different device meshes ({where}); "
+                            f"one mesh per optimizer is supported ({SUPPORTED})")
+        if p.device_mesh.ndim != 1:
+            raise TypeError(
+                f"{name}: {where} lives on a {p.device_mesh.ndim}-D device mesh (HSDP, or FSDP "
+                f"with tensor parallel), which is not supported yet ({SUPPORTED})")
+        if tuple(p.placements) != (Shard(0),):
+            raise TypeError(
+                f"{name}: {where} is placed {tuple(p.placements)}; tensor parallel and replicated "
+                f"DTensors are not supported: the owner rank would not see the whole matrix "
+                f"({SUPPORTED})")
+        if p.to_local().device.type != mesh.device_type:
+            raise TypeError(
+                f"{name}: {where} is held on {p.to_local().device.type} while its mesh is on "
+                f"{mesh.device_type} (FSDP2 CPUOffloadPolicy); offload is not supported: keep "
+                f"the optimizer state on the device, sharded across ranks ({SUPPORTED})")
+    return mesh
+
+
+class FSDPRouter:
+    """Steps a slimopt optimizer's FSDP2 (DTensor) parameters with the single-process math (see
+    the module docstring). Attached by ``SlimOptimizer`` at construction."""
+
+    #: the optimizer checks the gradients (``agree`` makes the flags every rank's)
+    checks_gradients = False
+
+    def __init__(self, optimizer):
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        self.mesh = check_layout(params, type(optimizer).__name__)
+        self.transfer = Transfer(self.mesh.get_group())
+        self.rank, self.world = self.transfer.rank, self.transfer.world
+        self.owner: dict[int, int] = {}   # key of each matrix -> owner rank
+        self.shadows: dict[int, torch.Tensor] = {}  # key -> the handle of an owned whole matrix
+        self.load = [0] * self.world
+        self._plan(optimizer, optimizer.param_groups)
+
+    def _plan(self, optimizer, groups) -> None:
+        planned = plan(optimizer, self.world, groups)
+        planned_load = [a + b for a, b in zip(self.load, planned.per_rank)]
+        for unit, owner in zip(planned.units, planned.owners):
+            for p in unit:
+                self.owner[optimizer.param_key(p)] = owner
+        self.load = planned_load
+
+    def add_group(self, optimizer, group) -> None:
+        """Plan a group added after construction (its parameters checked like the others)."""
+        if not group["params"]:
+            return
+        check_layout(group["params"], type(optimizer).__name__)
+        if group["params"][0].device_mesh != self.mesh:
+            raise TypeError(f"{type(optimizer).__name__}: the added group lives on another "
+                            f"device mesh ({SUPPORTED})")
+        self._plan(optimizer, [group])
+
+    # ------------------------------------------------------------------ step
+    @staticmethod
+    def routes(group) -> bool:
+        return True
+
+    def agree(self, flags: torch.Tensor) -> torch.Tensor:
+        """Per-parameter finiteness of the local shards -> of the whole gradients."""
+        return self.transfer.agree_all(flags)
+
+    def owns(self, key: int) -> bool:
+        return self.owner[key] == self.rank
+
+    def step_group(self, optimizer, group, finite) -> None:
+        dense, units = units_of(optimizer, group)
+        dense = [p for p in dense if p.grad is not None]
+        if dense:  # element-wise: on the local shards, through DTensor's local dispatch
+            optimizer.step_params(dict(group, params=dense), finite)
+        for unit in units:
+            if all(p.grad is not None for p in unit):
+                self._step_unit(optimizer, group, unit, finite)
+
+    def _step_unit(self, optimizer, group, unit, finite) -> None:
+        """Gather ``unit`` whole on its owner, step it there, scatter the new values back."""
+        keys = [optimizer.param_key(p) for p in unit]
+        owner = self.owner[keys[0]]
+        mine = owner == self.rank
+        shadows = []
+        for p, key in zip(unit, keys):
+            chunk = _chunk(p, self.world)
+            values = self.transfer.gather_to(padded(p.to_local(), chunk), owner)
+            grads = self.transfer.gather_to(padded(p.grad.to_local(), chunk), owner)
+            if mine:
+                shadows.append(self._shadow(optimizer, p, key, whole(values, p.shape),
+                                            whole(grads, p.shape)))
+            elif not optimizer.state[p]:
+                optimizer.state[p]["key"] = key  # the owner holds the state
+        if mine:
+            optimizer.step_params(dict(group, params=shadows),
+                                  {s: finite.get(p, True) for s, p in zip(shadows, unit)})
+        for i, p in enumerate(unit):
+            chunk = _chunk(p, self.world)
+            table = table_of(shadows[i].data, self.world, chunk) if mine else None
+            out = torch.empty(chunk, dtype=p.dtype, device=p.to_local().device)
+            self.transfer.scatter_from(table, out, owner)
+            local = p.to_local()
+            local.view(-1).copy_(out[:local.numel()])
+            if mine:
+                _release(shadows[i])
+
+    def _shadow(self, optimizer, param, key, values, grad):
+        """The handle of owned matrix ``key`` (its state is ``param``'s), holding ``values`` and
+        ``grad`` for this step."""
+        shadow = self.shadows.get(key)
+        if shadow is None:
+            shadow = torch.empty(0, dtype=values.dtype, device=values.device)
+            self.shadows[key] = shadow
+            optimizer.adopt_key(shadow, key, state_of=param)
+        shadow.data = values
+        shadow.grad = grad
+        return shadow
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self, optimizer):
+        """torch's layout, keyed by parameter index: element-wise states as DTensors (this rank's
+        shards), an owned matrix's whole state, ``{"key": k}`` for the others' matrices. This is
+        what ``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict`` expects."""
+        state = torch.optim.Optimizer.state_dict(optimizer)
+        state[state_checks.CLASS_KEY] = type(optimizer).__name__
+        return state
+
+    def load_state_dict(self, optimizer, state_dict) -> None:
+        """Load a state saved at any world size (``torch.distributed.checkpoint``, or one rank's
+        ``state_dict()``): each rank keeps the states of the matrices it owns and refuses, before
+        changing anything, a state lacking one of them; element-wise states may be DTensors or
+        whole tensors (this rank's rows are taken)."""
+        name = type(optimizer).__name__
+        state_checks.check_format(state_dict, name)
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        saved = dict(state_dict["state"])
+        matrices = {i for i, p in enumerate(params) if optimizer.param_key(p) in self.owner}
+        owned = {i for i in matrices if self.owns(optimizer.param_key(params[i]))}
+        missing = [i for i in sorted(owned) if not _is_full(saved.get(i))]
+        if saved and missing:
+            raise ValueError(
+                f"{name}: the state lacks the whole state of parameter {missing[0]} (shape "
+                f"{tuple(params[missing[0]].shape)}), which rank {self.rank} owns: this is one "
+                "rank's share of a state saved at another world size or with another plan. Save "
+                "and load through torch.distributed.checkpoint (get_optimizer_state_dict / "
+                "set_optimizer_state_dict), which gives every rank the states it owns")
+        for i in list(saved):
+            if i in matrices and i not in owned:
+                del saved[i]
+            elif i not in matrices and isinstance(i, int) and i < len(params):
+                saved[i] = {k: _local_rows(v, params[i]) for k, v in saved[i].items()}
+        plain = dict(state_dict, state=saved)
+        optimizer.check_state_dict(plain)
+        torch.optim.Optimizer.load_state_dict(optimizer, plain)
+        for i in matrices - owned:
+            optimizer.state[params[i]] = {"key": optimizer.param_key(params[i])}
+
+
+def _is_full(entry) -> bool:
+    return isinstance(entry, dict) and any(torch.is_tensor(v) for v in entry.values())
+
+
+def _local_rows(value, param):
+    """An element-wise state value for ``param``: a DTensor as it is; a whole tensor of the
+    parameter's shape becomes a DTensor holding this rank's rows."""
+    if not torch.is_tensor(value) or is_dtensor(value) or value.shape != param.shape:
+        return value
+    from torch.distributed.tensor import DTensor
+    mesh = param.device_mesh
+    chunk = -(-value.shape[0] // mesh.size())
+    rank = mesh.get_local_rank()
+    local = value[rank * chunk:(rank + 1) * chunk].to(param.to_local().device).contiguous()
+    return DTensor.from_local(local, mesh, param.placements, run_check=False,
+                              shape=param.shape, stride=param.stride())
+
+
+def _chunk(p, world: int) -> int:
+    """Elements of each rank's padded piece of ``p`` (``ceil(rows / world)`` rows)."""
+    return max(row_shares(tuple(p.shape), world))
+
+
+def _release(shadow) -> None:
+    shadow.grad = None
+    shadow.data = torch.empty(0, dtype=shadow.dtype, device=shadow.device)
