@@ -230,10 +230,15 @@ class FSDPRouter:
         name = type(optimizer).__name__
         state_checks.check_format(state_dict, name)
         params = [p for g in optimizer.param_groups for p in g["params"]]
+        # saved keys (indices, or the names torch.distributed.checkpoint uses) by position
+        position = {k: i for i, k in enumerate(
+            k for g in state_dict["param_groups"] if isinstance(g, dict)
+            for k in g.get("params", []))}
         saved = dict(state_dict["state"])
         matrices = {i for i, p in enumerate(params) if optimizer.param_key(p) in self.owner}
         owned = {i for i in matrices if self.owns(optimizer.param_key(params[i]))}
-        missing = [i for i in sorted(owned) if not _is_full(saved.get(i))]
+        by_position = {position.get(k): k for k in saved}
+        missing = [i for i in sorted(owned) if not _is_full(saved.get(by_position.get(i)))]
         if saved and missing:
             raise ValueError(
                 f"{name}: the state lacks the whole state of parameter {missing[0]} (shape "
@@ -241,11 +246,12 @@ class FSDPRouter:
                 "rank's share of a state saved at another world size or with another plan. Save "
                 "and load through torch.distributed.checkpoint (get_optimizer_state_dict / "
                 "set_optimizer_state_dict), which gives every rank the states it owns")
-        for i in list(saved):
+        for k in list(saved):
+            i = position.get(k)
             if i in matrices and i not in owned:
-                del saved[i]
-            elif i not in matrices and isinstance(i, int) and i < len(params):
-                saved[i] = {k: _local_rows(v, params[i]) for k, v in saved[i].items()}
+                del saved[k]
+            elif i is not None and i < len(params) and i not in matrices:
+                saved[k] = {n: _local_rows(v, params[i]) for n, v in saved[k].items()}
         plain = dict(state_dict, state=saved)
         optimizer.check_state_dict(plain)
         torch.optim.Optimizer.load_state_dict(optimizer, plain)
