@@ -34,7 +34,7 @@ NAIVE_MIN = 1e-3
 RUNS = ([f"run:{o}:fp32:1" for o in OPTIMIZERS]
         + ["run:grasswalk:fp32:2", "run:adaprelora:fp32:2", "run:root:fp32:2",
            "run:grasswalk:bf16:1", "run:adaprelora:bf16:1", "run:subsetnorm:bf16:2",
-           "naive:grasswalk", "refuse"])
+           "naive:grasswalk", "refuse", "nonfinite:skip", "nonfinite:raise"])
 BALANCE = ["balance:grasswalk", "balance:subsetnorm", "balance:snsm", "balance:root"]
 
 
@@ -62,6 +62,16 @@ def test_fsdp2_matches_one_process(runs, scenario):
         assert row["e2e_diff"] <= FP32_TOL, row
 
 
+@pytest.mark.parametrize("name", ["grasswalk", "subsetnorm", "root"])
+def test_communication_per_step_is_counted(runs, name):
+    """Per matrix of N elements and step, each of the W ranks sends its N/W piece of the values
+    and of the gradient to the owner and receives its N/W piece of the new values: 2 M / W and
+    M / W elements per rank, M the matrices' elements (every piece here is N/W exactly)."""
+    row = runs[f"run:{name}:fp32:1"]
+    assert row["scattered_per_step"] * 2 == row["matrix_elements"], row
+    assert row["gathered_per_step"] == 2 * row["scattered_per_step"], row
+
+
 def test_every_method_of_the_suite_runs_under_fsdp2(runs):
     assert {s.split(":")[1] for s in runs if s.startswith("run:")} == set(OPTIMIZERS)
     assert len(OPTIMIZERS) == 9
@@ -70,6 +80,15 @@ def test_every_method_of_the_suite_runs_under_fsdp2(runs):
 def test_rule_on_local_shards_is_another_method(runs):
     """Negative control: the same optimizer on each rank's shards as if they were parameters."""
     assert runs["naive:grasswalk"]["naive_diff"] > NAIVE_MIN
+
+
+def test_nonfinite_shard_is_decided_for_the_whole_parameter_on_every_rank(runs):
+    """A NaN in the last rank's shard of a matrix's and a norm's gradient: "skip" leaves both
+    unchanged everywhere (rank 0 reports; it holds neither NaN) and trains the rest; "raise"
+    raises on every rank (no rank left waiting in a collective) with nothing changed."""
+    skip, raise_ = runs["nonfinite:skip"], runs["nonfinite:raise"]
+    assert not skip["raised"] and skip["poisoned_changed"] == [] and skip["others_changed"] > 0
+    assert raise_["raised"] and raise_["poisoned_changed"] == [] and raise_["others_changed"] == 0
 
 
 def test_unsupported_layouts_are_refused_at_construction(runs):

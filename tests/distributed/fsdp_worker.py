@@ -22,6 +22,8 @@ Scenarios:
   runs both halves (loss / 2 each), so the gradients are those of the 2-rank run.
 - ``balance:OPTIMIZER``: per-rank state bytes (``slimopt.state_bytes``, local shards) after a step,
   against the plan (``slimopt.distributed.fsdp.plan``).
+- ``nonfinite:skip|raise``: a NaN in one rank's shard of a gradient is decided for the whole
+  parameter on every rank.
 - ``refuse``: the layouts slimopt does not support are refused at construction.
 """
 import json
@@ -149,9 +151,16 @@ def run(name, dtype, accum, rank, world):
             reference_grads(e2e_model, batches[step], accum)
             e2e_opt.step()
             e2e_opt.zero_grad()
+    counted = opt.step_router.transfer.communicated
     out = {"replay_diff": replay,
            "moved": max_diff(model, tiny_llama(name)),
-           "state_bytes": slimopt.state_bytes(opt)}
+           "state_bytes": slimopt.state_bytes(opt),
+           # elements this rank passed to the owners' gathers and took from their scatters, per
+           # step, against the trainable elements of the model
+           "gathered_per_step": counted.get("gather", 0) // STEPS,
+           "scattered_per_step": counted.get("scatter", 0) // STEPS,
+           "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+           "matrix_elements": sum(p.numel() for unit in plan(opt, world).units for p in unit)}
     if dtype == "fp32":
         out["e2e_diff"] = max_diff(model, e2e_model)
     return out
@@ -263,6 +272,35 @@ def run_balance(name, rank, world):
             "adamw": slimopt.state_bytes(adamw)}
 
 
+def run_nonfinite(mode, rank, world):
+    """A NaN in rank 1's shard of one matrix's and one norm's gradient: with "skip" both stay
+    unchanged on every rank and the rest trains; with "raise" every rank raises and nothing
+    changes."""
+    model = shard(tiny_llama("grasswalk"))
+    opt = _built(model, mode)
+    sharded_backward(model, data(1, 1)[0], 1, rank, world)
+    named = dict(model.named_parameters())
+    poisoned = ["model.layers.0.self_attn.q_proj.weight", "model.layers.0.input_layernorm.weight"]
+    if rank == world - 1:
+        for n in poisoned:
+            named[n].grad.to_local().view(-1)[0] = float("nan")
+    before = {n: full(p).detach().clone() for n, p in named.items()}
+    try:
+        opt.step()
+        raised = False
+    except FloatingPointError:
+        raised = True
+    changed = {n for n, p in named.items() if not torch.equal(full(p).detach(), before[n])}
+    return {"raised": raised, "poisoned_changed": sorted(changed & set(poisoned)),
+            "others_changed": len(changed - set(poisoned)), "skips": opt.nonfinite_skips()}
+
+
+def _built(model, mode):
+    method = METHODS["grasswalk"]
+    return method.build(split_for(method, model, 4), lr=1e-2, update_interval=2,
+                        nonfinite=mode)
+
+
 def run_refusals(rank, world):
     """Layouts slimopt does not support, each refused at construction with the supported list."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -298,6 +336,8 @@ def main():
             out = run_dcp(rest[0], rest[1], rank, world, os.environ["FSDP_CKPT_DIR"])
         elif kind == "balance":
             out = run_balance(rest[0], rank, world)
+        elif kind == "nonfinite":
+            out = run_nonfinite(rest[0], rank, world)
         elif kind == "refuse":
             out = run_refusals(rank, world)
         else:
