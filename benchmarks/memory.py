@@ -1,8 +1,8 @@
 """Optimizer-state bytes for the GaLore paper's LLaMA shapes, counted exactly, for every optimizer
-slimopt has and every peer it is compared with, and per rank under ZeRO-1/2.
+slimopt has and every peer it is compared with, and per rank under FSDP2.
 
-    python -m benchmarks memory                      # sizes 60m-7b, ranks 128/256/512, worlds 1-8
-    python -m benchmarks memory --quick              # 60m and 130m, rank 128 (about 20 s, 2 cores)
+    python -m benchmarks memory                      # sizes 60m-7b, ranks 128/256/512, worlds 1-512
+    python -m benchmarks memory --quick              # 60m and 130m, rank 128 (under a minute)
     python -m benchmarks memory --memory-sizes 60m 1b --memory-ranks 256 --memory-world-sizes 1 4
     python benchmarks/memory.py [same options]       # the same, without the other suites
 
@@ -35,35 +35,32 @@ torch's Muon accepts only matrices, so its row is Muon on the projections plus A
 refuses meta tensors), so it has no row. APOLLO-Mini is rank 1 whatever ``--memory-ranks`` says.
 AdaPreLoRA (LoRA fine-tuning) is not a pretraining optimizer and is not counted here.
 
-Per rank under ZeRO-1/2 (one model size, default 1b, at one rank, default 256; world sizes
-default 1 2 4 8). This is a model of the layout, computed from the single-process meta-device
-state, not a measurement of a distributed run:
+Per rank under FSDP2 (``torch.distributed.fsdp.fully_shard``; LLaMA 1b at rank 256 and 7b at
+rank 1024, the launcher's 7b preset rank, when those sizes are asked for, else the largest size
+at the rank nearest 256; world sizes default 1 2 4 8 64 512). The table **is** the planner the
+runs use, not a separate model of it: for each of slimopt's optimizers, built on the meta device
+as above, ``slimopt.distributed.fsdp.plan(optimizer, world).per_rank`` gives the state bytes
+of every rank (element-wise parameters keep their state on the rows each rank holds,
+``owners.row_shares``; each matrix goes whole to an owner, largest state first to the least
+loaded rank, ``owners.assign_owners``). A 4-rank FSDP2 test measures per-rank state equal to the
+plan. ZeRO-1/2/3 under slimopt's DeepSpeed bridge use the same owner planning; their numbers are
+not in this table.
 
-* slimopt under its DeepSpeed bridge (``slimopt.distributed.deepspeed``): each parameter of each param group
-  (the projections and every dense parameter alike; a group marked ``zero_unit="group"`` is one
-  unit) has one owner rank: the rank whose part of the group's flat buffer (split evenly over
-  the ranks) holds most of it (``zero.local_owners``, ties to the least loaded rank), exactly as
-  ``ZeroBridge.__init__`` does under ZeRO-1/2. A rank holds the state of the units it owns. A
-  unit inside its owner's part is stepped in place on views of DeepSpeed's fp32 master partition;
-  only a unit straddling a part boundary is assembled at full size on its owner for the step
-  (its pieces moved point to point). Table cells are the maximum over ranks.
-* torch AdamW under DeepSpeed's own ZeRO-1/2: the state split evenly, total / world (rounded up;
-  DeepSpeed's padding of the flat partitions is ignored).
-* Not counted for either: DeepSpeed's fp32 master partition (4 bytes x params / world, present in
-  both cases), the 16-bit weights and gradients, and transient buffers (the bridge's: under
-  ZeRO-1/2 the straddling units at full size in fp32, their values and gradients; under ZeRO-3
-  one matrix).
-Only slimopt's optimizers and AdamW are in this table: the peers cannot be given to the bridge.
-Under ZeRO-3 every parameter is cut evenly over the ranks, so locality cannot pick an owner: the
-bridge gives each matrix, largest first, to the least loaded rank (``zero.assign_owners``), per
-DeepSpeed sub-group (a param group larger than ``sub_group_size`` is split), with the load
-carried across sub-groups. This table does not model ZeRO-3.
+* torch AdamW under FSDP2: its two fp32 moments are DTensors split like the parameters, so a
+  rank holds ``8 * row_shares(shape)[rank]`` bytes of each parameter, plus the 4-byte ``step``
+  counter of every parameter, which every rank keeps (at world 1 this is the count above).
+* Cells: the largest rank's bytes, its ratio to AdamW's largest rank at the same world size, and
+  max/mean over the ranks (1.00x: perfectly balanced). A matrix's state is indivisible, so once
+  the mean share falls below the largest matrix's state (lm_head or the embedding's at hundreds
+  of ranks) the largest rank is that matrix and max/mean grows with the world size.
+* Not counted: the fp32 (or 16-bit) parameter shards and gradients, and the transient buffers of
+  an owner's step (one whole matrix's values and gradient at a time).
+Only slimopt's optimizers and AdamW are in this table: the peers have no FSDP2 planning.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -78,8 +75,8 @@ if __package__ in (None, ""):  # run as a script: make the ``benchmarks`` packag
 import slimopt  # noqa: E402
 from slimopt.launch import records  # noqa: E402
 from slimopt.launch.registry import OPTIMIZERS, RANKED, build_optimizer  # noqa: E402
-from slimopt.distributed.owners import Slot, local_owners  # noqa: E402
-from slimopt.state_bytes import _tensor_bytes  # noqa: E402
+from slimopt.distributed.fsdp import plan  # noqa: E402
+from slimopt.distributed.owners import row_shares  # noqa: E402
 
 from benchmarks import report  # noqa: E402
 
@@ -91,10 +88,11 @@ LLAMA_SHAPES = {
     "1b": (2048, 5461, 32, 24),
     "7b": (4096, 11008, 32, 32),
 }
-SIZES, RANKS, WORLD_SIZES = list(LLAMA_SHAPES), [128, 256, 512], [1, 2, 4, 8]
+SIZES, RANKS, WORLD_SIZES = list(LLAMA_SHAPES), [128, 256, 512], [1, 2, 4, 8, 64, 512]
 QUICK_SIZES, QUICK_RANKS = ["60m", "130m"], [128]
-#: the ZeRO table's model and rank when they are among the sizes and ranks asked for
-ZERO_SIZE, ZERO_RANK = "1b", 256
+#: the FSDP2 per-rank tables' models and ranks (7b: the launcher's preset rank), for those sizes
+#: among the sizes asked for
+PER_RANK = {"1b": 256, "7b": 1024}
 
 #: display name -> launcher name, from the method records (``slimopt.launch.records``);
 #: slimopt's own GaLore is "galore-slimopt" there, galore-torch's is the peer "galore"
@@ -233,82 +231,67 @@ def measure(sizes, ranks, progress=print) -> list[dict]:
     return rows
 
 
-def zero_units(optimizer) -> list[list[tuple[int, int]]]:
-    """Per param group, the units the ZeRO bridge gives one owner each, as (numel, state bytes):
-    every parameter, or the whole group if it is marked ``zero_unit="group"``."""
-    groups = []
-    for group in optimizer.param_groups:
-        entries = [(p.numel(), _tensor_bytes(optimizer.state.get(p, {}), set()))
-                   for p in group["params"]]
-        if group.get("zero_unit") == "group" and entries:
-            entries = [(sum(n for n, _ in entries), sum(b for _, b in entries))]
-        groups.append(entries)
-    return groups
-
-
-def per_rank(units, world: int) -> list[int]:
-    """State bytes of each rank under the ZeRO-1/2 bridge: each param group's parameters lie
-    back to back in one flat buffer split evenly over the ranks (DeepSpeed's alignment padding
-    ignored), and ``zero.local_owners`` gives each unit to the rank holding most of it, the load
-    carried across groups, as ``ZeroBridge.__init__`` does."""
-    load = [0] * world
-    state = [0] * world
-    for entries in units:
-        total = sum(n for n, _ in entries)
-        if not total:
-            continue
-        offsets = [sum(n for n, _ in entries[:i]) for i in range(len(entries))]
-        ranges = [[Slot(None, offset, (numel,), None)]
-                  for offset, (numel, _) in zip(offsets, entries)]
-        for (_, nbytes), owner in zip(entries, local_owners(ranges, -(-total // world), world,
-                                                            load)):
-            state[owner] += nbytes
+def adamw_per_rank(model, world: int) -> list[int]:
+    """torch AdamW's state bytes on each rank under FSDP2: its two fp32 moments are split like
+    the parameters (``row_shares``), and every rank keeps the 4-byte ``step`` of each parameter."""
+    params = list(model.parameters())
+    state = [4 * len(params)] * world
+    for p in params:
+        for r, share in enumerate(row_shares(tuple(p.shape), world)):
+            state[r] += 8 * share
     return state
 
 
-def zero_table(size: str, rank: int, worlds, progress=print, adamw_total=None) -> list[dict]:
-    """One row per (optimizer, world size): the largest per-rank state (see the module
-    docstring).
-    ``adamw_total``: torch AdamW's single-process bytes for ``size`` if already counted."""
+def _balance(state) -> float:
+    """max / mean over the ranks (1.0: balanced)."""
+    mean = sum(state) / len(state)
+    return max(state) / mean if mean else 1.0
+
+
+def fsdp_table(size: str, rank: int, worlds, progress=print) -> list[dict]:
+    """One row per (optimizer, world size): every rank's state bytes under FSDP2, from
+    ``slimopt.distributed.fsdp.plan`` for slimopt's optimizers (the planner the runs use) and
+    ``adamw_per_rank`` for torch AdamW (see the module docstring)."""
+    t0 = time.time()
     model = llama_on_meta(size)
     rows = []
-    total = adamw_total or slimopt.state_bytes(build_on_meta("adamw", model, None))
+
+    def row(name, rank_, state, scheme):
+        return dict(model=size, optimizer=name, rank=rank_, world=len(state), scheme=scheme,
+                    total=sum(state), state_max=max(state), state_mean=sum(state) / len(state),
+                    balance=_balance(state), state_per_rank=state)
     for world in worlds:
-        share = math.ceil(total / world)
-        rows.append(dict(model=size, optimizer=ADAMW, rank=None, world=world,
-                         scheme="DeepSpeed ZeRO-1/2 (total / world)", total=total,
-                         state_max=share, state_per_rank=[share] * world))
+        rows.append(row(ADAMW, None, adamw_per_rank(model, world),
+                        "torch AdamW under FSDP2 (moments split by rows)"))
     for name, key in SLIMOPT.items():
         opt = build_on_meta(key, model, _rank_of(key, rank))
-        units = zero_units(opt)
-        total = slimopt.state_bytes(opt)
-        if sum(b for entries in units for _, b in entries) != total:
-            raise RuntimeError(f"memory benchmark: {name}'s per-parameter state does not add up "
-                               "to its total (state shared between parameters?)")
         for world in worlds:
-            state = per_rank(units, world)
-            rows.append(dict(model=size, optimizer=name, rank=_rank_of(key, rank), world=world,
-                             scheme="slimopt ZeRO bridge (whole parameters, one owner each)",
-                             total=total, state_max=max(state), state_per_rank=state))
-    progress(f"[memory] ZeRO per-rank table: {size}, rank {rank}, world sizes "
-             f"{' '.join(map(str, worlds))}")
+            rows.append(row(name, _rank_of(key, rank), list(plan(opt, world).per_rank),
+                            "slimopt.distributed.fsdp.plan"))
+    adamw = {r["world"]: r["state_max"] for r in rows if r["optimizer"] == ADAMW}
+    for r in rows:
+        r["vs_adamw"] = r["state_max"] / adamw[r["world"]]
+    progress(f"[memory] FSDP2 per-rank table: {size}, rank {rank}, world sizes "
+             f"{' '.join(map(str, worlds))} in {time.time() - t0:.1f} s")
     return rows
 
 
-def zero_config(sizes, ranks) -> tuple[str, int]:
-    """The ZeRO table's model (1b if asked for, else the largest size) and rank (the one nearest
-    256)."""
-    size = ZERO_SIZE if ZERO_SIZE in sizes else max(sizes, key=list(LLAMA_SHAPES).index)
-    return size, min(ranks, key=lambda r: (abs(r - ZERO_RANK), r))
+def per_rank_configs(sizes, ranks) -> list[tuple[str, int]]:
+    """The per-rank tables' (model, rank): those of ``PER_RANK`` among ``sizes`` (1b at 256, 7b
+    at 1024), else the largest size at the rank of ``ranks`` nearest 256."""
+    chosen = [(size, rank) for size, rank in PER_RANK.items() if size in sizes]
+    if chosen:
+        return chosen
+    largest = max(sizes, key=list(LLAMA_SHAPES).index)
+    return [(largest, min(ranks, key=lambda r: (abs(r - 256), r)))]
 
 
 def collect(sizes, ranks, worlds, progress=print) -> dict:
     rows = measure(sizes, ranks, progress)
-    zsize, zrank = zero_config(sizes, ranks)
-    return dict(sizes=list(sizes), ranks=list(ranks), world_sizes=list(worlds),
-                zero_model=zsize, zero_rank=zrank, rows=rows,
-                zero=zero_table(zsize, zrank, worlds, progress, adamw_total=next(
-                    r["bytes"] for r in rows if r["model"] == zsize and r["optimizer"] == ADAMW)))
+    tables = [dict(model=size, rank=rank, rows=fsdp_table(size, rank, worlds, progress))
+              for size, rank in per_rank_configs(sizes, ranks)]
+    return dict(sizes=list(sizes), ranks=list(ranks), world_sizes=list(worlds), rows=rows,
+                per_rank=tables)
 
 
 # ------------------------------------------------------------------------------ tables, figure
@@ -354,40 +337,46 @@ def markdown(data: dict) -> str:
             cells.append(_fmt(b) + ratio)
         lines.append(f"| {name} | {rank if rank is not None else '-'} | " + " | ".join(cells)
                      + " |")
-    zero, worlds = data["zero"], data["world_sizes"]
-    lines += ["", f"## Per-rank state under ZeRO-1/2: LLaMA {data['zero_model']}, "
-              f"rank {data['zero_rank']}", "",
-              "A model of the layout from the single-process counts above, not a measurement of "
-              "a distributed run. slimopt under its DeepSpeed bridge: every parameter (projection "
-              "or dense) is owned whole by one rank, chosen by `slimopt.launch.zero."
-              "local_owners` (the rank whose even share of the group's flat buffer holds most "
-              "of it, as `ZeroBridge` does); a rank holds the state of what it owns. torch AdamW under "
-              "DeepSpeed's own ZeRO-1/2: its state split evenly (total / world, padding "
-              "ignored). Cells: the largest rank's bytes; percentages are of AdamW's share at "
-              "the same world size. Not counted for either: DeepSpeed's fp32 master partition "
-              "(4 bytes x params / world, held in both cases), 16-bit weights and gradients, "
-              "transient buffers (the bridge's: the units straddling a share boundary under "
-              "ZeRO-1/2, one matrix under ZeRO-3).", "",
-              "| optimizer | rank | " + " | ".join(f"world {w}" for w in worlds) + " |",
-              "|" + "---|" * (len(worlds) + 2)]
-    share = {r["world"]: r["state_max"] for r in zero if r["optimizer"] == ADAMW}
+    for table in data["per_rank"]:
+        lines += [""] + per_rank_markdown(table, data["world_sizes"])
+    return "\n".join(lines)
+
+
+def per_rank_markdown(table: dict, worlds) -> list[str]:
+    """The lines of one FSDP2 per-rank table (a ``collect`` ``per_rank`` entry)."""
+    rows = table["rows"]
+    lines = [f"## Per-rank state under FSDP2: LLaMA {table['model']}, rank {table['rank']}", "",
+             "Computed by the planner the runs use, `slimopt.distributed.fsdp.plan(optimizer, "
+             "world).per_rank`, on the optimizers above (meta device): element-wise parameters "
+             "keep their state on the rows each rank holds, each matrix goes whole to one owner "
+             "(largest state first, to the least loaded rank); a 4-rank FSDP2 test measures "
+             "exactly these bytes. ZeRO-1/2/3 under slimopt's DeepSpeed bridge use the same owner "
+             "planning. torch AdamW under FSDP2: its two fp32 moments split by rows like the "
+             "parameters, plus a 4-byte `step` per parameter on every rank. Cells: the largest "
+             "rank's bytes (its ratio to AdamW's largest rank at the same world size; max/mean "
+             "over the ranks). Not counted: parameter and gradient shards, and an owner's "
+             "transient whole matrix during its step.", "",
+             "| optimizer | rank | " + " | ".join(f"world {w}" for w in worlds) + " |",
+             "|" + "---|" * (len(worlds) + 2)]
     for name in [ADAMW] + list(SLIMOPT):
-        mine = {r["world"]: r for r in zero if r["optimizer"] == name}
+        mine = {r["world"]: r for r in rows if r["optimizer"] == name}
         if not mine:
             continue
         rank = mine[worlds[0]]["rank"]
-        state = [f"{_fmt(mine[w]['state_max'])} ({_pct(mine[w]['state_max'] / share[w])})"
-                 for w in worlds]
-        lines.append(f"| {name} | {rank if rank is not None else '-'} | "
-                     + " | ".join(state) + " |")
-    return "\n".join(lines)
+        cells = [f"{_fmt(mine[w]['state_max'])} ({_pct(mine[w]['vs_adamw'])}; "
+                 f"{mine[w]['balance']:.2f}x)" for w in worlds]
+        lines.append(f"| {name} | {rank if rank is not None else '-'} | " + " | ".join(cells)
+                     + " |")
+    return lines
 
 
 def figure(data: dict):
     plt = report.pyplot()
     if plt is None:
         return None
-    size, rank = data["zero_model"], data["zero_rank"]
+    table = data["per_rank"][0]
+    size, table_rank = table["model"], table["rank"]
+    rank = min(data["ranks"], key=lambda r: (abs(r - table_rank), r))  # the counted rank nearest
     rows = [r for r in data["rows"] if r["model"] == size and r["bytes"] is not None
             and (r["rank"] in (None, rank) or r["key"] in FIXED_RANK)]
     adamw = next(r["bytes"] for r in rows if r["optimizer"] == ADAMW)
@@ -409,14 +398,14 @@ def figure(data: dict):
     palette = [c for i, c in enumerate(plt.get_cmap("tab10").colors) if i != 7]  # 7: grey
     markers = "os^vD<>p"
     for i, name in enumerate([ADAMW] + list(SLIMOPT)):
-        mine = {r["world"]: r for r in data["zero"] if r["optimizer"] == name}
+        mine = {r["world"]: r for r in table["rows"] if r["optimizer"] == name}
         if not mine:
             continue
         colour = "black" if name == ADAMW else palette[(i - 1) % len(palette)]
         right.plot(worlds, [mine[w]["state_max"] / 2**30 for w in worlds],
                    marker="o" if name == ADAMW else markers[(i - 1) % len(markers)],
                    color=colour, lw=2 if name == ADAMW else 1.2, ms=5,
-                   label=name + (" (DeepSpeed ZeRO, total / world)" if name == ADAMW else ""))
+                   label=name + (" (moments split by rows)" if name == ADAMW else ""))
     right.set_xscale("log", base=2)
     right.set_yscale("log")
     right.set_xticks(worlds, [str(w) for w in worlds])
@@ -424,9 +413,10 @@ def figure(data: dict):
     right.yaxis.set_major_locator(LogLocator(base=10, subs=(1, 2, 5)))
     right.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
     right.yaxis.set_minor_formatter(NullFormatter())
-    right.set_xlabel("ZeRO-1/2 world size")
+    right.set_xlabel("FSDP2 world size")
     right.set_ylabel("GiB on the largest rank")
-    right.set_title(f"Per-rank optimizer state under ZeRO-1/2, LLaMA {size}, rank {rank}")
+    right.set_title(f"Per-rank optimizer state under FSDP2 (fsdp.plan), LLaMA {size}, "
+                    f"rank {table_rank}")
     right.legend(fontsize=7)
     fig.tight_layout()
     return fig
@@ -448,9 +438,10 @@ def add_arguments(group) -> None:
                        help=f"ranks of the low-rank methods (default {' '.join(map(str, RANKS))};"
                             f" --quick: {' '.join(map(str, QUICK_RANKS))})")
     group.add_argument("--memory-world-sizes", nargs="+", type=_positive_int, default=None,
-                       help=f"ZeRO world sizes of the per-rank table (default "
-                            f"{' '.join(map(str, WORLD_SIZES))}); its model is 1b if among the "
-                            f"sizes (else the largest), its rank the one nearest 256")
+                       help=f"FSDP2 world sizes of the per-rank tables (default "
+                            f"{' '.join(map(str, WORLD_SIZES))}); their models are 1b (rank 256) "
+                            f"and 7b (rank 1024) if among the sizes, else the largest size at "
+                            f"the rank nearest 256")
 
 
 def settings(args) -> tuple[list[str], list[int], list[int]]:

@@ -1,5 +1,5 @@
 """The memory benchmark (``python -m benchmarks memory``): its counts checked against the shapes
-and the peers, its ZeRO per-rank model, its files; and the quickstart runs."""
+and the peers, its FSDP2 per-rank table (the planner itself), its files; and the quickstart runs."""
 import importlib.util
 import os
 import sys
@@ -77,32 +77,40 @@ def test_memory_counts_on_meta_match_the_shapes(memory):
         assert got[("FiraAdamW (fira)", 128)] is not None
 
 
-def test_memory_zero_per_rank_model(memory):
-    # the assignment: each group split evenly (14 -> 7 + 7, 5 -> 3 + 2), each unit to the rank
-    # holding most of it: the 4 on rank 0, the 10 (3 + 7) on rank 1, the 5 (3 + 2) on rank 0
-    state = memory.per_rank([[(4, 40), (10, 100)], [(5, 50)]], 2)
-    assert state == [90, 100]
-    # a tie (an evenly split pair) goes to the less loaded rank
-    assert memory.per_rank([[(10, 1)], [(4, 7)]], 2) == [1, 7]
-    rows = memory.zero_table("60m", 128, [1, 2, 4], progress=lambda s: None)
-    n = sum(p.numel() for p in memory.llama_on_meta("60m").parameters())
-    by = {(r["optimizer"], r["world"]): r for r in rows}
-    adamw = by[("AdamW (torch)", 1)]["state_max"]
-    assert adamw == 2 * 4 * n + 4 * (9 * 8 + 3)
-    for world in (2, 4):
-        assert by[("AdamW (torch)", world)]["state_max"] == -(-adamw // world)
+def test_memory_fsdp_per_rank_table_is_the_planner(memory):
+    from slimopt.distributed.fsdp import plan
+    worlds = [1, 2, 4, 64]
+    rows = memory.fsdp_table("60m", 128, worlds, progress=lambda s: None)
     model = memory.llama_on_meta("60m")
+    params = list(model.parameters())
+    n = sum(p.numel() for p in params)
+    by = {(r["optimizer"], r["world"]): r for r in rows}
+    assert {r["optimizer"] for r in rows} == set(memory.SLIMOPT) | {"AdamW (torch)"}
+    # AdamW: two fp32 moments split by rows, a 4-byte step per parameter on every rank
+    adamw = by[("AdamW (torch)", 1)]
+    assert adamw["state_per_rank"] == [2 * 4 * n + 4 * len(params)]
+    assert adamw["state_max"] == memory.slimopt.state_bytes(memory.build_on_meta("adamw", model,
+                                                                                 None))
+    for world in worlds[1:]:
+        state = by[("AdamW (torch)", world)]["state_per_rank"]
+        assert len(state) == world and sum(state) == 8 * n + 4 * len(params) * world
     for name, key in memory.SLIMOPT.items():
-        single = memory.slimopt.state_bytes(memory.build_on_meta(key, model, 128 if key in
-                                                                 memory.RANKED else None))
-        one = by[(name, 1)]
-        assert one["state_max"] == single and one["state_per_rank"] == [single]
-        for world in (2, 4):
+        opt = memory.build_on_meta(key, model, 128 if key in memory.RANKED else None)
+        single = memory.slimopt.state_bytes(opt)
+        assert by[(name, 1)]["state_per_rank"] == [single]
+        for world in worlds:
             r = by[(name, world)]
-            assert len(r["state_per_rank"]) == world and sum(r["state_per_rank"]) == single
-    # 56 projections and two big dense matrices: two ranks roughly halve the largest share
-    assert by[("GrassWalk", 2)]["state_max"] <= 0.6 * by[("GrassWalk", 1)]["state_max"]
-    assert by[("GrassWalk", 4)]["state_max"] < by[("GrassWalk", 2)]["state_max"]
+            # the table is the planner: every rank's bytes, as plan() gives them
+            assert r["state_per_rank"] == list(plan(opt, world).per_rank), (name, world)
+            assert r["state_max"] == max(r["state_per_rank"])
+            assert r["balance"] == pytest.approx(r["state_max"] * world / sum(r["state_per_rank"]))
+            assert r["vs_adamw"] == r["state_max"] / by[("AdamW (torch)", world)]["state_max"]
+    # 56 projections and the dense parameters split by rows: halves at 2 ranks, balanced at 4
+    walk = {w: by[("GrassWalk", w)] for w in worlds}
+    assert walk[2]["state_max"] <= 0.51 * walk[1]["state_max"]
+    assert walk[4]["balance"] <= 1.1
+    assert memory.per_rank_configs(memory.SIZES, memory.RANKS) == [("1b", 256), ("7b", 1024)]
+    assert memory.per_rank_configs(["60m", "130m"], [128, 512]) == [("130m", 128)]
 
 
 def test_memory_suite_run_writes_files(memory, tmp_path):
@@ -115,10 +123,11 @@ def test_memory_suite_run_writes_files(memory, tmp_path):
     memory.add_arguments(parser.add_argument_group("memory suite"))
     with pytest.raises(SystemExit):
         parser.parse_args(["--memory-ranks", "0"])
-    assert memory.settings(parser.parse_args([])) == (memory.SIZES, memory.RANKS, [1, 2, 4, 8])
+    worlds = [1, 2, 4, 8, 64, 512]
+    assert memory.settings(parser.parse_args([])) == (memory.SIZES, memory.RANKS, worlds)
     quick = memory.settings(parser.parse_args(["--quick"]))
-    assert quick == (memory.QUICK_SIZES, memory.QUICK_RANKS, [1, 2, 4, 8])
-    assert memory.zero_config(memory.SIZES, memory.RANKS) == ("1b", 256)
+    assert quick == (memory.QUICK_SIZES, memory.QUICK_RANKS, worlds)
+    assert memory.settings(parser.parse_args(["--memory-world-sizes", "8", "2", "8"]))[2] == [2, 8]
     # --quick at one size (60m: the test's time budget); the full --quick is timed in the report
     argv = ["memory", "--quick", "--memory-sizes", "60m"]
     paths = memory.run(parser.parse_args(argv[1:]), str(tmp_path), report.stamp("cpu", argv))
@@ -129,13 +138,17 @@ def test_memory_suite_run_writes_files(memory, tmp_path):
     assert saved["command"] == "python -m benchmarks " + " ".join(argv)
     data = saved["data"]
     assert data["sizes"] == ["60m"] and data["ranks"] == memory.QUICK_RANKS
-    assert data["zero_model"] == "60m" and data["world_sizes"] == [1, 2, 4, 8]
+    assert [(t["model"], t["rank"]) for t in data["per_rank"]] == [("60m", 128)]
+    assert data["world_sizes"] == worlds
     names = {r["optimizer"] for r in data["rows"]}
     assert set(memory.SLIMOPT) <= names and "AdamW (torch)" in names
-    assert {r["optimizer"] for r in data["zero"]} == set(memory.SLIMOPT) | {"AdamW (torch)"}
+    per_rank = data["per_rank"][0]["rows"]
+    assert {r["optimizer"] for r in per_rank} == set(memory.SLIMOPT) | {"AdamW (torch)"}
+    assert {len(r["state_per_rank"]) for r in per_rank} == set(worlds)
     table = (tmp_path / "memory.md").read_text()
     assert "meta device" in table and "python -m benchmarks memory --quick" in table
     assert table.count("| GrassJump |") == 2  # the size table and the per-rank table
+    assert "under FSDP2: LLaMA 60m, rank 128" in table and "fsdp.plan" in table
 
 
 def test_quickstart_runs(capsys):
