@@ -10,9 +10,11 @@ of a 1-D device mesh (``placements == (Shard(0),)``). A slimopt optimizer built 
   state (DTensors of the parameter's layout) is split like the parameter;
 - **matrices** (every matrix rule; a LoRA pair is one unit) each have one owner rank, planned once
   by ``plan``: largest state first, each to the rank holding the least state so far, the
-  element-wise shares counted first. Per matrix and step the owner gathers the pieces of the
-  values and the gradient (``transfer.Transfer.gather_to``), steps the whole matrix with the
-  single-process code, and scatters the new pieces back (``scatter_from``). The matrix's state
+  element-wise shares counted first. Per step the matrices travel in rounds of one per owner:
+  one ``all_to_all`` brings each owner the pieces of its matrix (values and gradient), each owner
+  steps its whole matrix with the single-process code, and a second ``all_to_all`` returns the
+  new pieces (``transfer.Transfer.all_to_all``): two collectives per round, ``ceil(units /
+  world)`` rounds or so, however the units are spread. The matrix's state
   lives on its owner only, keyed by the DTensor parameter itself; the other ranks hold
   ``{"key": k}`` for it, so ``torch.distributed.checkpoint`` finds an entry for every parameter;
 - **non-finite gradients**: every rank's flags are combined (one all-reduce per group), so a
@@ -63,12 +65,17 @@ def units_of(optimizer, group: dict) -> tuple[list, list]:
     return dense, [[p] for p in matrices]
 
 
-def plan(optimizer, world: int, groups=None) -> Plan:
+def plan(optimizer, world: int, groups=None, shares=None) -> Plan:
     """The owners of ``optimizer``'s matrix units at ``world`` ranks and the state bytes each rank
     then holds, from the optimizer's own fresh-state shapes (``expected_state``: meta tensors, so
     this runs for any model size on any machine, and the benchmarks' per-rank table is this
     function). Deterministic: every rank computes the same plan. ``groups``: plan only these
-    (default: all), the load of the others is not counted."""
+    (default: all), the load of the others is not counted. ``shares``: ``shares(p)`` is the
+    elements of element-wise parameter ``p`` on each rank (default: FSDP2's dim-0 split,
+    ``row_shares``; the ZeRO bridge passes DeepSpeed's)."""
+    if shares is None:
+        def shares(p):
+            return row_shares(tuple(p.shape), world)
     load, units, unit_bytes = [0] * world, [], []
     for group in optimizer.param_groups if groups is None else groups:
         states = optimizer.expected_state(group)
@@ -76,7 +83,7 @@ def plan(optimizer, world: int, groups=None) -> Plan:
         dense, group_units = units_of(optimizer, group)
         for p in dense:
             numel = max(p.numel(), 1)
-            for r, share in enumerate(row_shares(tuple(p.shape), world)):
+            for r, share in enumerate(shares(p)):
                 load[r] += size[id(p)] * share // numel
         units += group_units
         unit_bytes += [sum(size[id(p)] for p in unit) for unit in group_units]
@@ -169,37 +176,60 @@ class FSDPRouter:
         dense = [p for p in dense if p.grad is not None]
         if dense:  # element-wise: on the local shards, through DTensor's local dispatch
             optimizer.step_params(dict(group, params=dense), finite)
-        for unit in units:
-            if all(p.grad is not None for p in unit):
-                self._step_unit(optimizer, group, unit, finite)
+        units = [u for u in units if all(p.grad is not None for p in u)]
+        for keyed in self._rounds(optimizer, units):
+            self._step_round(optimizer, group, keyed, finite)
 
-    def _step_unit(self, optimizer, group, unit, finite) -> None:
-        """Gather ``unit`` whole on its owner, step it there, scatter the new values back."""
-        keys = [optimizer.param_key(p) for p in unit]
-        owner = self.owner[keys[0]]
-        mine = owner == self.rank
-        shadows = []
-        for p, key in zip(unit, keys):
-            chunk = _chunk(p, self.world)
-            values = self.transfer.gather_to(padded(p.to_local(), chunk), owner)
-            grads = self.transfer.gather_to(padded(p.grad.to_local(), chunk), owner)
-            if mine:
-                shadows.append(self._shadow(optimizer, p, key, whole(values, p.shape),
-                                            whole(grads, p.shape)))
-            elif not optimizer.state[p]:
-                optimizer.state[p]["key"] = key  # the owner holds the state
-        if mine:
+    def _rounds(self, optimizer, units) -> list:
+        """The units in rounds of one per owner rank (``None`` where a rank owns no more), each
+        rank's largest first, so every round moves ``world`` matrices in one exchange."""
+        queues = [[] for _ in range(self.world)]
+        for unit in units:
+            queues[self.owner[optimizer.param_key(unit[0])]].append(unit)
+        for queue in queues:
+            queue.sort(key=lambda unit: -sum(p.numel() for p in unit))
+        depth = max(len(q) for q in queues)
+        return [[q[j] if j < len(q) else None for q in queues] for j in range(depth)]
+
+    def _step_round(self, optimizer, group, round_units, finite) -> None:
+        """One round: every rank sends its pieces (values and gradient) of each owner's unit to
+        that owner in one ``all_to_all``, each owner steps its unit whole, and a second
+        ``all_to_all`` returns the new pieces."""
+        mine = round_units[self.rank]
+        pieces = [_pieces(unit, self.world, grads=True) for unit in round_units]
+        incoming = self.transfer.all_to_all(
+            pieces, [_nbytes(mine, self.world, grads=True)] * self.world)
+        if mine is not None:
+            shadows = self._assemble(optimizer, mine, incoming)
             optimizer.step_params(dict(group, params=shadows),
-                                  {s: finite.get(p, True) for s, p in zip(shadows, unit)})
-        for i, p in enumerate(unit):
-            chunk = _chunk(p, self.world)
-            table = table_of(shadows[i].data, self.world, chunk) if mine else None
-            out = torch.empty(chunk, dtype=p.dtype, device=p.to_local().device)
-            self.transfer.scatter_from(table, out, owner)
-            local = p.to_local()
-            local.view(-1).copy_(out[:local.numel()])
-            if mine:
-                _release(shadows[i])
+                                  {s: finite.get(p, True) for s, p in zip(shadows, mine)})
+            back = [_tables_row(shadows, self.world, r) for r in range(self.world)]
+            for shadow in shadows:
+                _release(shadow)
+        else:
+            back = [torch.empty(0, dtype=torch.uint8)] * self.world
+        for unit in round_units:
+            for p in unit or ():
+                if not self.owns(optimizer.param_key(p)) and not optimizer.state[p]:
+                    optimizer.state[p]["key"] = optimizer.param_key(p)  # the owner holds it
+        returned = self.transfer.all_to_all(
+            back, [_nbytes(unit, self.world, grads=False) for unit in round_units])
+        for unit, data in zip(round_units, returned):
+            if unit is not None:
+                _unpack_local(unit, data, self.world)
+
+    def _assemble(self, optimizer, unit, incoming) -> list:
+        """The whole matrices of ``unit`` (and their gradients) from every rank's pieces."""
+        shadows, offset = [], 0
+        for p in unit:
+            chunk, size = _chunk(p, self.world), _chunk(p, self.world) * p.element_size()
+            rows = [_as(data[offset:offset + 2 * size], p.dtype) for data in incoming]
+            values = torch.stack([r[:chunk] for r in rows])
+            grads = torch.stack([r[chunk:] for r in rows])
+            offset += 2 * size
+            shadows.append(self._shadow(optimizer, p, optimizer.param_key(p),
+                                        whole(values, p.shape), whole(grads, p.shape)))
+        return shadows
 
     def _shadow(self, optimizer, param, key, values, grad):
         """The handle of owned matrix ``key`` (its state is ``param``'s), holding ``values`` and
@@ -257,6 +287,52 @@ class FSDPRouter:
         torch.optim.Optimizer.load_state_dict(optimizer, plain)
         for i in matrices - owned:
             optimizer.state[params[i]] = {"key": optimizer.param_key(params[i])}
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(-1).view(torch.uint8)
+
+
+def _as(data: torch.Tensor, dtype) -> torch.Tensor:
+    """Bytes received back as elements of ``dtype`` (a copy: the buffer's alignment is
+    arbitrary)."""
+    return data.clone().view(dtype)
+
+
+def _pieces(unit, world: int, grads: bool) -> torch.Tensor:
+    """This rank's padded pieces of ``unit``'s values (and gradients), as bytes."""
+    if unit is None:
+        return torch.empty(0, dtype=torch.uint8)
+    parts = []
+    for p in unit:
+        chunk = _chunk(p, world)
+        parts.append(_bytes(padded(p.to_local(), chunk)))
+        if grads:
+            parts.append(_bytes(padded(p.grad.to_local(), chunk)))
+    return torch.cat(parts)
+
+
+def _nbytes(unit, world: int, grads: bool) -> int:
+    """Bytes of one rank's pieces of ``unit`` (values, and gradients with ``grads``)."""
+    if unit is None:
+        return 0
+    return sum(_chunk(p, world) * p.element_size() for p in unit) * (2 if grads else 1)
+
+
+def _tables_row(shadows, world: int, rank: int) -> torch.Tensor:
+    """Rank ``rank``'s pieces of the new values of the stepped whole matrices, as bytes."""
+    return torch.cat([_bytes(table_of(s.data, world, max(row_shares(tuple(s.shape), world)))[rank])
+                      for s in shadows])
+
+
+def _unpack_local(unit, data: torch.Tensor, world: int) -> None:
+    """Copy this rank's new pieces of ``unit`` (bytes from its owner) into the local shards."""
+    offset = 0
+    for p in unit:
+        size = _chunk(p, world) * p.element_size()
+        local = p.to_local()
+        local.view(-1).copy_(_as(data[offset:offset + size], p.dtype)[:local.numel()])
+        offset += size
 
 
 def _is_full(entry) -> bool:

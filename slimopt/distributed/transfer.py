@@ -6,7 +6,9 @@ ZeRO-3: ``ceil(numel / world)`` elements; FSDP2: ``ceil(rows / world)`` rows, to
 of dim 0), the last pieces padded. So one matrix is a ``(world, chunk)`` table: ``gather_to`` builds
 it on the owner (a rooted ``gather``: each rank sends ``chunk`` elements), the owner steps the
 whole matrix with the single-process code, and ``scatter_from`` returns each rank its row.
-``whole`` and ``table_of`` convert between the table and the full-size matrix.
+``whole`` and ``table_of`` convert between the table and the full-size matrix. ``all_to_all``
+moves one piece of each of ``world`` matrices, each to its own owner, in one collective (the
+round-based exchange Dion's distributed Muon uses), for engines that step many matrices at once.
 
 ``Transfer`` counts the elements each rank passes to each collective, for the README's
 communication per step.
@@ -42,8 +44,9 @@ def padded(local: torch.Tensor, chunk: int) -> torch.Tensor:
 
 
 class Transfer:
-    """The rooted collectives of one process group, with a count of the elements each rank
-    passed to each of them (``communicated``: ``{"gather": n, "scatter": n}``)."""
+    """The collectives of one process group, with a count of what each rank passed to each of
+    them (``communicated``: elements for ``"gather"`` and ``"scatter"``, bytes for
+    ``"all_to_all_bytes"``, this rank's own piece included)."""
 
     def __init__(self, process_group):
         import torch.distributed as dist
@@ -81,6 +84,20 @@ class Transfer:
         rows = list(table.unbind(0)) if table is not None else None
         self.dist.scatter(received, rows, src=self.global_rank(owner), group=self.group)
         out.copy_(received)
+
+    def all_to_all(self, outgoing: list, incoming_bytes: list) -> list:
+        """Rank ``r`` gets ``outgoing[r]`` (a 1-D uint8 tensor, maybe empty); returns what every
+        rank sent this one, ``incoming_bytes[r]`` bytes from rank ``r``. One collective however
+        many matrices travel (``all_to_all_single``), so a round of ``world`` matrices, one per
+        owner, costs one latency instead of ``world``."""
+        self._count("all_to_all_bytes", sum(t.numel() for t in outgoing))
+        if self.world == 1:
+            return [outgoing[0]]
+        device = outgoing[0].device
+        received = torch.empty(sum(incoming_bytes), dtype=torch.uint8, device=device)
+        self.dist.all_to_all_single(received, torch.cat(outgoing), list(incoming_bytes),
+                                    [t.numel() for t in outgoing], group=self.group)
+        return list(received.split(list(incoming_bytes)))
 
     def agree_all(self, flags: torch.Tensor) -> torch.Tensor:
         """Element-wise AND of the boolean ``flags`` over the ranks (one all-reduce)."""

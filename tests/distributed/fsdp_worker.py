@@ -24,6 +24,8 @@ Scenarios:
   against the plan (``slimopt.distributed.fsdp.plan``).
 - ``nonfinite:skip|raise``: a NaN in one rank's shard of a gradient is decided for the whole
   parameter on every rank.
+- ``time:OPTIMIZER``: seconds per step under FSDP2, in one process, and torch AdamW under FSDP2
+  (a measurement, not a test).
 - ``refuse``: the layouts slimopt does not support are refused at construction.
 """
 import json
@@ -151,14 +153,14 @@ def run(name, dtype, accum, rank, world):
             reference_grads(e2e_model, batches[step], accum)
             e2e_opt.step()
             e2e_opt.zero_grad()
-    counted = opt.step_router.transfer.communicated
+    counted = torch.tensor([opt.step_router.transfer.communicated.get("all_to_all_bytes", 0)])
+    dist.all_reduce(counted)  # summed over the ranks: owners send back more than they receive
     out = {"replay_diff": replay,
            "moved": max_diff(model, tiny_llama(name)),
            "state_bytes": slimopt.state_bytes(opt),
-           # elements this rank passed to the owners' gathers and took from their scatters, per
-           # step, against the trainable elements of the model
-           "gathered_per_step": counted.get("gather", 0) // STEPS,
-           "scattered_per_step": counted.get("scatter", 0) // STEPS,
+           # bytes all ranks together passed to the two all_to_all exchanges per step (their
+           # own pieces included), against the trainable elements of the model
+           "sent_bytes_per_step": int(counted) // STEPS,
            "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
            "matrix_elements": sum(p.numel() for unit in plan(opt, world).units for p in unit)}
     if dtype == "fp32":
@@ -301,6 +303,37 @@ def _built(model, mode):
                         nonfinite=mode)
 
 
+def run_timing(name, rank, world, steps=6):
+    """Median seconds per ``optimizer.step()`` (slowest rank) for the optimizer under FSDP2, the
+    same optimizer in one process on the whole model, and torch's AdamW under FSDP2: a
+    measurement for the README, not a test."""
+    import statistics
+    import time
+
+    def timed(model, opt, sharded):
+        seconds = []
+        for step in range(steps):
+            rows = data(1, 1)[0, 0, rank % HALVES]
+            loss_of(model, rows).backward()
+            if sharded:
+                dist.barrier()
+            start = time.perf_counter()
+            opt.step()
+            if sharded:
+                dist.barrier()
+            seconds.append(time.perf_counter() - start)
+            opt.zero_grad()
+        return statistics.median(seconds[1:])
+
+    sharded = shard(tiny_llama(name, layers=4, hidden=96))
+    out = {"fsdp2": timed(sharded, optimizer_for(name, sharded), True)}
+    adamw_model = shard(tiny_llama(name, layers=4, hidden=96))
+    out["adamw_fsdp2"] = timed(adamw_model, torch.optim.AdamW(adamw_model.parameters()), True)
+    single = tiny_llama(name, layers=4, hidden=96)
+    out["one_process"] = timed(single, optimizer_for(name, single), False)
+    return out
+
+
 def run_refusals(rank, world):
     """Layouts slimopt does not support, each refused at construction with the supported list."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -338,6 +371,8 @@ def main():
             out = run_balance(rest[0], rank, world)
         elif kind == "nonfinite":
             out = run_nonfinite(rest[0], rank, world)
+        elif kind == "time":
+            out = run_timing(rest[0], rank, world)
         elif kind == "refuse":
             out = run_refusals(rank, world)
         else:
