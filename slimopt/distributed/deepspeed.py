@@ -3,26 +3,33 @@
 DeepSpeed's flat partitions under ZeRO stage 1, 2 and 3.
 
 Under ZeRO DeepSpeed hands the client optimizer one flat 1-D fp32 partition per (sub-)group and
-rank: a matrix-aware rule run on it would silently become a vector rule. The bridge instead runs
-every rule on whole matrices, once, on an owner rank (the design "whole matrices per rank"): each
-matrix (or LoRA pair) has one owner, chosen once at construction (ZeRO-1/2: by locality,
-``local_owners``; ZeRO-3: by balancing sizes, ``assign_owners``), which keeps the optimizer
-state for it (so state per rank is about total / world size) and steps a
-full-size fp32 "shadow" of it with the exact single-process code. A shadow is a persistent
-handle (the optimizer's state is keyed by it) whose storage exists only during the step: it
-views the gathered values, so no second fp32 copy of the model is kept.
+rank: a matrix-aware rule run on it would silently become a vector rule. The bridge instead
+(the layout FSDP2's adapter uses, ``slimopt.distributed.fsdp``):
+
+- **element-wise parameters** (the dense AdamW rule: embeddings and heads in a dense group, norms,
+  biases) are stepped by every rank on the slice of the fp32 master partition it already holds
+  (ZeRO-1/2: its ``Holding``; ZeRO-3: its chunk), in place, with no communication; their state
+  (``exp_avg``, ``exp_avg_sq``) is slice-sized and stays on that rank. AdamW is element-wise, so
+  this is the single-process math exactly. Whether a gradient is finite is decided per whole
+  parameter by all ranks together (one all-reduce of flags per sub-group and step), so a NaN in
+  one rank's slice skips the parameter on every rank, as in one process;
+- **matrices** (every matrix rule; a LoRA pair group, ``zero_unit="group"``, is one unit) each
+  have one owner rank, planned once by ``fsdp.plan`` (the planner of both engines): the
+  element-wise slices counted first, then the units largest state first, each to the rank holding
+  the least state bytes so far. The owner keeps the unit's state and steps a full-size fp32
+  "shadow" of it with the exact single-process code. A shadow is a persistent handle (the
+  optimizer's state is keyed by it) whose storage exists only during the step.
 
 ZeRO-1/2 (a group's flat buffer cut into ``world`` consecutive pieces; offsets read from the
-parameters' storage, not re-derived from DeepSpeed's padding rules): a unit's owner is the rank
-whose partition holds most of it (``local_owners``), so the state follows DeepSpeed's even split
-of the elements. A unit inside its owner's partition is stepped in place on views of the fp32
-master partition: no copy, no communication. Only units straddling a partition boundary (at most
-a few per group and boundary) move their pieces point to point: values and gradients to the
-owner, new values back.
+parameters' storage, not re-derived from DeepSpeed's padding rules): a matrix that lies whole in
+its owner's partition is stepped in place on views of the fp32 master partition: no copy, no
+communication. The pieces of any other matrix move point to point: values and gradients to the
+owner, new values back (``p2p_sent``).
 
-ZeRO-3 (every parameter cut into ``world`` even chunks): per matrix, ``gather`` its chunks (values
-and gradients) on the owner, step, ``scatter`` the new chunks back: ``2N/W`` elements sent and
-``N/W`` received per rank and step; transient memory is one matrix.
+ZeRO-3 (every parameter cut into ``world`` even chunks): per matrix, ``Transfer.gather_to`` its
+chunks (values and gradients) on the owner, step, ``Transfer.scatter_from`` the new chunks back:
+``2N/W`` elements sent and ``N/W`` received per rank and step for the matrices' ``N`` elements;
+transient memory is one matrix.
 
 Optimizer/parameter offload and fp16 are refused at ``initialize``. Checkpoints go through
 ``engine.save_checkpoint``/``load_checkpoint``; the bridge's ``load_state_dict`` refuses a state
@@ -30,7 +37,8 @@ that does not fit (one rank's share at another world size, another rank's share,
 options) before it changes anything; ``slimopt.launch.zero_checkpoint`` moves checkpoints to
 another world size.
 
-The owner planning is ``slimopt.distributed.owners``; the bridge reaches the optimizer only
+The owner planning is ``slimopt.distributed.fsdp.plan`` (on ``owners.assign_owners``), the
+collectives ``slimopt.distributed.transfer.Transfer``; the bridge reaches the optimizer only
 through its public seam (``param_key``, ``adopt_key``, ``check_options``, ``step_params``,
 ``attach_step_router``). ``slimopt.launch.initialize`` and ``slimopt.launch.zero`` re-export
 this module's names.
@@ -41,6 +49,7 @@ import contextlib
 import copy
 import json
 import os
+from typing import NamedTuple
 
 import torch
 
@@ -48,50 +57,66 @@ from ..launch import records
 from ..launch.registry import split_for
 from ..optimizers.core import state_checks
 from ..optimizers.core.base import SlimOptimizer
-from .owners import Holding, Slot, assign_owners, holders, local_owners, shape_numel
+from .fsdp import plan, units_of
+from .owners import Holding, Slot, holders, shape_numel
+from .transfer import Transfer, table_of, whole
 
 PREFIX = "slimopt."
 
 
+class Piece(NamedTuple):
+    """This rank's slice of one element-wise parameter: elements ``[lo, hi)`` of the flattened
+    parameter, at ``at`` in this rank's flat fp32 partition."""
+    slot: Slot
+    lo: int
+    hi: int
+    at: int
+
+
 class ZeroBridge:
-    """Maps DeepSpeed's flat partitions to whole matrices (see the module docstring). Built from
-    a ``DeepSpeedZeroOptimizer`` (ZeRO-1/2) or a ``DeepSpeedZeroOptimizer_Stage3``.
+    """Maps DeepSpeed's flat partitions to whole matrices and element-wise slices (see the module
+    docstring). Built from a ``DeepSpeedZeroOptimizer`` (ZeRO-1/2) or a
+    ``DeepSpeedZeroOptimizer_Stage3``.
 
     Both stages hand the client optimizer one flat fp32 partition per (sub-)group and rank, the
-    same size on every rank, so an all-gather gives a ``(world, size)`` table; what differs is
-    where a parameter lies in it. ZeRO-1/2 cut the concatenated group into ``world`` consecutive
-    pieces: a parameter is ``table.view(-1)[offset:offset + numel]``. ZeRO-3 cuts every parameter
-    into ``world`` chunks of ``chunk = ceil(numel / world)`` elements (the last one padded), and a
-    rank's partition concatenates its chunks: a parameter is
-    ``table[:, offset:offset + chunk].reshape(-1)[:numel]``. Each parameter's place is a
+    same size on every rank; what differs is where a parameter lies in it. ZeRO-1/2 cut the
+    concatenated group into ``world`` consecutive pieces: rank ``r`` holds
+    ``[r * size, (r + 1) * size)`` of the group's flat buffer, a parameter lies at
+    ``[offset, offset + numel)`` of it (its ``Holding``s say who holds which part). ZeRO-3 cuts
+    every parameter into ``world`` chunks of ``chunk = ceil(numel / world)`` elements (the last
+    one padded), and a rank's partition concatenates its chunks. Each parameter's place is a
     ``Slot``."""
 
     def __init__(self, optimizer: SlimOptimizer, zero_optimizer):
-        import torch.distributed as dist
-        self.dist = dist
         self.zero = zero_optimizer
         self.stage3 = hasattr(zero_optimizer, "fp32_partitioned_groups_flat")
         self.process_group = (zero_optimizer.dp_process_group if self.stage3
                               else zero_optimizer.real_dp_process_group[0])
-        self.rank = dist.get_rank(group=self.process_group)
-        self.world = dist.get_world_size(group=self.process_group)
-        #: per flat partition ("sub-group"): list of units; a unit is a list of ``Slot``s
-        self.groups = []
+        #: the rooted collectives and their element counts (``communicated``)
+        self.transfer = Transfer(self.process_group)
+        self.dist, self.rank, self.world = self.transfer.dist, self.transfer.rank, \
+            self.transfer.world
+        self.slots = []       # per sub-group: its parameters' ``Slot``s, in partition order
+        self.units = []       # per sub-group: [(matrix unit: list of ``Slot``s, owner rank)]
+        self.dense = []       # per sub-group: the ``Slot``s of its element-wise parameters
+        self.pieces = []      # per sub-group: this rank's ``Piece``s of them
         self.sub_group_of = {}  # id(flat fp32 partition) -> sub-group index
         self.partitions = []  # this rank's flat fp32 partition per sub-group
-        self.owner = {}    # (sub-group, unit) -> rank
         #: param group index -> [(key, full shape)] of its parameters, in the order stepped
         self.group_params = {}
         self.holdings = {}   # ZeRO-1/2: key -> the ``Holding``s of that parameter
-        #: key -> the owned matrix's handle: the state's key, empty between steps
+        #: key -> the handle of an owned matrix or of this rank's slice of an element-wise
+        #: parameter: the state's key, empty between steps
         self.shadows = {}
-        #: elements this rank passed to each collective so far (for the communication report)
-        self.communicated = {}
-        load = [0] * self.world
+        self.p2p_sent = 0    # ZeRO-1/2: elements this rank sent point to point so far
+        #: state bytes per rank that the plan predicts (``fsdp.plan``)
+        self.planned_bytes = None
+        meta_groups, slot_of = [], {}
         split_check = set()
         for s, (group_index, flat, entries) in enumerate(self._layout(optimizer)):
             self.sub_group_of[id(flat)] = s
             self.partitions.append(flat)
+            self.slots.append(entries)
             group = optimizer.param_groups[group_index]
             self.device = flat.device
             if group.get("zero_unit") == "group":
@@ -101,24 +126,72 @@ class ZeroBridge:
                         "must be stepped as one unit (a LoRA pair) into several sub-groups; "
                         "raise zero_optimization.sub_group_size")
                 split_check.add(group_index)
-                units = [entries]
-            else:
-                units = [[e] for e in entries]
-            self.groups.append(units)
             self.group_params.setdefault(group_index, []).extend(
                 (slot.key, slot.shape) for slot in entries)
-            if self.stage3:
-                sizes = [sum(shape_numel(slot.shape) for slot in unit) for unit in units]
-                owners = assign_owners(sizes, self.world, load)
-            else:
-                owners = local_owners(units, flat.numel(), self.world, load)
-            for u, target in enumerate(owners):
-                self.owner[(s, u)] = target
-            if not self.stage3:  # who holds which slice of each parameter: fixed, so once
-                for slot in (slot for unit in units for slot in unit):
-                    self.holdings[slot.key] = holders(slot.offset, shape_numel(slot.shape),
-                                                      flat.numel(), self.world)
+            for slot in entries if not self.stage3 else ():  # fixed, so once
+                self.holdings[slot.key] = holders(slot.offset, shape_numel(slot.shape),
+                                                  flat.numel(), self.world)
+            metas = [torch.empty(slot.shape, dtype=torch.float32, device="meta")
+                     for slot in entries]
+            slot_of.update({id(m): slot for m, slot in zip(metas, entries)})
+            meta_groups.append(dict(group, params=metas))
             group["zero_index"] = group_index
+        self._plan(optimizer, meta_groups, slot_of)
+
+    def _plan(self, optimizer, meta_groups, slot_of) -> None:
+        """Owners of the matrix units, balancing state bytes with the element-wise slices counted
+        first (``fsdp.plan``, the planner FSDP2 uses), and this rank's element-wise pieces."""
+        planned = plan(optimizer, self.world, meta_groups,
+                       shares=lambda p: self.shares(slot_of[id(p)]))
+        owner = {slot_of[id(p)].key: r for unit, r in zip(planned.units, planned.owners)
+                 for p in unit}
+        self.planned_bytes = list(planned.per_rank)
+        for s, group in enumerate(meta_groups):
+            dense, units = units_of(optimizer, group)
+            self.dense.append([slot_of[id(p)] for p in dense])
+            self.units.append([([slot_of[id(p)] for p in unit], owner[slot_of[id(unit[0])].key])
+                               for unit in units])
+            self.pieces.append([self._piece(optimizer, group, slot, s) for slot in self.dense[-1]
+                                if self.shares(slot)[self.rank] > 0])
+
+    def shares(self, slot) -> list[int]:
+        """Elements of the parameter at ``slot`` each rank's partition holds."""
+        n = shape_numel(slot.shape)
+        if self.stage3:
+            return [max(0, min(slot.chunk, n - r * slot.chunk)) for r in range(self.world)]
+        count = [0] * self.world
+        for held in self.holdings[slot.key]:
+            count[held.rank] += held.end - held.start
+        return count
+
+    def _piece(self, optimizer, group, slot, s) -> Piece:
+        """This rank's slice of element-wise ``slot``, refused if the optimizer would give the
+        slice (a 1-D tensor) another rule than the whole parameter."""
+        if self.stage3:
+            lo = self.rank * slot.chunk
+            piece = Piece(slot, lo, min(shape_numel(slot.shape), lo + slot.chunk), slot.offset)
+        else:
+            held = next(h for h in self.holdings[slot.key] if h.rank == self.rank)
+            size = self.partitions[s].numel()
+            piece = Piece(slot, held.start - slot.offset, held.end - slot.offset,
+                          held.start - self.rank * size)
+        meta = torch.empty(piece.hi - piece.lo, dtype=torch.float32, device="meta")
+        if optimizer.takes_matrix_rule(meta, group):
+            raise TypeError(
+                f"{type(optimizer).__name__}: parameter {slot.key} (shape {slot.shape}) takes the "
+                "element-wise rule but a 1-D slice of it would take the matrix rule, so it cannot "
+                "be stepped on DeepSpeed's slices; put it in a dense=True group (as "
+                "slimopt.param_groups does)")
+        return piece
+
+    @property
+    def communicated(self) -> dict:
+        """Elements this rank passed to each collective so far (``gather``, ``scatter``,
+        ``p2p_sent``), for the communication report."""
+        out = dict(self.transfer.communicated)
+        if self.p2p_sent:
+            out["p2p_sent"] = self.p2p_sent
+        return out
 
     def _layout(self, optimizer):
         """(param group index, flat fp32 partition, its parameters' ``Slot``s) per flat
@@ -164,16 +237,25 @@ class ZeroBridge:
         """This rank's flat fp32 partition of sub-group ``s`` (DeepSpeed's master weights)."""
         return self.partitions[s]
 
+
     def owner_of(self, key):
-        return next(r for (s, u), r in self.owner.items()
-                    if any(slot.key == key for slot in self.groups[s][u]))
+        """The rank owning matrix ``key``; None for an element-wise parameter (every rank keeps
+        the state of the slice it holds)."""
+        return next((r for units in self.units for unit, r in units
+                     if any(slot.key == key for slot in unit)), None)
 
     def owned_keys(self):
-        return [slot.key for (s, u), r in self.owner.items() if r == self.rank
-                for slot in self.groups[s][u]]
+        """Keys of the matrices this rank owns."""
+        return [slot.key for units in self.units for unit, r in units if r == self.rank
+                for slot in unit]
+
+    def my_pieces(self) -> dict:
+        """key -> this rank's ``Piece`` of each element-wise parameter it holds part of."""
+        return {piece.slot.key: piece for pieces in self.pieces for piece in pieces}
 
     def _shadow(self, optimizer, key, values=None, grad=None):
-        """The handle of matrix ``key``; with ``values``/``grad``, made to hold them for a step."""
+        """The handle of matrix or slice ``key``; with ``values``/``grad``, made to hold them for
+        a step."""
         shadow = self.shadows.get(key)
         if shadow is None:
             shadow = torch.empty(0, dtype=torch.float32, device=self.device)
@@ -189,23 +271,14 @@ class ZeroBridge:
         shadow.grad = None
         shadow.data = torch.empty(0, dtype=shadow.dtype, device=shadow.device)
 
-    def read(self, table, offset, shape, chunk):
-        """One parameter, full size, out of a ``(world, size)`` table (``offset``, ``shape``,
-        ``chunk``: its ``Slot``'s)."""
-        n = shape_numel(shape)
-        if chunk is None:
-            return table.view(-1)[offset:offset + n].view(shape)
-        return table[:, offset:offset + chunk].reshape(-1)[:n].view(shape)
-
     def write(self, table, offset, shape, chunk, values):
-        """The inverse of ``read``: put a full-size parameter into its places in ``table``."""
+        """Put a full-size parameter (``offset``, ``shape``, ``chunk``: its ``Slot``'s) into its
+        places in a ``(world, size)`` table of every rank's partition."""
         n = shape_numel(shape)
         if chunk is None:
             table.view(-1)[offset:offset + n].copy_(values.reshape(-1))
             return
-        padded = torch.zeros(self.world * chunk, dtype=table.dtype, device=table.device)
-        padded[:n].copy_(values.reshape(-1))
-        table[:, offset:offset + chunk].copy_(padded.view(self.world, chunk))
+        table[:, offset:offset + chunk].copy_(table_of(values, self.world, chunk))
 
     @torch.no_grad()
     def raise_if_nonfinite(self, optimizer, groups) -> None:
@@ -225,22 +298,56 @@ class ZeroBridge:
                 f"{type(optimizer).__name__}: a non-finite gradient on some rank (ZeRO "
                 f"partition, world size {self.world}); nothing was updated on any rank")
 
+
     def step_group(self, optimizer, group, finite=None):
-        """Step DeepSpeed's flat partition ``group`` (``finite`` is None: the bridge checks each
-        unit's whole gradient on its owner)."""
+        """Step DeepSpeed's flat partition ``group`` (``finite`` is None: the bridge decides the
+        element-wise parameters' finiteness jointly and checks each matrix unit whole on its
+        owner)."""
         if not group["params"]:
             return  # ZeRO-3 steps one sub-group at a time; the others are empty meanwhile
         part = group["params"][0]
         if part.grad is None:
             return
         s = self.sub_group_of[id(part)]
+        grad = part.grad.to(part.dtype)
+        self._step_elementwise(optimizer, group, part.data, grad, s)
         if self.stage3:
-            self._step_by_unit(optimizer, group, part, s)
+            self._step_by_unit(optimizer, group, part, grad, s)
         else:
-            self._step_local(optimizer, group, part, s)
+            self._step_local(optimizer, group, part, grad, s)
 
-    def _count(self, name, n):
-        self.communicated[name] = self.communicated.get(name, 0) + n
+    def _step_elementwise(self, optimizer, group, values, grad, s) -> None:
+        """Every rank steps its own slices of sub-group ``s``'s element-wise parameters, in place
+        on views of its fp32 master partition ``values`` and ``grad``: no communication but one
+        all-reduce of finiteness flags, so a non-finite gradient anywhere in a parameter skips
+        it on every rank, as in one process."""
+        if not self.dense[s]:
+            return
+        shadows = {piece.slot.key: self._shadow(optimizer, piece.slot.key,
+                                                values[piece.at:piece.at + piece.hi - piece.lo],
+                                                grad[piece.at:piece.at + piece.hi - piece.lo])
+                   for piece in self.pieces[s]}
+        finite = self._agree_finite(optimizer, self.dense[s], shadows)
+        if shadows:
+            optimizer.step_params(dict(group, params=list(shadows.values())), finite)
+        for shadow in shadows.values():
+            self._release(shadow)
+
+    def _agree_finite(self, optimizer, dense, shadows) -> dict:
+        """shadow -> whether its whole parameter's gradient is finite on every rank (one
+        all-reduce over the ``dense`` parameters of a sub-group). ``nonfinite="raise"`` decided
+        before any step (``raise_if_nonfinite``) and ``"off"`` checks nothing: all finite."""
+        if optimizer.nonfinite != "skip":
+            return {}
+        flags = torch.ones(len(dense), dtype=torch.bool, device=self.device)
+        mine = [i for i, slot in enumerate(dense) if slot.key in shadows]
+        if mine:
+            grads = [shadows[dense[i].key].grad for i in mine]
+            norms = torch.stack([n.float() for n in torch._foreach_norm(grads)])
+            flags[mine] = norms.isfinite()
+        flags = self.transfer.agree_all(flags).tolist()
+        return {shadows[slot.key]: flags[i] for i, slot in enumerate(dense)
+                if slot.key in shadows}
 
     def _exchange(self, ops):
         """Post point-to-point ``(send?, tensor, group rank)`` operations together and wait."""
@@ -248,20 +355,19 @@ class ZeroBridge:
             return
         dist = self.dist
         requests = dist.batch_isend_irecv([
-            dist.P2POp(dist.isend if send else dist.irecv, tensor, self._global(peer),
-                       self.process_group) for send, tensor, peer in ops])
+            dist.P2POp(dist.isend if send else dist.irecv, tensor,
+                       self.transfer.global_rank(peer), self.process_group)
+            for send, tensor, peer in ops])
         for request in requests:
             request.wait()
-        self._count("p2p_sent", sum(t.numel() for send, t, _ in ops if send))
+        self.p2p_sent += sum(t.numel() for send, t, _ in ops if send)
 
-    def _step_local(self, optimizer, group, part, s):
-        """ZeRO-1/2: each unit is owned by the rank holding most of it (``local_owners``). A unit
-        inside its owner's partition is stepped in place on views of the fp32 master partition
-        and its gradient: no copy, no communication. Only the pieces of units that straddle a
-        partition boundary travel, point to point: values and gradients to the owner, the new
-        values back."""
-        grad = part.grad.to(part.dtype)
-        units = [(unit, self.owner[(s, u)]) for u, unit in enumerate(self.groups[s])]
+    def _step_local(self, optimizer, group, part, grad, s):
+        """ZeRO-1/2 matrices: a unit inside its owner's partition is stepped in place on views of
+        the fp32 master partition and its gradient: no copy, no communication. The pieces of the
+        other units travel point to point: values and gradients to the owner, the new values
+        back."""
+        units = self.units[s]
         received = self._bring_straddlers(units, part, grad)
         outbound = []
         for unit, owner in units:
@@ -344,85 +450,86 @@ class ZeroBridge:
                 values[lo:hi], grads[lo:hi] = received[(slot.key, held.rank)]
         return values.view(shape), grads.view(shape)
 
-    def _step_by_unit(self, optimizer, group, part, s):
-        """ZeRO-3: for each unit, gather its parameters' chunks (values and gradients) on the
-        owner, step there, scatter the new chunks back. Every parameter is split evenly, so the
-        collectives are rooted ``gather``/``scatter`` of ``chunk`` elements, and the transient
-        memory is one unit at full size."""
-        grad = part.grad.to(part.dtype)
-        for u, unit in enumerate(self.groups[s]):
-            owner = self.owner[(s, u)]
+
+    def _step_by_unit(self, optimizer, group, part, grad, s):
+        """ZeRO-3 matrices: for each unit, gather its parameters' chunks (values and gradients)
+        on the owner (``Transfer.gather_to``), step there, scatter the new chunks back
+        (``scatter_from``). Every parameter is split evenly, so the collectives are rooted
+        ``gather``/``scatter`` of ``chunk`` elements, and the transient memory is one unit at full
+        size."""
+        for unit, owner in self.units[s]:
             mine = owner == self.rank
             shadows = []
             for slot in unit:
                 local = slice(slot.offset, slot.offset + slot.chunk)
-                values = self._gather_to(part.data[local], owner)
-                grads = self._gather_to(grad[local], owner)
+                values = self.transfer.gather_to(part.data[local], owner)
+                grads = self.transfer.gather_to(grad[local], owner)
                 if mine:
-                    shadows.append(self._shadow(optimizer, slot.key,
-                                                self.read(values, 0, slot.shape, slot.chunk),
-                                                self.read(grads, 0, slot.shape, slot.chunk)))
+                    shadows.append(self._shadow(optimizer, slot.key, whole(values, slot.shape),
+                                                whole(grads, slot.shape)))
             if mine:
                 optimizer.step_params(dict(group, params=shadows))
             for i, slot in enumerate(unit):
-                table = None
+                table = table_of(shadows[i].data, self.world, slot.chunk) if mine else None
                 if mine:
-                    table = torch.empty(self.world, slot.chunk, dtype=part.dtype,
-                                        device=part.device)
-                    self.write(table, 0, slot.shape, slot.chunk, shadows[i])
                     self._release(shadows[i])
-                self._scatter_from(table, part.data[slot.offset:slot.offset + slot.chunk], owner)
+                self.transfer.scatter_from(table, part.data[slot.offset:slot.offset + slot.chunk],
+                                           owner)
 
-    def _global(self, group_rank):
-        return self.dist.get_global_rank(self.process_group, group_rank)
-
-    def _gather_to(self, local, owner):
-        """``(world, n)`` table of every rank's ``local`` on ``owner``; None elsewhere."""
-        self.communicated["gather"] = self.communicated.get("gather", 0) + local.numel()
-        chunks = ([torch.empty_like(local) for _ in range(self.world)]
-                  if owner == self.rank else None)
-        self.dist.gather(local.contiguous(), chunks, dst=self._global(owner),
-                         group=self.process_group)
-        return torch.stack(chunks) if chunks is not None else None
-
-    def _scatter_from(self, table, out, owner):
-        """Row ``r`` of ``owner``'s ``table`` into rank ``r``'s ``out``."""
-        self.communicated["scatter"] = self.communicated.get("scatter", 0) + out.numel()
-        received = torch.empty_like(out)
-        rows = list(table.unbind(0)) if table is not None else None
-        self.dist.scatter(received, rows, src=self._global(owner), group=self.process_group)
-        out.copy_(received)
 
     # ---------------------------------------------------------------- checkpoints
+    def _saved(self, optimizer, key):
+        """The state of matrix or slice ``key`` on this rank, None before its first step."""
+        shadow = self.shadows.get(key)
+        return optimizer.state.get(shadow) if shadow is not None else None
+
     def state_dict(self, optimizer):
-        """Plain data: the owned matrices' states keyed by their optimizer-wide index."""
-        state = {str(key): optimizer.state[self.shadows[key]] for key in self.owned_keys()
-                 if key in self.shadows and self.shadows[key] in optimizer.state}
+        """Plain data, keyed by the parameters' optimizer-wide index: ``state`` holds the owned
+        matrices' whole states, ``slices`` this rank's slices of the element-wise parameters
+        (``{key: {"start": first element of the flattened parameter, "shape": its full shape,
+        "state": the slice's state}}``), which ``slimopt.launch.zero_checkpoint`` concatenates
+        back into whole states."""
+        state = {str(key): self._saved(optimizer, key) for key in self.owned_keys()
+                 if self._saved(optimizer, key)}
+        slices = {str(key): {"start": piece.lo, "shape": list(piece.slot.shape),
+                             "state": self._saved(optimizer, key)}
+                  for key, piece in self.my_pieces().items() if self._saved(optimizer, key)}
         groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-        return {"slimopt_zero": 1, "world_size": self.world, "state": state,
+        return {"slimopt_zero": 1, "world_size": self.world, "state": state, "slices": slices,
                 "param_groups": groups}
 
     def load_state_dict(self, optimizer, state_dict, merged=False):
         """Load ``state_dict`` after ``check_state_dict`` (a state that does not fit changes
-        nothing). ``merged``: every rank's states in one (``load_resharded``); each rank takes
-        those of the matrices it owns."""
+        nothing). ``merged``: every parameter's whole state in one (``load_resharded``); each
+        rank takes those of the matrices it owns and cuts its slices of the element-wise
+        ones."""
         self.check_state_dict(optimizer, state_dict, merged)
         for group, saved in zip(optimizer.param_groups, state_dict["param_groups"]):
             group.update({k: v for k, v in saved.items() if k not in ("params", "zero_index")})
-        owned = set(self.owned_keys())
+        owned, pieces = set(self.owned_keys()), self.my_pieces()
         for key_text, entry in state_dict["state"].items():
             key = int(key_text)
-            if key not in owned:
-                continue
-            shadow = self._shadow(optimizer, key)
-            optimizer.state[shadow] = {k: (v.to(shadow.device) if torch.is_tensor(v) else v)
-                                       for k, v in entry.items()}
+            if key in owned:
+                self._load_entry(optimizer, key, entry)
+            elif key in pieces:  # a merged whole state: this rank's slice of it
+                piece = pieces[key]
+                self._load_entry(optimizer, key, {
+                    k: (v.reshape(-1)[piece.lo:piece.hi].clone() if torch.is_tensor(v) else v)
+                    for k, v in entry.items()})
+        for key_text, record in (state_dict.get("slices") or {}).items():
+            self._load_entry(optimizer, int(key_text), record["state"])
+
+    def _load_entry(self, optimizer, key, entry) -> None:
+        shadow = self._shadow(optimizer, key)
+        optimizer.state[shadow] = {k: (v.to(shadow.device) if torch.is_tensor(v) else v)
+                                   for k, v in entry.items()}
 
     def check_state_dict(self, optimizer, state_dict, merged=False) -> None:
         """Raise a ``ValueError`` naming what does not fit, changing nothing: not a ZeRO-bridge
         state; one rank's share written at another world size (it would leave the other
         matrices without state); another rank's share; group options the optimizer refuses;
-        a parameter this optimizer lacks; a state of other keys or shapes."""
+        a parameter this optimizer lacks; a state of other keys or shapes; slices other than
+        the ones this rank holds (or any slices in a ``merged`` state)."""
         name = type(optimizer).__name__
         if not isinstance(state_dict, dict) or state_dict.get("slimopt_zero") != 1:
             raise ValueError("not a slimopt ZeRO optimizer state (was it saved by another "
@@ -435,27 +542,67 @@ class ZeroBridge:
                 "where it would leave the other ranks' matrices without state. Move it with "
                 "python -m slimopt.launch.zero_checkpoint and slimopt.launch.load_resharded")
         groups, state = state_dict.get("param_groups"), state_dict.get("state")
-        if not isinstance(groups, list) or not isinstance(state, dict):
+        slices = state_dict.get("slices") or {}
+        if not isinstance(groups, list) or not isinstance(state, dict) \
+                or not isinstance(slices, dict):
             raise ValueError(f"{name}: a ZeRO optimizer state needs a dict 'state' and a list "
-                             "'param_groups'")
+                             "'param_groups' (and 'slices', if present, a dict)")
         if len(groups) != len(optimizer.param_groups):
             raise ValueError(f"{name}: the state has {len(groups)} parameter group(s), the "
                              f"optimizer {len(optimizer.param_groups)}")
         expected, shapes = {}, dict(p for ps in self.group_params.values() for p in ps)
         for index, saved in enumerate(groups):
             expected.update(self._expected_state(optimizer, saved, index))
-        mine = set(expected) if merged else set(self.owned_keys())
         for key_text, entry in state.items():
             key = _parameter_key(key_text, name)
             if key not in expected:
                 raise ValueError(f"{name}: the state holds parameter {key}, which this "
                                  "optimizer does not have (another model?)")
-            if key not in mine:
-                raise ValueError(f"{name}: parameter {key}'s state belongs to rank "
-                                 f"{self.owner_of(key)} here, not to rank {self.rank}: this is "
-                                 "another rank's share, or the model or config changed")
+            if not merged:
+                self._check_mine(key, name)
             state_checks.check_param_state(entry, expected[key], optimizer.optional_state_keys,
                                            f"{name}: parameter {key} (shape {shapes[key]})")
+        self._check_slices(optimizer, slices, groups, merged)
+
+    def _check_mine(self, key, name) -> None:
+        """Refuse the whole state of ``key`` in one rank's share unless this rank owns it."""
+        owner = self.owner_of(key)
+        if owner is None:
+            raise ValueError(
+                f"{name}: the state holds the whole state of element-wise parameter {key}, "
+                "which every rank keeps as the slice it holds: this is a merged state; load it "
+                "with slimopt.launch.load_resharded")
+        if owner != self.rank:
+            raise ValueError(f"{name}: parameter {key}'s state belongs to rank {owner} here, "
+                             f"not to rank {self.rank}: this is another rank's share, or the "
+                             "model or config changed")
+
+    def _check_slices(self, optimizer, slices, groups, merged) -> None:
+        """Each of ``slices`` is the slice of an element-wise parameter this rank holds, with the
+        state such a slice has under the saved group's options."""
+        name = type(optimizer).__name__
+        if merged and slices:
+            raise ValueError(f"{name}: a merged state holds whole states, this one per-rank "
+                             "slices: merge it with python -m slimopt.launch.zero_checkpoint")
+        pieces = self.my_pieces()
+        group_of = {key: index for index, ps in self.group_params.items() for key, _ in ps}
+        for key_text, record in slices.items():
+            key = _parameter_key(key_text, name)
+            piece = pieces.get(key)
+            if not isinstance(record, dict) or piece is None \
+                    or record.get("start") != piece.lo \
+                    or tuple(record.get("shape", ())) != piece.slot.shape:
+                held = (f"elements [{piece.lo}, {piece.hi}) of shape {piece.slot.shape}"
+                        if piece is not None else "no slice of it")
+                raise ValueError(f"{name}: the state's slice of parameter {key} is not the one "
+                                 f"rank {self.rank} holds ({held}): another rank's share, "
+                                 "another world size, or the model or config changed")
+            meta = torch.empty(piece.hi - piece.lo, dtype=torch.float32, device="meta")
+            fresh = optimizer.expected_state(dict(groups[group_of[key]], params=[meta]))[0]
+            state_checks.check_param_state(record.get("state"), fresh,
+                                           optimizer.optional_state_keys,
+                                           f"{name}: rank {self.rank}'s slice of parameter {key}")
+
 
     def _expected_state(self, optimizer, saved, index) -> dict:
         """key -> the fresh state (meta tensors) of each parameter of group ``index`` under the

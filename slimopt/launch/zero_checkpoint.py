@@ -2,8 +2,11 @@
 
 DeepSpeed writes one optimizer file per rank and refuses to load them at another world size.
 Under slimopt's bridge (``slimopt.launch.zero``) the state of every matrix lives whole on its
-owner rank, keyed by the parameter's index in the optimizer, so the ranks' states merge by union;
-the fp32 weights come from DeepSpeed's own ``zero_to_fp32`` reader. This module does both:
+owner rank, keyed by the parameter's index in the optimizer, so those merge by union; every rank
+keeps the slice it holds of each element-wise parameter's state (with its first element), and
+the slices are concatenated back into whole states (``join_slices``), which each rank of the new
+world size cuts again on load. The fp32 weights come from DeepSpeed's own ``zero_to_fp32``
+reader. This module does both:
 
     python -m slimopt.launch.zero_checkpoint CHECKPOINT_DIR OUT.pt [--tag TAG]
 
@@ -95,14 +98,20 @@ def consolidate(checkpoint_dir: str, tag: str | None = None) -> dict:
     if not optim_files:
         raise ValueError(f"{folder}: no ZeRO optimizer state files (is it a ZeRO stage 1-3 "
                          "checkpoint? ZeRO-0 loads at any world size as it is)")
-    merged, groups, stage, world = {}, None, None, len(optim_files)
+    merged, slices, groups, stage, world = {}, {}, None, None, len(optim_files)
     for path in optim_files:
         stage, ours = _slimopt_share(path)
         for key, entry in ours["state"].items():
             if key in merged:
                 raise ValueError(f"{path}: parameter {key}'s state is on two ranks")
             merged[key] = entry
+        for key, record in (ours.get("slices") or {}).items():
+            slices.setdefault(key, []).append((path, record))
         groups = ours["param_groups"]
+    for key, pieces in slices.items():
+        if key in merged:
+            raise ValueError(f"{pieces[0][0]}: parameter {key} has a whole state and slices")
+        merged[key] = join_slices(key, pieces)
     engine_state = load_file(model_files[0])
     return {FORMAT: 1, "source": {"dir": os.path.abspath(checkpoint_dir), "tag": tag,
                                   "zero_stage": stage, "world_size": world},
@@ -112,6 +121,45 @@ def consolidate(checkpoint_dir: str, tag: str | None = None) -> dict:
             "engine": {k: engine_state.get(k) for k in ("global_steps", "global_samples",
                                                         "skipped_steps", "lr_scheduler")},
             "client_state": {k: v for k, v in engine_state.items() if k not in DEEPSPEED_KEYS}}
+
+
+def join_slices(key, pieces) -> dict:
+    """The whole state of element-wise parameter ``key`` from its ranks' slices (``pieces``:
+    ``(file, {"start", "shape", "state"})``, as ``ZeroBridge.state_dict`` writes them): the
+    slices' tensors concatenated in element order, which must cover the parameter exactly once,
+    and their other entries (step counts), which must agree."""
+    def start(piece):
+        first = piece[1].get("start") if isinstance(piece[1], dict) else None
+        return first if isinstance(first, int) else -1
+
+    ordered = sorted(pieces, key=start)
+    shape, end, parts, scalars = None, 0, {}, None
+    for path, record in ordered:
+        state = record.get("state") if isinstance(record, dict) else None
+        if not isinstance(state, dict) or record.get("start") != end:
+            raise ValueError(f"{path}: the slices of parameter {key} do not follow each other "
+                             f"(one should start at element {end})")
+        shape = tuple(record.get("shape", ()))
+        sizes = {v.numel() for v in state.values() if torch.is_tensor(v)}
+        if len(sizes) != 1:
+            raise ValueError(f"{path}: the slice of parameter {key} holds tensors of sizes "
+                             f"{sorted(sizes)}, not one slice size")
+        end += sizes.pop()
+        others = {k: v for k, v in state.items() if not torch.is_tensor(v)}
+        if scalars is not None and others != scalars:
+            raise ValueError(f"{path}: the slices of parameter {key} disagree on {others} vs "
+                             f"{scalars} (ranks at different steps?)")
+        scalars = others
+        for k, v in state.items():
+            if torch.is_tensor(v):
+                parts.setdefault(k, []).append(v.reshape(-1))
+    numel = 1
+    for size in shape or ():
+        numel *= size
+    if end != numel:
+        raise ValueError(f"{ordered[-1][0]}: the slices of parameter {key} cover {end} of its "
+                         f"{numel} elements (a rank's file missing?)")
+    return dict(scalars, **{k: torch.cat(v).view(shape) for k, v in parts.items()})
 
 
 @torch.no_grad()
@@ -164,10 +212,10 @@ def _write_weights(weights, named, optimizer, bridge) -> None:
     weights from the full ``weights``."""
     key_to_name = {optimizer.param_key(p): n for n, p in named.items()
                    if optimizer.param_key(p) is not None}
-    for s, units in enumerate(bridge.groups):
+    for s, slots in enumerate(bridge.slots):
         part = bridge.partition(s)
         table = torch.zeros(bridge.world, part.numel(), dtype=part.dtype, device=part.device)
-        for slot in (slot for unit in units for slot in unit):
+        for slot in slots:
             bridge.write(table, slot.offset, slot.shape, slot.chunk,
                          weights[key_to_name[slot.key]].to(part.device))
         part.copy_(table[bridge.rank])

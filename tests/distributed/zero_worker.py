@@ -16,8 +16,11 @@ save and back with 2 ranks, load with 1, all with the same ZERO_CKPT_DIR), or
 loadcheck:OPTIMIZER:STAGE (one rank, after reshard-save: the bridge's load_state_dict refuses
 another world size's share, wrong shapes and unknown parameters, changing nothing), or
 nonfinite:STAGE:CLIP:loss|partition (nonfinite="raise": every rank raises together, nothing
-changes, no hang), or time:OPTIMIZER:STAGE (seconds per engine.step() through the bridge, for DeepSpeed's own AdamW and
-for the optimizer in one process; a measurement, not a test).
+changes, no hang), or balance:STAGE (per-rank GrassWalk state bytes on a 4-layer LLaMA, run
+with 4 ranks), or skipslice:STAGE (nonfinite="skip" with a NaN in one rank's slice of an
+element-wise parameter: skipped whole on every rank), or time:OPTIMIZER:STAGE (seconds per
+engine.step() through the bridge, for DeepSpeed's own AdamW and for the optimizer in one
+process; a measurement, not a test).
 """
 import json
 import os
@@ -45,10 +48,11 @@ TYPES = {name: m.build.__name__ for name, m in ZERO_METHODS.items()}
 LORA = {name for name, m in ZERO_METHODS.items() if m.split == records.LORA_PAIRS}
 
 
-def tiny_llama(lora):
+def tiny_llama(lora, layers=2, hidden=24):
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=24, intermediate_size=40,
-                                      num_hidden_layers=2, num_attention_heads=2,
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=hidden,
+                                      intermediate_size=hidden * 5 // 3,
+                                      num_hidden_layers=layers, num_attention_heads=2,
                                       num_key_value_heads=2, max_position_embeddings=SEQ)
     model = transformers.LlamaForCausalLM(config)
     if lora:
@@ -393,6 +397,67 @@ def run_gradient_probe(stage):
                           "max_grad": scale}), flush=True)
 
 
+def run_balance(stage):
+    """Per-rank state bytes of GrassWalk under ZeRO-``stage`` on a 4-layer LLaMA of hidden size
+    48 after one step, the bridge's plan of them (``planned_bytes``, None before the plan
+    existed) and the single-process state bytes of the same optimizer."""
+    from slimopt.launch.zero import build_from_config
+    rank, world = dist.get_rank(), dist.get_world_size()
+    engine, opt, _, _ = initialize(model=tiny_llama(False, layers=4, hidden=48),
+                                   config=ds_config("grasswalk", stage, "fp32", 1))
+    rows = torch.randint(0, 64, (MICRO, SEQ), generator=torch.Generator().manual_seed(rank))
+    engine.backward(engine(input_ids=rows, labels=rows).loss)
+    engine.step()
+    mine = torch.tensor([float(slimopt.state_bytes(opt))], dtype=torch.float64)
+    gathered = [torch.zeros(1, dtype=torch.float64) for _ in range(world)]
+    dist.all_gather(gathered, mine)
+    single = build_from_config({"type": "slimopt." + TYPES["grasswalk"],
+                                "params": dict(OPT_PARAMS["grasswalk"])},
+                               tiny_llama(False, layers=4, hidden=48))
+    single.init_state()
+    planned = getattr(engine.optimizer.optimizer.step_router, "planned_bytes", None)
+    if rank == 0:
+        print(json.dumps({"scenario": f"balance:{stage}", "single": slimopt.state_bytes(single),
+                          "state_bytes_per_rank": [int(x) for x in gathered],
+                          "planned": planned}), flush=True)
+
+
+def run_skip_slice(stage):
+    """``nonfinite="skip"``: a NaN in rank 1's slice of an element-wise parameter that several
+    ranks hold part of. Every rank must skip that whole parameter (its fp32 master unchanged,
+    a skip counted on each rank holding a slice) and step the others, as one process would."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    engine, _, _, _ = initialize(model=tiny_llama(False), config=ds_config("grasswalk", stage,
+                                                                           "fp32", 1))
+    train(engine, rank, world, 1, 1)
+    client = engine.optimizer.optimizer
+    bridge = client.step_router
+    s, slot = next((s, slot) for s, dense in enumerate(bridge.dense) for slot in dense
+                   if sum(n > 0 for n in bridge.shares(slot)) == world)
+    name = {client.param_key(p): n for n, p in engine.module.named_parameters()}[slot.key]
+    if rank == 1:
+        piece = next(piece for piece in bridge.pieces[s] if piece.slot.key == slot.key)
+        prepare = client._prepare_step
+
+        def poisoned():  # DeepSpeed steps one group at a time: poison when it is ours
+            if bridge.partition(s).grad is not None:
+                bridge.partition(s).grad.view(-1)[piece.at] = float("nan")
+            return prepare()
+        client._prepare_step = poisoned
+    before = masters(engine, stage)
+    skips = client.nonfinite_skips()
+    train(engine, rank, world, 1, 1, start=1)
+    after = masters(engine, stage)
+    counted = torch.tensor([float(client.nonfinite_skips() - skips)])
+    dist.all_reduce(counted, op=dist.ReduceOp.MIN)
+    if rank == 0:
+        print(json.dumps({"scenario": f"skipslice:{stage}", "param": name,
+                          "skipped_change": float((after[name] - before[name]).abs().max()),
+                          "others_change": min(float((after[n] - before[n]).abs().max())
+                                               for n in before if n != name),
+                          "min_skips_per_rank": float(counted)}), flush=True)
+
+
 RESULTS = {}
 
 
@@ -499,6 +564,10 @@ if __name__ == "__main__":
             run_gradient_probe(int(parts[1]))
         elif parts[0] == "nonfinite":
             run_nonfinite(int(parts[1]), float(parts[2]), parts[3])
+        elif parts[0] == "skipslice":
+            run_skip_slice(int(parts[1]))
+        elif parts[0] == "balance":
+            run_balance(int(parts[1]))
         elif parts[0] == "naive":
             run_naive(parts[1], int(parts[2]))
         else:
