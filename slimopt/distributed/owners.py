@@ -4,10 +4,13 @@ plan and the benchmarks use the same code as the runs.
 
 - ``Slot``: where one parameter lies in a flat partition; ``Holding``: which slice of it a rank
   holds;
-- ``assign_owners``: owners balancing sizes (ZeRO-3: every rank holds an even chunk of
-  everything);
-- ``local_owners`` and ``holders``: owners by locality, for engines that cut a flat buffer into
+- ``assign_owners``: owners balancing sizes (state bytes in ``fsdp.plan``, the planner of both
+  the FSDP2 adapter and the ZeRO-1/2/3 bridge);
+- ``holders``: who holds which part of a parameter when an engine cuts a flat buffer into
   consecutive shares (ZeRO-1/2);
+- ``local_owners``: owners by locality (the rank holding most of a unit); the ZeRO bridge
+  no longer plans with it (it balanced elements, not state, and put dense parameters whole on
+  one rank), kept for its public name;
 - ``row_shares``: the elements of a tensor each rank holds when dim 0 is split as FSDP2 splits
   it, where element-wise state stays.
 """
