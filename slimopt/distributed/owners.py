@@ -8,9 +8,6 @@ plan and the benchmarks use the same code as the runs.
   the FSDP2 adapter and the ZeRO-1/2/3 bridge);
 - ``holders``: who holds which part of a parameter when an engine cuts a flat buffer into
   consecutive shares (ZeRO-1/2);
-- ``local_owners``: owners by locality (the rank holding most of a unit); the ZeRO bridge
-  no longer plans with it (it balanced elements, not state, and put dense parameters whole on
-  one rank), kept for its public name;
 - ``row_shares``: the elements of a tensor each rank holds when dim 0 is split as FSDP2 splits
   it, where element-wise state stays.
 """
@@ -60,25 +57,6 @@ def holders(offset: int, numel: int, size: int, world: int) -> list[Holding]:
     return [Holding(r, max(offset, r * size), min(offset + numel, (r + 1) * size))
             for r in range(first, last + 1)
             if min(offset + numel, (r + 1) * size) > max(offset, r * size)]
-
-
-def local_owners(units, size: int, world: int, load=None) -> list[int]:
-    """ZeRO-1/2 owners: each unit (a list of ``Slot``s) goes to the rank whose
-    partition holds most of its elements, so only units straddling a partition boundary move and
-    the state follows DeepSpeed's even split of the elements; ties (a small group split evenly)
-    go to the least loaded rank (``load``, elements per rank, carried across groups and updated
-    in place), then to the lower rank."""
-    load = [0] * world if load is None else load
-    owners = []
-    for unit in units:
-        count = [0] * world
-        for slot in unit:
-            for held in holders(slot.offset, shape_numel(slot.shape), size, world):
-                count[held.rank] += held.end - held.start
-        owner = max(range(world), key=lambda r: (count[r], -load[r], -r))
-        load[owner] += sum(count)
-        owners.append(owner)
-    return owners
 
 
 def row_shares(shape, world: int) -> list[int]:

@@ -4,8 +4,8 @@
 from ..distributed.deepspeed import (PREFIX, ZeroBridge, build_from_config, initialize,
                                      raise_on_skipped_steps, read_checkpoints_safely,
                                      register_master_copies)
-from ..distributed.owners import Holding, Slot, assign_owners, holders, local_owners
+from ..distributed.owners import Holding, Slot, assign_owners, holders
 
 __all__ = ["PREFIX", "Holding", "Slot", "ZeroBridge", "assign_owners", "build_from_config",
-           "holders", "initialize", "local_owners", "raise_on_skipped_steps",
+           "holders", "initialize", "raise_on_skipped_steps",
            "read_checkpoints_safely", "register_master_copies"]

@@ -34,13 +34,13 @@ import sys
 
 import torch
 import torch.distributed as dist
-import transformers
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 import slimopt
 from slimopt.distributed.fsdp import plan
 from slimopt.launch import records
 from slimopt.launch.registry import split_for
+from tiny_model import tiny_llama as base_llama
 
 STEPS = 3
 HALVES = 2   # the data is always cut in 2 halves (2 data ranks), whatever the world size
@@ -52,12 +52,7 @@ LORA = {name for name, m in METHODS.items() if m.split == records.LORA_PAIRS}
 
 
 def tiny_llama(name, layers=2, hidden=24):
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=hidden,
-                                      intermediate_size=hidden * 5 // 3,
-                                      num_hidden_layers=layers, num_attention_heads=2,
-                                      num_key_value_heads=2, max_position_embeddings=SEQ)
-    model = transformers.LlamaForCausalLM(config)
+    model = base_llama(layers, hidden, SEQ)
     if name in LORA:  # peft's LoRA factors, B made non-zero so the pair math is exercised
         import peft
         model = peft.get_peft_model(model, peft.LoraConfig(

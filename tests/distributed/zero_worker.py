@@ -32,6 +32,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import transformers  # noqa: E402
 
+from tiny_model import tiny_llama as base_llama  # noqa: E402
 import slimopt  # noqa: E402
 from slimopt.launch import records  # noqa: E402
 from slimopt.launch.zero import initialize  # noqa: E402
@@ -49,12 +50,7 @@ LORA = {name for name, m in ZERO_METHODS.items() if m.split == records.LORA_PAIR
 
 
 def tiny_llama(lora, layers=2, hidden=24):
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=hidden,
-                                      intermediate_size=hidden * 5 // 3,
-                                      num_hidden_layers=layers, num_attention_heads=2,
-                                      num_key_value_heads=2, max_position_embeddings=SEQ)
-    model = transformers.LlamaForCausalLM(config)
+    model = base_llama(layers, hidden, SEQ)
     if lora:
         slimopt.lora.apply_lora(model, rank=3, alpha=6)
         for name, p in model.named_parameters():  # non-zero B so the pair math is exercised
