@@ -3,6 +3,7 @@ the DTensor parameters: exact single-process math (replay and end to end), gradi
 bf16 mixed precision, the negative control, torch.distributed.checkpoint across world sizes
 2 -> 1 -> 2, per-rank state on 4 ranks against the plan, and the refusals.
 ``tests/distributed/fsdp_worker.py`` does the work; each torchrun runs many scenarios."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -12,8 +13,10 @@ import pytest
 
 from net import free_port
 
-pytest.importorskip("transformers")
-pytest.importorskip("peft")
+# found, not imported: peft imports triton, which must first see TRITON_INTERPRET=1, set when
+# tests/test_kernels.py is collected (after this module)
+if importlib.util.find_spec("transformers") is None or importlib.util.find_spec("peft") is None:
+    pytest.skip("the FSDP2 workers need transformers and peft", allow_module_level=True)
 
 from slimopt.launch import records  # noqa: E402
 
@@ -118,3 +121,45 @@ def test_per_rank_state_is_balanced_on_4_ranks():
         assert sum(per_rank) == row["single"], (scenario, row)
     grasswalk = rows["balance:grasswalk"]
     assert max(grasswalk["per_rank"]) <= 0.26 * grasswalk["adamw"] / 4, grasswalk
+
+
+ONE_RANK_SCRIPT = """
+import torch, torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+import slimopt
+dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
+fully_shard(model)
+opt = slimopt.GrassWalk([dict(params=[model[0].weight, model[2].weight], rank=4),
+                         dict(params=[model[0].bias, model[2].bias], dense=True)], lr=1e-3)
+try:
+    opt.add_param_group(dict(params=[torch.nn.Parameter(torch.randn(3, 3))]))
+    print("accepted")
+except TypeError as err:
+    print("refused" if "fully_shard" in str(err) else err)
+print(len(opt.param_groups))
+model(torch.randn(4, 16)).sum().backward()
+opt.step()
+print(slimopt.state_bytes(opt))
+dist.destroy_process_group()
+"""
+
+
+def test_one_rank_fsdp2_refuses_a_plain_group_and_counts_local_state():
+    """At world 1 (one rank holds everything): a plain-tensor group added to an FSDP2 optimizer
+    is refused and rolled back; state_bytes counts the DTensor state (no crash on the subclass)
+    and equals the same optimizer's state in one process."""
+    proc = subprocess.run([sys.executable, "-c", ONE_RANK_SCRIPT], capture_output=True,
+                          text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    refused, groups, nbytes = proc.stdout.split()
+    assert (refused, groups) == ("refused", "2")
+    import torch
+    import slimopt
+    torch.manual_seed(0)
+    plain = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
+    reference = slimopt.GrassWalk([dict(params=[plain[0].weight, plain[2].weight], rank=4),
+                                   dict(params=[plain[0].bias, plain[2].bias], dense=True)],
+                                  lr=1e-3)
+    reference.init_state()
+    assert int(nbytes) == slimopt.state_bytes(reference)
