@@ -60,7 +60,7 @@ def _model(info):
 
 def _make(info, model, **overrides):
     kwargs = dict(info.kwargs, **overrides)
-    return info.cls(model if info.lora_pairs else model.parameters(), **kwargs)
+    return info.cls(model if info.lora_pairs else model.named_parameters(), **kwargs)
 
 
 def _plain(obj):

@@ -113,7 +113,7 @@ class ROOT(SlimOptimizer):
     def __init__(self, params, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8, *,
                  momentum=0.95, nesterov=True, percentile=0.9, ns_steps=5,
                  coefficients="adaptive", lr_scale="match_rms", ns_eps=1e-7, ns_dtype="bfloat16",
-                 nonfinite="skip"):
+                 maximize=False, nonfinite="skip"):
         super().__init__(params, locals())
 
     def check_group(self, group):

@@ -43,7 +43,7 @@ class SNSM(SubspaceOptimizer):
 
     def __init__(self, params, lr=1e-3, rank=128, update_interval=200, betas=(0.9, 0.999),
                  eps=1e-6, weight_decay=0.0, *, moment_rule="reset", subset_norm=True, seed=0,
-                 nonfinite="skip"):
+                 maximize=False, nonfinite="skip"):
         super().__init__(params, locals())
 
     @staticmethod
@@ -79,7 +79,7 @@ class SubspaceMomentum(SNSM):
 
     def __init__(self, params, lr=1e-3, rank=128, update_interval=200, betas=(0.9, 0.999),
                  eps=1e-6, weight_decay=0.0, *, moment_rule="reset", subset_norm=False, seed=0,
-                 nonfinite="skip"):
+                 maximize=False, nonfinite="skip"):
         super().__init__(params, lr, rank, update_interval, betas, eps, weight_decay,
                          moment_rule=moment_rule, subset_norm=subset_norm, seed=seed,
-                         nonfinite=nonfinite)
+                         maximize=maximize, nonfinite=nonfinite)

@@ -35,7 +35,7 @@ class SubsetNorm(SlimOptimizer):
     beta2_may_be_one = True
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, *,
-                 subset_size="auto", nonfinite="skip"):
+                 subset_size="auto", maximize=False, nonfinite="skip"):
         super().__init__(params, locals())
 
     def check_group(self, group):

@@ -14,6 +14,8 @@ class BasisPolicy:
 
     #: whether the basis must be kept in the optimizer state
     stored: bool = True
+    #: whether the policy draws from its generator (its bases depend on the parameter's key)
+    random: bool = False
 
     def initial(self, grad: torch.Tensor, rank: int, gen: torch.Generator) -> torch.Tensor:
         return self.next(None, grad, rank, gen)

@@ -11,6 +11,7 @@ from .base import BasisPolicy, gaussian, orthonormalize
 
 class RandomJump(BasisPolicy):
     stored = False
+    random = True
 
     def next(self, basis, grad, rank, gen):
         return orthonormalize(gaussian(grad.shape[0], rank, grad, gen))

@@ -29,6 +29,8 @@ def sample_singular_indices(sigma: torch.Tensor, rank: int, gen: torch.Generator
 
 
 class ImportanceSVD(BasisPolicy):
+    random = True
+
     def next(self, basis, grad, rank, gen):
         u, sigma, _ = torch.linalg.svd(grad, full_matrices=False)
         return u[:, sample_singular_indices(sigma, rank, gen)].contiguous()

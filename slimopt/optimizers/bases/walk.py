@@ -51,6 +51,8 @@ def random_tangent(basis: torch.Tensor, tangent_rank, gen: torch.Generator) -> t
 
 
 class GrassmannWalk(BasisPolicy):
+    random = True
+
     def __init__(self, angle: float = 0.5, tangent_rank=1, init: str = "svd"):
         if not (isinstance(angle, (int, float)) and not isinstance(angle, bool)
                 and 0.0 < angle <= math.pi / 2):

@@ -28,16 +28,54 @@ there); it implements ``takes_matrix_rule``, ``_init_matrix_state`` and ``_matri
 """
 from __future__ import annotations
 
+import contextlib
+import logging
+import sys
+import warnings
+
 import torch
 from torch.optim import Optimizer
 
 from . import state_checks
 from .adam import adam_direction, adam_moments_, decoupled_weight_decay_
+from .group_keys import check_known_keys, resolve_aliases
 from .hyperparameters import document, option_defaults, split_arguments
+from .keys import fresh_key, keys_for
 from .validation import (check_adam_group, check_choice, check_gradient, check_int,
                          check_listed_once, check_parameter, is_dtensor)
 
+logger = logging.getLogger("slimopt")
+
 NONFINITE_MODES = ("skip", "raise", "off")
+#: group options newer than some checkpoints, and the value an older checkpoint meant
+ADDED_OPTIONS = {"maximize": False}
+UNNAMED_ADVICE = ("pass names: {cls}(model.named_parameters(), ...), or groups from "
+                  "slimopt.param_groups(model), or a 'param_names' list in each group")
+
+
+def _caller_level() -> int:
+    """The ``stacklevel`` (for a warning in the calling function) of the first frame outside
+    slimopt's optimizers and ``torch.optim``: the call that built the optimizer or added the
+    group."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_globals.get("__name__", "").startswith(
+            ("slimopt.optimizers.", "torch.optim.")):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+@contextlib.contextmanager
+def negated_gradients(params):
+    """``maximize``: each parameter's ``.grad`` replaced by its negation for the duration (the
+    caller's gradient tensors are left untouched and restored after)."""
+    saved = [(p, p.grad) for p in params if p.grad is not None]
+    for p, grad in saved:
+        p.grad = torch.neg(grad)
+    try:
+        yield
+    finally:
+        for p, grad in saved:
+            p.grad = grad
 FLOAT16_ADVICE = ("use bfloat16, float32 or float64 parameters, or float32 master weights with "
                   "torch.autocast(dtype=torch.float16)")
 
@@ -74,6 +112,9 @@ class SlimOptimizer(Optimizer):
         check_choice("nonfinite", nonfinite, NONFINITE_MODES)
         check_int("seed", seed, 0)
         self._param_keys: dict[torch.Tensor, int] = {}
+        self._param_names: dict[torch.Tensor, str] = {}
+        self._warned_unnamed = False
+        self._described = False
         self._state_alias: dict[torch.Tensor, torch.Tensor] = {}
         self._step_router = None
         self._constructed = False
@@ -101,6 +142,10 @@ class SlimOptimizer(Optimizer):
     def takes_matrix_rule(self, param: torch.Tensor, group: dict) -> bool:
         raise NotImplementedError
 
+    def draws_randomly(self, group: dict) -> bool:
+        """Whether the matrix rule of ``group`` makes random draws (seeded by parameter keys)."""
+        return False
+
     def _init_matrix_state(self, param: torch.Tensor, group: dict, state: dict) -> None:
         raise NotImplementedError
 
@@ -109,7 +154,12 @@ class SlimOptimizer(Optimizer):
 
     # ------------------------------------------------------------------ set-up
     def add_param_group(self, param_group: dict) -> None:
-        """torch's, with slimopt's checks; a refused group leaves the optimizer as it was."""
+        """torch's, with slimopt's checks; a refused group leaves the optimizer as it was. A key
+        the optimizer does not know is refused (``ValueError`` listing its options);
+        galore-torch's ``update_proj_gap`` and ``proj_type="std"`` are read as slimopt's."""
+        if isinstance(param_group, dict):
+            param_group = resolve_aliases(param_group, self.defaults)
+            check_known_keys(param_group, self.defaults, type(self).__name__)
         if isinstance(param_group, dict) and "params" in param_group \
                 and not isinstance(param_group["params"], (torch.Tensor, set)):
             param_group["params"] = list(param_group["params"])
@@ -124,13 +174,35 @@ class SlimOptimizer(Optimizer):
             self.check_group_params(group)
             if self._constructed:
                 self._check_sharding_unchanged(group)
+            keys = keys_for(group, self._taken_keys())
         except BaseException:
             self.param_groups.pop()
             raise
-        for p in group["params"]:
-            self._param_keys.setdefault(p, len(self._param_keys))
+        names = group.get("param_names") or [None] * len(keys)
+        for p, key, name in zip(group["params"], keys, names):
+            self._param_keys[p] = key
+            if name is not None:
+                self._param_names[p] = name
+        self._warn_if_unnamed(group)
         if self._constructed and getattr(self._step_router, "add_group", None) is not None:
             self._step_router.add_group(self, group)
+
+    def _taken_keys(self) -> dict:
+        """The keys of the optimizer's parameters, each with what holds it (for messages)."""
+        return {k: repr(self._param_names[p]) if p in self._param_names
+                else f"a parameter of shape {tuple(p.shape)}" for p, k in self._param_keys.items()}
+
+    def _warn_if_unnamed(self, group: dict) -> None:
+        """Warn once per optimizer when a rule with random draws gets unnamed parameters."""
+        if self._warned_unnamed or "param_names" in group or not self.draws_randomly(group):
+            return
+        if any(self.takes_matrix_rule(p, group) for p in group["params"]):
+            self._warned_unnamed = True
+            warnings.warn(
+                f"{type(self).__name__} draws random bases seeded by each parameter's key, and its "
+                "parameters have no names: their keys then depend on what this process created "
+                "before, so the draws change with how the model is split over optimizers or "
+                f"processes; {UNNAMED_ADVICE.format(cls=type(self).__name__)}", UserWarning, stacklevel=_caller_level())
 
     def _check_sharding_unchanged(self, group: dict) -> None:
         """A group added after construction is sharded (DTensor) exactly when the optimizer's
@@ -167,7 +239,7 @@ class SlimOptimizer(Optimizer):
         ``torch.distributed.checkpoint`` expects); by default ``alias`` has its own entry.
         Returns the key."""
         if key is None:
-            key = len(self._param_keys)
+            key = fresh_key()
         self._param_keys[alias] = key
         if state_of is not None:
             self._state_alias[alias] = state_of
@@ -321,7 +393,12 @@ class SlimOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         router = self._step_router
-        for group, finite in zip(self.param_groups, self._prepare_step()):
+        checked = self._prepare_step()
+        if not self._described:
+            self._described = True
+            if logger.isEnabledFor(logging.INFO):
+                logger.info("%s parameters:\n%s", type(self).__name__, self.describe())
+        for group, finite in zip(self.param_groups, checked):
             if router is not None and router.routes(group):
                 router.step_group(self, group, finite)
             else:
@@ -333,7 +410,14 @@ class SlimOptimizer(Optimizer):
         (``step_params``: an engine's call, one unit at a time) the group is checked here first."""
         if finite is None:
             finite = self._check_gradients(group)
-        self._update_group(group, finite)
+        view = group
+        if isinstance(group["lr"], torch.Tensor):  # read once: the rules take a Python float
+            view = dict(group, lr=float(group["lr"]))
+        if group.get("maximize", False):
+            with negated_gradients(group["params"]):
+                self._update_group(view, finite)
+        else:
+            self._update_group(view, finite)
 
     def _update_group(self, group: dict, finite: dict) -> None:
         """Update every parameter of the checked ``group`` (a subclass may treat a group as a
@@ -371,10 +455,22 @@ class SlimOptimizer(Optimizer):
     def load_state_dict(self, state_dict):
         """torch's, after ``check_state_dict``: a state that does not fit is refused with a
         ``ValueError`` and the optimizer is left as it was."""
+        state_dict = self._with_added_options(state_dict)
         if self._step_router is not None:
             return self._step_router.load_state_dict(self, state_dict)
         self.check_state_dict(state_dict)
         return super().load_state_dict(state_dict)
+
+    @staticmethod
+    def _with_added_options(state_dict):
+        """A state saved before an option existed (``ADDED_OPTIONS``) gets the value that state
+        meant (a copy; the caller's dict is left as it is)."""
+        groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
+        if not isinstance(groups, list) or not any(
+                isinstance(g, dict) and not ADDED_OPTIONS.keys() <= g.keys() for g in groups):
+            return state_dict
+        groups = [{**ADDED_OPTIONS, **g} if isinstance(g, dict) else g for g in groups]
+        return dict(state_dict, param_groups=groups)
 
     # ------------------------------------------------------------------ checkpoints
     def expected_state(self, group: dict) -> list:
@@ -397,6 +493,7 @@ class SlimOptimizer(Optimizer):
         state_checks.check_param_indices(state, saved_groups)
         for index, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
             state_checks.check_group_options(saved, self.defaults, index)
+            check_known_keys(saved, self.defaults, name, f"group {index} of the state: ")
             merged = dict(saved, params=group["params"])
             try:
                 self.check_options(merged)
@@ -410,6 +507,28 @@ class SlimOptimizer(Optimizer):
                                                    self.optional_state_keys, where)
 
     # ------------------------------------------------------------------ diagnostics
+    def matrix_rule_name(self, group: dict) -> str:
+        """What ``describe`` calls the rule of the parameters ``takes_matrix_rule`` accepts."""
+        return type(self).__name__
+
+    def describe(self) -> str:
+        """A plain-text table, one row per parameter: its name (``-`` if unknown), shape, dtype,
+        the rule it gets (the method's matrix rule, or ``AdamW (dense)``), its rank and group
+        index. Logged once (``logging.getLogger("slimopt")``, INFO) at the first step."""
+        rows = [("name", "shape", "dtype", "rule", "rank", "group")]
+        for index, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                matrix = self.takes_matrix_rule(p, group)
+                rank = group.get("rank") if matrix and group.get("rank") is not None else "-"
+                rows.append((self._param_names.get(p, "-"), "x".join(map(str, p.shape)) or "()",
+                             str(p.dtype).replace("torch.", ""),
+                             self.matrix_rule_name(group) if matrix else "AdamW (dense)",
+                             str(rank), str(index)))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        return "\n".join(lines)
+
     def nonfinite_skips(self) -> int:
         """Parameter updates skipped so far because their gradient held NaN or Inf."""
         return sum(s.get("nonfinite_skips", 0) for s in self.state.values())

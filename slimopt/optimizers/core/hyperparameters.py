@@ -27,7 +27,9 @@ _INTERVAL = re.compile(r"([\[(][^\s\[\]()]*), ([^\s\[\]()]*[\])])")
 #: meaning and valid range of the arguments several optimizers share (a class's
 #: ``argument_docs`` adds its own and may reword these)
 ARGUMENT_DOCS = {
-    "lr": "learning rate, a finite number >= 0",
+    "lr": "learning rate, a finite number >= 0 or a 0-d floating tensor holding one (torch's "
+          "compiled-step recipe; read once per step)",
+    "maximize": "True: ascend, each rule applied to the negated gradient (torch's flag)",
     "rank": "subspace rank r, an int >= 1; None (in a group): dense AdamW for it. A matrix with "
             "rank >= its smaller side gets dense AdamW (one warning per group)",
     "update_interval": "steps between basis changes, an int >= 1",

@@ -19,27 +19,15 @@ pure function of its draw (``stored = False``) has its basis regenerated instead
 """
 from __future__ import annotations
 
-import sys
 import warnings
 
 import torch
 
 from .adam import decoupled_weight_decay_
-from .base import SlimOptimizer
+from .base import SlimOptimizer, _caller_level
 from .rng import generator_for
 from .transport import MOMENT_RULES, apply_moment_rule_
 from .validation import check_choice, check_int
-
-
-def _caller_level() -> int:
-    """The ``stacklevel`` (for a warning in the calling function) of the first frame outside
-    slimopt's optimizers and ``torch.optim``: the call that built the optimizer or added the
-    group."""
-    frame, level = sys._getframe(1), 1
-    while frame is not None and frame.f_globals.get("__name__", "").startswith(
-            ("slimopt.optimizers.", "torch.optim.")):
-        frame, level = frame.f_back, level + 1
-    return level
 
 
 class SubspaceOptimizer(SlimOptimizer):
@@ -76,6 +64,12 @@ class SubspaceOptimizer(SlimOptimizer):
                           f"side of {len(dense_shapes)} matrix parameter(s) {dense_shapes[:4]}"
                           f"{'...' if len(dense_shapes) > 4 else ''}; they get dense AdamW",
                           stacklevel=_caller_level())
+
+    def draws_randomly(self, group: dict) -> bool:
+        return self.policy_from_group(group).random
+
+    def matrix_rule_name(self, group: dict) -> str:
+        return f"{type(self).__name__} (rank-{group['rank']} subspace)"
 
     def takes_matrix_rule(self, param: torch.Tensor, group: dict) -> bool:
         rank = group["rank"]

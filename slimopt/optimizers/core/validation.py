@@ -62,9 +62,27 @@ def check_choice(name: str, value, choices) -> None:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
 
 
+def check_lr(value) -> None:
+    """A finite number >= 0, or a 0-d real floating tensor holding one (torch's recipe for a
+    compiled step with a scheduler: ``lr=torch.tensor(1e-3)``)."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0 or not value.is_floating_point() \
+                or not math.isfinite(float(value)) or float(value) < 0:
+            raise ValueError(f"lr must be a finite number >= 0 or a 0-d real floating tensor "
+                             f"holding one, got {value!r}")
+        return
+    check_nonnegative("lr", value)
+
+
+def check_bool(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+
+
 def check_adam_group(group: dict, beta2_may_be_one: bool = False) -> None:
     """The hyperparameters every slimopt Adam-style group shares."""
-    check_nonnegative("lr", group["lr"])
+    check_lr(group["lr"])
+    check_bool("maximize", group["maximize"])
     check_betas(group["betas"], beta2_may_be_one)
     check_eps("eps", group["eps"])
     check_nonnegative("weight_decay", group["weight_decay"])
