@@ -49,7 +49,8 @@ def _special_weights(model: nn.Module, linears: list) -> tuple[set, set]:
     input_weight = _module_weight(_call(model, "get_input_embeddings"))
     if input_weight is not None:
         embeddings.add(id(input_weight))
-    heads = {id(w) for w in (_module_weight(_call(model, "get_output_embeddings")),) if w is not None}
+    output_weight = _module_weight(_call(model, "get_output_embeddings"))
+    heads = set() if output_weight is None else {id(output_weight)}
     heads |= {id(m.weight) for name, m in linears if name.split(".")[-1] == "lm_head"}
     return embeddings, heads - embeddings
 
@@ -77,7 +78,7 @@ def _describe(targets) -> str:
     return targets.pattern if isinstance(targets, re.Pattern) else repr(targets)
 
 
-def _warn_coverage(body: list, chosen_ids: set, targets) -> None:
+def _warn_coverage(body: list, chosen_ids: set, targets, stacklevel: int) -> None:
     """Warn when the matrix group holds fewer than half of the body's linear weights."""
     left = [name for name, m in body if id(m.weight) not in chosen_ids]
     if not body or 2 * (len(body) - len(left)) >= len(body):
@@ -89,14 +90,16 @@ def _warn_coverage(body: list, chosen_ids: set, targets) -> None:
         f"{len(body)} linear weights (outside embeddings and the output head) with "
         f"targets={_describe(targets)}; these stay dense (AdamW): {shown}. To include them pass "
         f"targets='all-linear' (or the default targets=None), or add their names, e.g. "
-        f"targets={suffixes!r}.", UserWarning, stacklevel=3)
+        f"targets={suffixes!r}.", UserWarning, stacklevel=stacklevel)
 
 
-def select_matrices(model: nn.Module, targets=None) -> list[tuple[str, nn.Module]]:
+def select_matrices(model: nn.Module, targets=None, *,
+                    stacklevel: int = 2) -> list[tuple[str, nn.Module]]:
     """``(name, module)`` of the linear layers whose weights ``param_groups`` puts in the matrix
     group (see ``param_groups`` for ``targets``); warns when they are fewer than half of the
     trainable linear weights outside embeddings and the head, and raises ValueError when explicit
-    ``targets`` match none."""
+    ``targets`` match none. ``stacklevel``: the warning's, as ``warnings.warn`` counts from the
+    caller of this function."""
     linears = [(name, m) for name, m in model.named_modules()
                if isinstance(m, _linear_types()) and _module_weight(m) is not None
                and m.weight.dim() == 2]
@@ -117,8 +120,8 @@ def select_matrices(model: nn.Module, targets=None) -> list[tuple[str, nn.Module
         warnings.warn("param_groups: the model has no trainable linear layer (nn.Linear or HF "
                       "Conv1D) outside its embeddings and output head, so the matrix group is "
                       "empty and every parameter gets AdamW; pass targets=... naming the "
-                      "layers that should take the matrix rule", UserWarning, stacklevel=3)
-    _warn_coverage(body, {id(m.weight) for _, m in chosen}, targets)
+                      "layers that should take the matrix rule", UserWarning, stacklevel=stacklevel)
+    _warn_coverage(body, {id(m.weight) for _, m in chosen}, targets, stacklevel + 1)
     return chosen
 
 
@@ -133,7 +136,8 @@ def _head_weight(model: nn.Module):
 def param_groups(model: nn.Module, rank: int | None = None, *, targets=None,
                  include_head: bool = False, names: bool = True,
                  **low_rank_options) -> list[dict]:
-    """Two parameter groups: the matrix one and a dense one (``dense=True``, ``rank=None``).
+    """Two parameter groups: the matrix one and a dense one (``dense=True``; ``rank=None`` too
+    when ``rank`` is given).
 
     ``targets`` picks the linear layers (``nn.Linear``, HF ``Conv1D``) whose weights take the
     matrix rule:
@@ -159,7 +163,7 @@ def param_groups(model: nn.Module, rank: int | None = None, *, targets=None,
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"param_groups expects an nn.Module, got {type(model).__name__}")
-    low_rank_ids = {id(m.weight) for _, m in select_matrices(model, targets)}
+    low_rank_ids = {id(m.weight) for _, m in select_matrices(model, targets, stacklevel=3)}
     if include_head:
         head = _head_weight(model)
         if head is not None:
@@ -175,8 +179,8 @@ def param_groups(model: nn.Module, rank: int | None = None, *, targets=None,
     if rank is not None:
         matrix_group["rank"] = rank
     groups = [matrix_group]
-    if dense:
-        groups.append({"params": dense, "rank": None, "dense": True})
+    if dense:  # "rank": None only beside a rank: ROOT and SubsetNorm have no such option
+        groups.append({"params": dense, "dense": True, **({} if rank is None else {"rank": None})})
     if names:
         for group in groups:
             group["param_names"] = [param_names[id(p)] for p in group["params"]]
