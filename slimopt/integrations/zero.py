@@ -1,0 +1,66 @@
+"""What ``slimopt.launch.initialize`` does around ``deepspeed.initialize``, split into the part
+before the engine exists (``ZeroSetup.__init__``: refuse unsupported configs, skip DeepSpeed's
+state-creating step on zero gradients) and the part after (``ZeroSetup.attach``: the bridge), for
+frameworks that call ``deepspeed.initialize`` themselves (accelerate, and HF Trainer through it)."""
+from __future__ import annotations
+
+import contextlib
+
+from ..distributed.deepspeed import (ZeroBridge, _first_step_skipped, raise_on_skipped_steps,
+                                     read_checkpoints_safely, register_master_copies)
+from ..optimizers.core.base import SlimOptimizer
+
+
+def check_config(optimizer: SlimOptimizer, config: dict) -> int:
+    """Refuse a DeepSpeed config slimopt's bridge cannot serve (as ``initialize`` does); returns
+    the ZeRO stage."""
+    name = type(optimizer).__name__
+    if isinstance(config.get("optimizer"), dict):
+        raise ValueError(
+            f"{name}: the DeepSpeed config has an \"optimizer\" section "
+            f"({config['optimizer'].get('type')!r}), so DeepSpeed would build and step that "
+            "optimizer instead of the slimopt one: remove the section")
+    zero_cfg = config.get("zero_optimization", {}) or {}
+    for offload in ("offload_optimizer", "offload_param"):
+        device = str((zero_cfg.get(offload) or {}).get("device", "none")).lower()
+        if device not in ("none", ""):
+            raise ValueError(
+                f"{name} with zero_optimization.{offload} (device {device!r}) is not supported: "
+                "DeepSpeed would step the optimizer on host-memory partitions, which slimopt's "
+                "bridge does not gather. Remove the offload; ZeRO-1/2/3 still shard the "
+                "optimizer state across ranks.")
+    fp16 = (config.get("fp16") or {}).get("enabled")
+    if fp16 is True or str(fp16).lower() == "true":
+        raise ValueError("fp16 with slimopt optimizers is not supported; use bf16")
+    return int(zero_cfg.get("stage", 0) or 0)
+
+
+class ZeroSetup:
+    """Built before the framework calls ``deepspeed.initialize`` with ``optimizer``; ``attach``
+    after, with the engine."""
+
+    def __init__(self, optimizer: SlimOptimizer, config: dict):
+        self.optimizer = optimizer
+        self.stage = check_config(optimizer, config)
+        self.attached = False
+        self._skip = contextlib.ExitStack()
+        self._skip.enter_context(_first_step_skipped(optimizer))
+
+    def attach(self, engine) -> None:
+        """Install the bridge on ``engine`` (a ``DeepSpeedEngine`` built on ``self.optimizer``)."""
+        if self.attached:
+            return
+        self._skip.close()
+        inner = getattr(engine, "optimizer", None)
+        if getattr(inner, "optimizer", inner) is not self.optimizer:
+            raise RuntimeError(
+                f"{type(self.optimizer).__name__}: the DeepSpeed engine steps "
+                f"{type(getattr(inner, 'optimizer', inner)).__name__}, not this optimizer")
+        read_checkpoints_safely(engine)
+        if self.optimizer.nonfinite == "raise":
+            raise_on_skipped_steps(engine, self.optimizer)
+        if self.stage >= 1:
+            self.optimizer.attach_step_router(ZeroBridge(self.optimizer, inner))
+        else:
+            register_master_copies(self.optimizer, inner)
+        self.attached = True

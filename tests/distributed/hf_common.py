@@ -1,0 +1,66 @@
+"""Shared by ``tests/test_hf_trainer.py``, ``tests/test_accelerate.py`` and the HF workers: the
+tiny LLaMA (hidden 32, 2 layers, vocab 128), a fixed token dataset, the slimopt optimizer and
+``TrainingArguments`` both sides of a comparison use."""
+import os
+
+import torch
+import transformers
+
+import slimopt
+
+VOCAB, SEQ = 128, 8
+
+
+def tiny_llama():
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=2,
+                                      num_key_value_heads=2, max_position_embeddings=SEQ)
+    return transformers.LlamaForCausalLM(config)
+
+
+class Tokens(torch.utils.data.Dataset):
+    def __init__(self, n=16):
+        g = torch.Generator().manual_seed(1)
+        self.ids = torch.randint(0, VOCAB, (n, SEQ), generator=g)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def grasswalk(model):
+    return slimopt.GrassWalk(slimopt.param_groups(model, rank=4, update_interval=2), lr=1e-3)
+
+
+def training_args(output_dir, steps, deepspeed=None, **kw):
+    options = dict(output_dir=str(output_dir), max_steps=steps, per_device_train_batch_size=2,
+                   learning_rate=1e-3, report_to="none", save_strategy="no", use_cpu=True,
+                   logging_steps=1000, seed=0, data_seed=0, max_grad_norm=1.0,
+                   disable_tqdm=True, dataloader_num_workers=0)
+    options.update(kw)
+    return transformers.TrainingArguments(deepspeed=deepspeed, **options)
+
+
+def zero_config(stage=2):
+    return {"zero_optimization": {"stage": stage}, "train_micro_batch_size_per_gpu": "auto",
+            "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
+            "bf16": {"enabled": False}, "fp16": {"enabled": False}}
+
+
+def weights(model):
+    return {n: p.detach().float().clone().cpu() for n, p in model.named_parameters()}
+
+
+def optimizer_chain(opt):
+    """Class names from the Trainer's optimizer down to the one that steps."""
+    names = []
+    while opt is not None:
+        names.append(type(opt).__name__)
+        opt = getattr(opt, "optimizer", None)
+    return names
+
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")

@@ -1,0 +1,75 @@
+"""One torchrun rank of HF Trainer + DeepSpeed ZeRO with a slimopt optimizer
+(``tests/test_hf_trainer.py``). ``argv[1]``: scenario, ``argv[2]``: output folder; writes
+``result.pt`` there: the optimizer chain in effect, state keys, final weights or the error.
+
+- ``plain``: ``transformers.Trainer(optimizers=(GrassWalk, None))``, the slimopt optimizer
+  watched by ``slimopt.integrations.bypass``;
+- ``plain_unwatched``: the same without the guard (what transformers does on its own);
+- ``slim``: ``SlimoptTrainer(optimizers=(GrassWalk, None))``;
+- ``slim_factory``: ``SlimoptTrainer(optimizer_cls_and_kwargs=(factory, {}))``;
+- ``slim_ds_optimizer``: ``SlimoptTrainer`` with an ``"optimizer"`` section in the config.
+"""
+import os
+import sys
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+sys.path.insert(0, os.path.dirname(__file__))
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+from hf_common import (Tokens, grasswalk, optimizer_chain, tiny_llama, training_args,  # noqa: E402
+                       weights, zero_config)
+from slimopt.integrations import bypass  # noqa: E402
+from slimopt.integrations.transformers import SlimoptTrainer  # noqa: E402
+
+STEPS = 4
+
+
+class Factory:
+    def __call__(self, model, **kw):
+        return grasswalk(model)
+
+
+def main(scenario, out):
+    torch.set_num_threads(1)
+    model = tiny_llama()
+    initial = weights(model)
+    config = zero_config(2)
+    result = {"scenario": scenario}
+    kw = {}
+    if scenario.startswith("plain"):
+        cls = transformers.Trainer
+        opt = grasswalk(model)
+        if scenario == "plain":
+            bypass.watch(opt)
+        kw["optimizers"] = (opt, None)
+        del opt
+    elif scenario == "slim_factory":
+        cls = SlimoptTrainer
+        kw["optimizer_cls_and_kwargs"] = (Factory, {})
+    else:
+        cls = SlimoptTrainer
+        kw["optimizers"] = (grasswalk(model), None)
+        if scenario == "slim_ds_optimizer":
+            config["optimizer"] = {"type": "AdamW", "params": {"lr": 1e-3}}
+    args = training_args(out, STEPS, deepspeed=config)
+    trainer = cls(model=model, args=args, train_dataset=Tokens(), **kw)
+    try:
+        trainer.train()
+    except Exception as err:  # the refusals are the result
+        result["error"] = f"{type(err).__name__}: {err}"
+    result["chain"] = optimizer_chain(trainer.optimizer)
+    inner = trainer.optimizer
+    while getattr(inner, "optimizer", None) is not None:
+        inner = inner.optimizer
+    result["state_keys"] = sorted({k for s in getattr(inner, "state", {}).values()
+                                   for k in s})
+    final = weights(model)
+    result["changed"] = any(not torch.equal(initial[n], final[n]) for n in initial)
+    result["weights"] = final
+    torch.save(result, os.path.join(out, "result.pt"))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
