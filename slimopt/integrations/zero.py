@@ -42,9 +42,15 @@ class ZeroSetup:
     def __init__(self, optimizer: SlimOptimizer, config: dict):
         self.optimizer = optimizer
         self.stage = check_config(optimizer, config)
+        if self.stage >= 1:
+            config["zero_allow_untested_optimizer"] = True  # as transformers/accelerate do
         self.attached = False
         self._skip = contextlib.ExitStack()
         self._skip.enter_context(_first_step_skipped(optimizer))
+
+    def close(self) -> None:
+        """Undo the step skip without attaching (the framework failed to build the engine)."""
+        self._skip.close()
 
     def attach(self, engine) -> None:
         """Install the bridge on ``engine`` (a ``DeepSpeedEngine`` built on ``self.optimizer``)."""

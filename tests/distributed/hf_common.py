@@ -64,3 +64,37 @@ def optimizer_chain(opt):
 
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def schedule(opt, total=4):
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / (total + 1))
+
+
+def hand_loop(model, opt, sched, loader, accumulation=2, max_norm=1.0):
+    """The reference: what ``accelerate_loop`` does, written out."""
+    for i, batch in enumerate(loader):
+        (model(**batch).loss / accumulation).backward()
+        if (i + 1) % accumulation == 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+            opt.step()
+            sched.step()
+            opt.zero_grad()
+
+
+def accelerate_loop(accelerator, model, opt, sched, loader, max_norm=1.0):
+    """Returns the number of optimizer steps taken (``sync_gradients``)."""
+    steps = 0
+    for batch in loader:
+        with accelerator.accumulate(model):
+            accelerator.backward(model(**batch).loss)
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(model.parameters(), max_norm)
+                steps += 1
+            opt.step()
+            sched.step()
+            opt.zero_grad()
+    return steps
+
+
+def loader(n=8):
+    return torch.utils.data.DataLoader(Tokens(n), batch_size=2, shuffle=False)
