@@ -10,17 +10,38 @@ steps with the single-process math). With a DeepSpeed plugin, ``accelerator.prep
 refuses what slimopt's ZeRO bridge cannot serve and installs it on the engine (what
 ``slimopt.launch.initialize`` does for ``deepspeed.initialize``); otherwise it is
 ``accelerator.prepare`` itself.
+
+FSDP2: accelerate's ``prepare`` shards the model with ``fully_shard`` and then swaps the
+optimizer's parameters in place for the new DTensor ones (``fsdp2_switch_optimizer_parameters``),
+behind the optimizer's back: a slimopt optimizer would not know them (it refuses them at the
+first step) and would keep the unsharded parameters alive. ``prepare`` gives each new parameter
+the key of the one it replaces, forgets the old one, and attaches slimopt's FSDP2 router, so the
+optimizer steps as if it had been built on the sharded model. (accelerate 1.15 takes an FSDP
+plugin only on accelerators: on the CPU ``AcceleratorState`` ignores it.)
 """
 from __future__ import annotations
 
 from ..optimizers.core.base import SlimOptimizer
+from ..optimizers.core.validation import is_dtensor
 from .zero import ZeroSetup
 
 
 def prepare(accelerator, *objects, **kwargs):
-    """``accelerator.prepare(*objects, **kwargs)``, with slimopt's ZeRO bridge under DeepSpeed."""
+    """``accelerator.prepare(*objects, **kwargs)``, with slimopt's ZeRO bridge under DeepSpeed and
+    the sharded parameters adopted under FSDP2."""
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     slim = [o for o in objects if isinstance(o, SlimOptimizer)]
+    if slim and getattr(accelerator, "is_fsdp2", False):
+        before = [[(p, o.param_key(p)) for g in o.param_groups for p in g["params"]]
+                  for o in slim]
+        for o in slim:
+            if o.state:
+                raise ValueError(f"{type(o).__name__} has state already: FSDP2 re-shards the "
+                                 "parameters; prepare the optimizer before its first step")
+        out = accelerator.prepare(*objects, **kwargs)
+        for o, old in zip(slim, before):
+            adopt_sharded(o, old)
+        return out
     if plugin is None or not slim:
         return accelerator.prepare(*objects, **kwargs)
     if len(slim) > 1:
@@ -34,3 +55,26 @@ def prepare(accelerator, *objects, **kwargs):
         raise
     setup.attach(accelerator.deepspeed_engine_wrapped.engine)
     return out
+
+
+def adopt_sharded(optimizer: SlimOptimizer, old: list) -> None:
+    """After accelerate replaced ``optimizer``'s parameters in place (``old``: the
+    ``(parameter, key)`` pairs before, in group order), key the new ones like the old, forget
+    the old, and attach the FSDP2 router if the new ones are DTensors."""
+    new = [p for g in optimizer.param_groups for p in g["params"]]
+    if len(new) != len(old):
+        raise RuntimeError(f"{type(optimizer).__name__}: accelerate changed the number of "
+                           f"parameters ({len(old)} -> {len(new)})")
+    for p, (q, key) in zip(new, old):
+        if p is q:
+            continue
+        # the seam has adopt_key but no "forget": drop the replaced parameter ourselves so the
+        # unsharded tensor is freed
+        name = optimizer._param_names.pop(q, None)
+        optimizer._param_keys.pop(q, None)
+        optimizer.adopt_key(p, key)
+        if name is not None:
+            optimizer._param_names[p] = name
+    if optimizer.step_router is None and any(is_dtensor(p) for p in new):
+        from ..distributed.fsdp import FSDPRouter
+        optimizer.attach_step_router(FSDPRouter(optimizer))

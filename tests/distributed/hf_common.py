@@ -67,6 +67,11 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 def schedule(opt, total=4):
+    """Linear decay over ``total`` steps; ``total=None``: constant (accelerate steps a prepared
+    scheduler once per process and optimizer step, so a multi-rank run decays faster than a
+    one-process loop)."""
+    if total is None:
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / (total + 1))
 
 
