@@ -121,16 +121,21 @@ def find_lora_pairs(model: nn.Module) -> list[LoraPair]:
 
 def lora_param_groups(model: nn.Module) -> list[dict]:
     """One group per LoRA pair (``{"params": [A, B], "lora_scale": s}``) and one dense group
-    (``dense=True``: AdamW) with every other trainable parameter."""
+    (``dense=True``: AdamW) with every other trainable parameter; each group carries torch's
+    ``param_names``, so every parameter's key (its state's name and its random draws) comes from
+    its name."""
     pairs = find_lora_pairs(model)
     if not pairs:
         raise ValueError("no LoRA pair (modules with lora_A and lora_B) in the model; wrap it with "
                          "peft.get_peft_model or slimopt.lora.apply_lora first")
+    names = {id(p): n for n, p in model.named_parameters()}
     in_pairs = {id(t) for pair in pairs for t in (pair.A, pair.B)}
-    groups = [{"params": [pair.A, pair.B], "lora_scale": pair.scale} for pair in pairs]
+    groups = [{"params": [pair.A, pair.B], "param_names": [names[id(pair.A)], names[id(pair.B)]],
+               "lora_scale": pair.scale} for pair in pairs]
     rest = [p for p in model.parameters() if p.requires_grad and id(p) not in in_pairs]
     if rest:
-        groups.append({"params": rest, "dense": True})
+        groups.append({"params": rest, "param_names": [names[id(p)] for p in rest],
+                       "dense": True})
     return groups
 
 
