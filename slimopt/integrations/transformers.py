@@ -13,13 +13,21 @@ None`` and builds the optimizer of ``TrainingArguments.optim`` (AdamW) instead, 
 installs slimopt's ZeRO bridge (``slimopt.distributed.deepspeed.ZeroBridge``, as
 ``slimopt.launch.initialize`` does) on the engine accelerate builds, before a checkpoint is
 loaded and before the first step. Each matrix is then stepped whole, on its owner rank, with the
-single-process math. Without DeepSpeed it is the plain ``Trainer``.
+single-process math.
+
+FSDP2 (``TrainingArguments(fsdp="full_shard", fsdp_config={"version": 2, ...})``; the Trainer
+refuses ``optimizers=`` there, so build the optimizer with ``optimizer_cls_and_kwargs=
+(slimopt.HFOptimizerFactory(...), {...})``): accelerate shards the model after the optimizer was
+built and swaps its parameters for DTensors in place; ``SlimoptTrainer`` gives the new
+parameters the old ones' keys and attaches slimopt's FSDP2 router
+(``slimopt.integrations.accelerate.adopt_sharded``). Otherwise it is the plain ``Trainer``.
 """
 from __future__ import annotations
 
 import transformers
 
 from ..optimizers.core.base import SlimOptimizer
+from .accelerate import adopt_sharded
 from .zero import ZeroSetup, check_config
 
 
@@ -34,6 +42,7 @@ class SlimoptTrainer(transformers.Trainer):
         self._slimopt_given = self.optimizer if isinstance(self.optimizer, SlimOptimizer) \
             else None
         self._zero_setup = None
+        self._fsdp2_before = None   # (optimizer, [(parameter, key)]) before accelerate shards
         self.add_callback(_RequireSlimopt(self))
 
     @property
@@ -54,7 +63,16 @@ class SlimoptTrainer(transformers.Trainer):
                 (self._zero_setup is None or self._zero_setup.optimizer is not optimizer):
             config = self.accelerator.state.deepspeed_plugin.deepspeed_config
             self._zero_setup = ZeroSetup(optimizer, config)
+        if self._is_fsdp2() and isinstance(optimizer, SlimOptimizer) and \
+                optimizer.step_router is None and self._fsdp2_before is None:
+            self._fsdp2_before = (optimizer, [(p, optimizer.param_key(p))
+                                              for g in optimizer.param_groups
+                                              for p in g["params"]])
         return optimizer
+
+    def _is_fsdp2(self) -> bool:
+        plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
+        return bool(self.is_fsdp_enabled) and getattr(plugin, "fsdp_version", 1) == 2
 
     def create_scheduler(self, num_training_steps, optimizer=None):
         # Trainer._prepare_for_training calls this right after accelerator.prepare built the
@@ -63,6 +81,12 @@ class SlimoptTrainer(transformers.Trainer):
         return super().create_scheduler(num_training_steps, optimizer)
 
     def _attach_bridge(self):
+        if self._fsdp2_before is not None:
+            optimizer, before = self._fsdp2_before
+            if any(p is not q for p, (q, _) in zip(
+                    (p for g in optimizer.param_groups for p in g["params"]), before)):
+                adopt_sharded(optimizer, before)   # accelerate has sharded the model
+                self._fsdp2_before = None
         if not self.is_deepspeed_enabled:
             return
         wrapped = getattr(self.accelerator, "deepspeed_engine_wrapped", None)
@@ -84,9 +108,13 @@ class _RequireSlimopt(transformers.TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         trainer = self.trainer
+        trainer._attach_bridge()
+        if trainer._fsdp2_before is not None and trainer._fsdp2_before[0].step_router is None:
+            raise RuntimeError(
+                f"{type(trainer._fsdp2_before[0]).__name__}: FSDP2 did not shard the parameters "
+                "it was built on; nothing was trained")
         if not trainer.is_deepspeed_enabled:
             return
-        trainer._attach_bridge()
         setup = trainer._zero_setup
         if trainer._slimopt_given is not None and (setup is None or not setup.attached):
             raise RuntimeError(
