@@ -376,6 +376,11 @@ def main():
             print(json.dumps({"scenario": scenario, **out}), flush=True)
     dist.barrier()
     dist.destroy_process_group()
+    sys.stdout.flush()
+    # skip interpreter teardown: a gloo or checkpoint-writer thread still being destroyed there
+    # has aborted the process now and then ("terminate called without an active exception")
+    # after every result was printed
+    os._exit(0)
 
 
 if __name__ == "__main__":
