@@ -24,7 +24,11 @@ import weakref
 import torch
 
 _watched = {}   # id(param) -> (weakref(param), weakref(optimizer), optimizer class name)
-_checked = weakref.WeakSet()   # optimizers already found innocent
+#: steps checked per foreign optimizer: its first ``CHECKED_STEPS`` (DeepSpeed's state-creating
+#: step inside ``deepspeed.initialize`` comes before it links the parameters; the first training
+#: step is the second), none after, so the hook costs nothing in a long run
+_seen = weakref.WeakKeyDictionary()
+CHECKED_STEPS = 3
 _handle = None
 
 
@@ -57,8 +61,12 @@ def unwatch(optimizer) -> None:
 
 def _pre_step(optimizer, args, kwargs):
     from ..optimizers.core.base import SlimOptimizer
-    if not _watched or isinstance(optimizer, SlimOptimizer) or optimizer in _checked:
+    if not _watched or isinstance(optimizer, SlimOptimizer):
         return
+    seen = _seen.get(optimizer, 0)
+    if seen >= CHECKED_STEPS:
+        return
+    _seen[optimizer] = seen + 1
     for p_ref, opt_ref, name in list(_watched.values()):
         p = p_ref()
         if p is None or not _ds_managed(p):
@@ -75,7 +83,6 @@ def _pre_step(optimizer, args, kwargs):
             "(or slimopt.integrations.accelerate.prepare with accelerate, "
             "slimopt.launch.initialize with DeepSpeed alone), or train without DeepSpeed "
             "(DDP, or FSDP2).")
-    _checked.add(optimizer)
 
 
 def install() -> None:

@@ -7,7 +7,10 @@
 - ``plain_unwatched``: the same without the guard (what transformers does on its own);
 - ``slim``: ``SlimoptTrainer(optimizers=(GrassWalk, None))``;
 - ``slim_factory``: ``SlimoptTrainer(optimizer_cls_and_kwargs=(factory, {}))``;
-- ``slim_ds_optimizer``: ``SlimoptTrainer`` with an ``"optimizer"`` section in the config.
+- ``slim_ds_optimizer``: ``SlimoptTrainer`` with an ``"optimizer"`` section in the config;
+- ``slim_resume``: ``SlimoptTrainer`` for 4 steps saving every 2 (DeepSpeed checkpoints, the
+  bridge's per-rank state; ``uninterrupted``: its weights), then a fresh ``SlimoptTrainer``
+  resuming from ``checkpoint-2`` to step 4.
 """
 import os
 import sys
@@ -53,10 +56,19 @@ def main(scenario, out):
         kw["optimizers"] = (grasswalk(model), None)
         if scenario == "slim_ds_optimizer":
             config["optimizer"] = {"type": "AdamW", "params": {"lr": 1e-3}}
-    args = training_args(out, STEPS, deepspeed=config)
+    resume = scenario == "slim_resume"
+    extra = dict(save_strategy="steps", save_steps=2) if resume else {}
+    args = training_args(out, STEPS, deepspeed=config, **extra)
     trainer = cls(model=model, args=args, train_dataset=Tokens(), **kw)
     try:
         trainer.train()
+        if resume:  # a fresh model, optimizer and Trainer, on from checkpoint-2
+            result["uninterrupted"] = weights(model)
+            model = tiny_llama()
+            args = training_args(out, STEPS, deepspeed=zero_config(2), **extra)
+            trainer = cls(model=model, args=args, train_dataset=Tokens(),
+                          optimizers=(grasswalk(model), None))
+            trainer.train(resume_from_checkpoint=os.path.join(out, "checkpoint-2"))
     except Exception as err:  # the refusals are the result
         result["error"] = f"{type(err).__name__}: {err}"
     result["chain"] = optimizer_chain(trainer.optimizer)
