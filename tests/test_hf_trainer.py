@@ -76,11 +76,14 @@ def one_process(tmp_path_factory):
 
 
 @pytest.mark.parametrize("scenario", [
-    "slim", pytest.param("slim_factory", marks=pytest.mark.slow)])
-def test_deepspeed_zero2_slimopt_trainer_steps_slimopt_math(scenario, tmp_path, one_process):
-    r = _torchrun(scenario, tmp_path, 29561 if scenario == "slim" else 29562)
+    "slim", pytest.param("slim_factory", marks=pytest.mark.slow),
+    pytest.param("slim_z3", marks=pytest.mark.slow)])
+def test_deepspeed_zero_slimopt_trainer_steps_slimopt_math(scenario, tmp_path, one_process):
+    port = {"slim": 29561, "slim_factory": 29562, "slim_z3": 29569}[scenario]
+    r = _torchrun(scenario, tmp_path, port)
     assert "error" not in r, r["error"]
-    assert r["chain"] == ["DeepSpeedOptimizerWrapper", "DeepSpeedZeroOptimizer", "GrassWalk"]
+    zero = "DeepSpeedZeroOptimizer_Stage3" if scenario == "slim_z3" else "DeepSpeedZeroOptimizer"
+    assert r["chain"] == ["DeepSpeedOptimizerWrapper", zero, "GrassWalk"]
     assert "basis" in r["state_keys"]
     # fp32 throughout; the only differences are DeepSpeed's flat-buffer gradient norm for
     # clipping and its copies, i.e. float rounding (measured: 1.2e-7). The bound is 1% of one

@@ -7,6 +7,7 @@
 - ``plain_unwatched``: the same without the guard (what transformers does on its own);
 - ``slim``: ``SlimoptTrainer(optimizers=(GrassWalk, None))``;
 - ``slim_factory``: ``SlimoptTrainer(optimizer_cls_and_kwargs=(factory, {}))``;
+- ``slim_z3``: ``SlimoptTrainer(optimizers=(GrassWalk, None))`` under ZeRO-3;
 - ``slim_ds_optimizer``: ``SlimoptTrainer`` with an ``"optimizer"`` section in the config;
 - ``slim_resume``: ``SlimoptTrainer`` for 4 steps saving every 2 (DeepSpeed checkpoints, the
   bridge's per-rank state; ``uninterrupted``: its weights), then a fresh ``SlimoptTrainer``
@@ -38,7 +39,7 @@ def main(scenario, out):
     torch.set_num_threads(1)
     model = tiny_llama()
     initial = weights(model)
-    config = zero_config(2)
+    config = zero_config(3 if scenario == "slim_z3" else 2)
     result = {"scenario": scenario}
     kw = {}
     if scenario.startswith("plain"):
@@ -77,7 +78,12 @@ def main(scenario, out):
         inner = inner.optimizer
     result["state_keys"] = sorted({k for s in getattr(inner, "state", {}).values()
                                    for k in s})
-    final = weights(model)
+    if scenario == "slim_z3":
+        import deepspeed
+        with deepspeed.zero.GatheredParameters(list(model.parameters())):
+            final = weights(model)
+    else:
+        final = weights(model)
     result["changed"] = any(not torch.equal(initial[n], final[n]) for n in initial)
     result["weights"] = final
     torch.save(result, os.path.join(out, "result.pt"))
