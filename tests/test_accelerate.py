@@ -4,11 +4,9 @@
 rounding under DeepSpeed ZeRO-2 through ``slimopt.integrations.accelerate.prepare``, one torchrun
 rank on the CPU); the plain ``accelerator.prepare`` under DeepSpeed is refused before a step."""
 import os
-import subprocess
 import sys
 
 import pytest
-import torch
 
 pytest.importorskip("accelerate")
 pytest.importorskip("transformers")
@@ -16,6 +14,7 @@ pytest.importorskip("transformers")
 HERE = os.path.dirname(__file__)
 sys.path.insert(0, os.path.join(HERE, "distributed"))
 
+from hf_launch import torchrun_results  # noqa: E402
 from hf_common import (accelerate_loop, grasswalk, hand_loop, loader, schedule,  # noqa: E402
                        tiny_llama, weights)
 
@@ -57,19 +56,9 @@ def test_accelerate_accumulate_equals_hand_loop(fresh_accelerate_state):
     assert _max_diff(reference, weights(model)) == 0.0
 
 
-def _torchrun(scenario, out, port, worker="hf_accelerate_worker.py", ranks=1, env=()):
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([os.path.dirname(HERE),
-                                           os.environ.get("PYTHONPATH", "")]), **dict(env))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
-           "--master_port", str(port), os.path.join(HERE, "distributed", worker), scenario,
-           str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    names = ["result.pt"] if ranks == 1 else [f"result{r}.pt" for r in range(ranks)]
-    for name in names:
-        assert (out / name).exists(), proc.stdout[-3000:] + proc.stderr[-6000:]
-    results = [torch.load(out / name, weights_only=False) for name in names]
-    return results[0] if ranks == 1 else results
+def _torchrun(scenario, out, port=None, worker="hf_accelerate_worker.py", ranks=1, env=()):
+    """``worker`` under torchrun (``port`` is ignored: a free one is taken)."""
+    return torchrun_results(worker, scenario, out, ranks, env)
 
 
 def test_accelerate_deepspeed_zero2_bridge_equals_hand_loop(tmp_path):

@@ -5,7 +5,6 @@ float rounding), the plain ``Trainer`` (which drops the optimizer and would trai
 huggingface/transformers#38753) is refused by ``slimopt.integrations.bypass`` before any weight
 changes, and an ``"optimizer"`` section in the DeepSpeed config is refused."""
 import os
-import subprocess
 import sys
 
 import pytest
@@ -17,6 +16,7 @@ pytest.importorskip("accelerate")
 HERE = os.path.dirname(__file__)
 sys.path.insert(0, os.path.join(HERE, "distributed"))
 
+from hf_launch import torchrun_results  # noqa: E402
 from hf_common import Tokens, grasswalk, tiny_llama, training_args, weights  # noqa: E402
 
 import transformers  # noqa: E402
@@ -34,13 +34,6 @@ def _train(tmp, steps, resume=None, save_steps=None, model=None):
     return model, trainer
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "slimopt/optimizers/core/base.py check_state_dict requires every key of self.defaults in a "
-    "saved group, and torch's Optimizer.__setstate__ (run by load_state_dict, which "
-    "accelerate's AcceleratedOptimizer calls when it prepares the optimizer) adds "
-    "defaults['differentiable']: the checkpoint saved by the first Trainer is refused. Passes "
-    "(max diff 0.0) with check_group_options(saved, set(self.defaults) - {'differentiable'}, "
-    "index); remove this marker with that fix"))
 def test_trainer_resume_equals_uninterrupted(tmp_path):
     full, trainer = _train(tmp_path / "full", 6)
     assert isinstance(trainer.optimizer.optimizer, SlimOptimizer)
@@ -53,19 +46,9 @@ def test_trainer_resume_equals_uninterrupted(tmp_path):
     assert max((a[n] - b[n]).abs().max().item() for n in a) == 0.0
 
 
-def _torchrun(scenario, out, port, worker="hf_deepspeed_worker.py", ranks=1):
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([os.path.dirname(HERE),
-                                           os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
-           "--master_port", str(port), os.path.join(HERE, "distributed", worker), scenario,
-           str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    names = ["result.pt"] if ranks == 1 else [f"result{r}.pt" for r in range(ranks)]
-    for name in names:
-        assert (out / name).exists(), proc.stdout[-3000:] + proc.stderr[-6000:]
-    results = [torch.load(out / name, weights_only=False) for name in names]
-    return results[0] if ranks == 1 else results
+def _torchrun(scenario, out, port=None, worker="hf_deepspeed_worker.py", ranks=1, env=()):
+    """``worker`` under torchrun (``port`` is ignored: a free one is taken)."""
+    return torchrun_results(worker, scenario, out, ranks, env)
 
 
 @pytest.fixture(scope="module")

@@ -200,3 +200,44 @@ def test_param_names_follow_torch_and_round_trip():
     assert fresh.param_groups[0]["param_names"] == groups[0]["param_names"]
     fresh.step()
     assert slimopt.param_groups(model, names=False)[0].keys() == {"params"}
+
+
+def _tiny_llama_for_swap():
+    import transformers
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=2,
+                                      num_key_value_heads=2)
+    return transformers.LlamaForCausalLM(config)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_one_line_swap_with_names_keeps_embeddings_and_head_dense():
+    """``GrassWalk(model.named_parameters())``: the embedding and the head take AdamW (GaLore's
+    and transformers' convention), told by name; the projections take the matrix rule. Without
+    names every 2-D tensor takes it, as before."""
+    model = _tiny_llama_for_swap()
+    opt = slimopt.GrassWalk(model.named_parameters(), lr=1e-3, rank=4)
+    assert opt.param_groups[-1]["dense"] is True
+    assert opt.param_groups[-1]["param_names"] == ["model.embed_tokens.weight", "lm_head.weight"]
+    ids = torch.randint(0, 128, (2, 8))
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    assert "basis" not in opt.state[model.lm_head.weight]
+    assert "basis" not in opt.state[model.model.embed_tokens.weight]
+    assert "basis" in opt.state[model.model.layers[0].self_attn.q_proj.weight]
+    unnamed = slimopt.GrassWalk(model.parameters(), lr=1e-3, rank=4)
+    assert len(unnamed.param_groups) == 1
+    explicit = slimopt.GrassWalk([{"params": list(model.named_parameters()), "rank": 4}], lr=1e-3)
+    assert len(explicit.param_groups) == 1  # a group that sets rank is the user's split
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("model.embed_tokens.weight", True), ("lm_head.weight", True), ("transformer.wte.weight", True),
+    ("transformer.wpe.weight", True), ("gpt_neox.embed_in.weight", True),
+    ("embed_out.weight", True), ("shared.weight", True), ("output.weight", True),
+    ("model.layers.0.self_attn.q_proj.weight", False), ("transformer.h.0.attn.c_attn.weight", False),
+    ("model.layers.0.mlp.down_proj.weight", False)])
+def test_embedding_and_head_names(name, expected):
+    from slimopt.optimizers.core.naming import is_embedding_or_head
+    assert is_embedding_or_head(name) is expected

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import weakref
 
-import torch
 
 _watched = {}   # id(param) -> (weakref(param), weakref(optimizer), optimizer class name)
 #: steps checked per foreign optimizer: its first ``CHECKED_STEPS`` (DeepSpeed's state-creating

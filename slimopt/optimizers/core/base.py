@@ -41,6 +41,7 @@ from .adam import adam_direction, adam_moments_, decoupled_weight_decay_
 from .group_keys import check_known_keys, resolve_aliases
 from .hyperparameters import document, option_defaults, split_arguments
 from .keys import fresh_key, keys_for
+from .naming import split_named_embeddings
 from .validation import (check_adam_group, check_choice, check_gradient, check_int,
                          check_listed_once, check_parameter, is_dtensor)
 
@@ -125,6 +126,8 @@ class SlimOptimizer(Optimizer):
         if any(is_dtensor(p) for g in self.param_groups for p in g["params"]):
             from ...distributed.fsdp import FSDPRouter  # FSDP2: sharded DTensor parameters
             self.attach_step_router(FSDPRouter(self))
+        from ...integrations import bypass  # refuse a DeepSpeed run that dropped this optimizer
+        bypass.watch(self)
 
     # ------------------------------------------------------------------ subclass hooks
     def check_group(self, group: dict) -> None:
@@ -156,14 +159,19 @@ class SlimOptimizer(Optimizer):
     def add_param_group(self, param_group: dict) -> None:
         """torch's, with slimopt's checks; a refused group leaves the optimizer as it was. A key
         the optimizer does not know is refused (``ValueError`` listing its options);
-        galore-torch's ``update_proj_gap`` and ``proj_type="std"`` are read as slimopt's."""
+        galore-torch's ``update_proj_gap`` and ``proj_type="std"`` are read as slimopt's. In a
+        group of named parameters that says neither ``rank`` nor ``dense`` (the one-line swap
+        ``Cls(model.named_parameters())``), embeddings and output heads, told by name, move to a
+        dense group of their own, added right after it (``split_named_embeddings``)."""
         if isinstance(param_group, dict):
             param_group = resolve_aliases(param_group, self.defaults)
             check_known_keys(param_group, self.defaults, type(self).__name__)
+        embeddings = None
         if isinstance(param_group, dict) and "params" in param_group \
                 and not isinstance(param_group["params"], (torch.Tensor, set)):
             param_group["params"] = list(param_group["params"])
             check_listed_once(param_group["params"])
+            embeddings = split_named_embeddings(param_group)
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
@@ -186,6 +194,8 @@ class SlimOptimizer(Optimizer):
         self._warn_if_unnamed(group)
         if self._constructed and getattr(self._step_router, "add_group", None) is not None:
             self._step_router.add_group(self, group)
+        if embeddings is not None:
+            self.add_param_group(embeddings)
 
     def _taken_keys(self) -> dict:
         """The keys of the optimizer's parameters, each with what holds it (for messages)."""
@@ -345,9 +355,13 @@ class SlimOptimizer(Optimizer):
             if p not in self._param_keys:
                 raise RuntimeError(
                     f"{type(self).__name__} was handed a tensor of shape {tuple(p.shape)} that is "
-                    "not one of its parameters: DeepSpeed ZeRO replaces the parameters by flat "
-                    "shards, which would silently turn matrix rules into vector rules. Create "
-                    "the engine with slimopt.launch.initialize instead of deepspeed.initialize.")
+                    "not one of its parameters: either DeepSpeed ZeRO replaced the parameters by "
+                    "flat shards (a matrix rule would silently become a vector rule) or a "
+                    "framework swapped them after the optimizer was built (accelerate's FSDP2 "
+                    "prepare does). With deepspeed.initialize use slimopt.launch.initialize; with "
+                    "HF Trainer use slimopt.integrations.transformers.SlimoptTrainer; with "
+                    "accelerate use slimopt.integrations.accelerate.prepare(accelerator, ...) in "
+                    "place of accelerator.prepare(...).")
             check_gradient(p.grad, p.shape)
             self._check_float16(p, group)
             if p.is_meta or p.grad.is_meta:
@@ -492,7 +506,10 @@ class SlimOptimizer(Optimizer):
         state_checks.check_group_layout(saved_groups, self.param_groups)
         state_checks.check_param_indices(state, saved_groups)
         for index, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
-            state_checks.check_group_options(saved, self.defaults, index)
+            # torch's __setstate__ (every load_state_dict, accelerate's wrapper) adds
+            # defaults['differentiable'] without adding it to the groups
+            state_checks.check_group_options(saved, set(self.defaults) - {"differentiable"},
+                                             index)
             check_known_keys(saved, self.defaults, name, f"group {index} of the state: ")
             merged = dict(saved, params=group["params"])
             try:
