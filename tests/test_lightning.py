@@ -197,8 +197,8 @@ def assert_same_state(loaded, saved):
 
 def resume_gap(make_optimizer, full_module, tmp):
     """Resume from the step-2 checkpoint (epoch 0's last batch) and run to step 4: the largest
-    weight difference from the uninterrupted run, with the loaded optimizer state checked against the
-    saved one."""
+    weight difference from the uninterrupted run, with the loaded optimizer state checked against
+    the saved one."""
     ckpt = tmp / "epoch=0-step=2.ckpt"
     assert ckpt.exists(), sorted(p.name for p in tmp.iterdir())
     saved = torch.load(ckpt, weights_only=False)  # our own file
