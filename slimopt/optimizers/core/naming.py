@@ -20,27 +20,18 @@ def is_embedding_or_head(name: str) -> bool:
 
 
 def split_named_embeddings(group: dict) -> dict | None:
-    """For a group of named parameters that sets neither ``rank`` nor ``dense``: take its 2-D
-    embeddings and heads out of ``group`` (in place) and return them as a dense group in the
-    same form (``(name, tensor)`` pairs, or ``params`` with ``param_names``); None when there is
-    nothing to move, or only such parameters."""
+    """For a group given as ``(name, tensor)`` pairs (``model.named_parameters()``) that sets
+    neither ``rank`` nor ``dense``: take its 2-D embeddings and heads out of ``group`` (in place)
+    and return them as a dense group of pairs; None when there is nothing to move, or only such
+    parameters. Groups that list ``param_names`` themselves (``slimopt.param_groups``) are a
+    split already made and stay as they are."""
     if "rank" in group or "dense" in group:
         return None
-    params = group["params"]
-    pairs = all(isinstance(x, tuple) and len(x) == 2 for x in params) and bool(params)
-    if pairs:
-        named = list(params)
-    elif "param_names" in group and len(group["param_names"]) == len(params):
-        named = list(zip(group["param_names"], params))
-    else:
+    named = group["params"]
+    if not named or not all(isinstance(x, tuple) and len(x) == 2 for x in named):
         return None
     moved = [i for i, (n, p) in enumerate(named) if p.dim() == 2 and is_embedding_or_head(n)]
     if not moved or len(moved) == len(named):
         return None
-    kept = [x for i, x in enumerate(named) if i not in set(moved)]
-    out = [named[i] for i in moved]
-    if pairs:
-        group["params"] = kept
-        return {"params": out, "dense": True}
-    group["params"], group["param_names"] = [p for _, p in kept], [n for n, _ in kept]
-    return {"params": [p for _, p in out], "param_names": [n for n, _ in out], "dense": True}
+    group["params"] = [x for i, x in enumerate(named) if i not in set(moved)]
+    return {"params": [named[i] for i in moved], "dense": True}
