@@ -3,8 +3,9 @@
 ``result.pt`` there: the optimizer chain in effect, state keys, final weights or the error.
 
 - ``plain``: ``transformers.Trainer(optimizers=(GrassWalk, None))``, the slimopt optimizer
-  watched by ``slimopt.integrations.bypass``;
-- ``plain_unwatched``: the same without the guard (what transformers does on its own);
+  watched by ``slimopt.integrations.bypass`` (as every slimopt optimizer is);
+- ``plain_unwatched``: the same with the guard removed (``bypass.unwatch``: what transformers
+  does on its own);
 - ``slim``: ``SlimoptTrainer(optimizers=(GrassWalk, None))``;
 - ``slim_factory``: ``SlimoptTrainer(optimizer_cls_and_kwargs=(factory, {}))``;
 - ``slim_z3``: ``SlimoptTrainer(optimizers=(GrassWalk, None))`` under ZeRO-3;
@@ -44,9 +45,9 @@ def main(scenario, out):
     kw = {}
     if scenario.startswith("plain"):
         cls = transformers.Trainer
-        opt = grasswalk(model)
-        if scenario == "plain":
-            bypass.watch(opt)
+        opt = grasswalk(model)  # every slimopt optimizer is watched from construction on
+        if scenario == "plain_unwatched":
+            bypass.unwatch(opt)  # what transformers does on its own, without the guard
         kw["optimizers"] = (opt, None)
         del opt
     elif scenario == "slim_factory":
