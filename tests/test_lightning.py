@@ -16,25 +16,25 @@ with ``max_steps`` resumes by re-entering epoch 0 (one extra batch makes step 3 
 mid-epoch checkpoint replays the epoch's batches from the start (a plain DataLoader has no position
 to restore): measured, 2.5e-3 (GrassWalk) vs 9.5e-4 (AdamW), and 4.9e-3 vs 2.3e-3 from step 1 --
 a different data order, not the optimizer state."""
+import os
+import sys
+
 import pytest
 import torch
 
 pytest.importorskip("transformers")
 L = pytest.importorskip("lightning")
 
-import transformers  # noqa: E402
-
 import slimopt  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "distributed"))
+from tiny_model import tiny_llama as base_llama  # noqa: E402
 
 VOCAB, SEQ, BATCH, STEPS, ACCUMULATION = 128, 8, 2, 4, 2
 
 
 def tiny_llama():
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
-                                      num_hidden_layers=2, num_attention_heads=2,
-                                      num_key_value_heads=2, max_position_embeddings=SEQ)
-    return transformers.LlamaForCausalLM(config)
+    return base_llama(layers=2, hidden=32, seq=SEQ, vocab=VOCAB, intermediate=64)
 
 
 def loader():

@@ -7,16 +7,13 @@ import torch
 import transformers
 
 import slimopt
+from tiny_model import tiny_llama as base_llama
 
 VOCAB, SEQ = 128, 8
 
 
 def tiny_llama():
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
-                                      num_hidden_layers=2, num_attention_heads=2,
-                                      num_key_value_heads=2, max_position_embeddings=SEQ)
-    return transformers.LlamaForCausalLM(config)
+    return base_llama(layers=2, hidden=32, seq=SEQ, vocab=VOCAB, intermediate=64)
 
 
 class Tokens(torch.utils.data.Dataset):
