@@ -12,8 +12,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 import torch  # noqa: E402
 from accelerate import Accelerator, DeepSpeedPlugin  # noqa: E402
 
-from hf_common import (accelerate_loop, grasswalk, loader, optimizer_chain, schedule,  # noqa: E402
-                       tiny_llama, weights)
+from hf_common import (accelerate_loop, grasswalk, loader, optimizer_chain,  # noqa: E402
+                       save_result, schedule, tiny_llama, weights)
 from slimopt.integrations.accelerate import prepare  # noqa: E402
 
 
@@ -38,10 +38,7 @@ def main(scenario, out):
     except Exception as err:
         result["error"] = f"{type(err).__name__}: {err}"
     result["state_keys"] = sorted({k for s in opt.state.values() for k in s})
-    final = weights(model)
-    result["changed"] = any(not torch.equal(initial[n], final[n]) for n in initial)
-    result["weights"] = final
-    torch.save(result, os.path.join(out, "result.pt"))
+    save_result(result, model, initial, out)
 
 
 if __name__ == "__main__":

@@ -100,3 +100,13 @@ def accelerate_loop(accelerator, model, opt, sched, loader, max_norm=1.0):
 
 def loader(n=8):
     return torch.utils.data.DataLoader(Tokens(n), batch_size=2, shuffle=False)
+
+
+def save_result(result, model, initial, out, final=None):
+    """Finish a worker's ``result``: the state keys of its optimizer are set by the caller; here
+    whether the weights moved from ``initial``, the final weights (``final`` if the caller
+    gathered them, else read from ``model``), saved to ``out/result.pt``."""
+    final = weights(model) if final is None else final
+    result["changed"] = any(not torch.equal(initial[n], final[n]) for n in initial)
+    result["weights"] = final
+    torch.save(result, os.path.join(out, "result.pt"))

@@ -23,8 +23,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from hf_common import (Tokens, grasswalk, optimizer_chain, tiny_llama, training_args,  # noqa: E402
-                       weights, zero_config)
+from hf_common import (Tokens, grasswalk, optimizer_chain, save_result,  # noqa: E402
+                       tiny_llama, training_args, weights, zero_config)
 from slimopt.integrations import bypass  # noqa: E402
 from slimopt.integrations.transformers import SlimoptTrainer  # noqa: E402
 
@@ -79,15 +79,12 @@ def main(scenario, out):
         inner = inner.optimizer
     result["state_keys"] = sorted({k for s in getattr(inner, "state", {}).values()
                                    for k in s})
+    final = None
     if scenario == "slim_z3":
         import deepspeed
         with deepspeed.zero.GatheredParameters(list(model.parameters())):
             final = weights(model)
-    else:
-        final = weights(model)
-    result["changed"] = any(not torch.equal(initial[n], final[n]) for n in initial)
-    result["weights"] = final
-    torch.save(result, os.path.join(out, "result.pt"))
+    save_result(result, model, initial, out, final)
 
 
 if __name__ == "__main__":
