@@ -202,21 +202,12 @@ def test_param_names_follow_torch_and_round_trip():
     assert slimopt.param_groups(model, names=False)[0].keys() == {"params"}
 
 
-def _tiny_llama_for_swap():
-    import transformers
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64,
-                                      num_hidden_layers=2, num_attention_heads=2,
-                                      num_key_value_heads=2)
-    return transformers.LlamaForCausalLM(config)
-
-
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_one_line_swap_with_names_keeps_embeddings_and_head_dense():
     """``GrassWalk(model.named_parameters())``: the embedding and the head take AdamW (GaLore's
     and transformers' convention), told by name; the projections take the matrix rule. Without
     names every 2-D tensor takes it, as before."""
-    model = _tiny_llama_for_swap()
+    model = _llama()
     opt = slimopt.GrassWalk(model.named_parameters(), lr=1e-3, rank=4)
     assert opt.param_groups[-1]["dense"] is True
     assert opt.param_groups[-1]["param_names"] == ["model.embed_tokens.weight", "lm_head.weight"]

@@ -59,7 +59,7 @@ from ..optimizers.core import state_checks
 from ..optimizers.core.base import SlimOptimizer
 from .fsdp import plan, units_of
 from .owners import Holding, Slot, holders, shape_numel
-from .transfer import Transfer, table_of, whole
+from .transfer import Transfer, release, table_of, whole
 
 PREFIX = "slimopt."
 
@@ -266,11 +266,6 @@ class ZeroBridge:
             shadow.grad = grad
         return shadow
 
-    @staticmethod
-    def _release(shadow):
-        shadow.grad = None
-        shadow.data = torch.empty(0, dtype=shadow.dtype, device=shadow.device)
-
     def write(self, table, offset, shape, chunk, values):
         """Put a full-size parameter (``offset``, ``shape``, ``chunk``: its ``Slot``'s) into its
         places in a ``(world, size)`` table of every rank's partition."""
@@ -331,7 +326,7 @@ class ZeroBridge:
         if shadows:
             optimizer.step_params(dict(group, params=list(shadows.values())), finite)
         for shadow in shadows.values():
-            self._release(shadow)
+            release(shadow)
 
     def _agree_finite(self, optimizer, dense, shadows) -> dict:
         """shadow -> whether its whole parameter's gradient is finite on every rank (one
@@ -381,7 +376,7 @@ class ZeroBridge:
             optimizer.step_params(dict(group, params=shadows))
             for slot, shadow in zip(unit, shadows):
                 outbound += self._put_back(part, slot, shadow)
-                self._release(shadow)
+                release(shadow)
         self._exchange(outbound)
 
     def _slice(self, flat, held):
@@ -472,7 +467,7 @@ class ZeroBridge:
             for i, slot in enumerate(unit):
                 table = table_of(shadows[i].data, self.world, slot.chunk) if mine else None
                 if mine:
-                    self._release(shadows[i])
+                    release(shadows[i])
                 self.transfer.scatter_from(table, part.data[slot.offset:slot.offset + slot.chunk],
                                            owner)
 
@@ -711,15 +706,7 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, con
         model_parameters = None
     stage = int(cfg.get("zero_optimization", {}).get("stage", 0))
     if isinstance(optimizer, SlimOptimizer):
-        zero_cfg = cfg.get("zero_optimization", {})
-        for offload in ("offload_optimizer", "offload_param"):
-            device = str((zero_cfg.get(offload) or {}).get("device", "none")).lower()
-            if device not in ("none", ""):
-                raise ValueError(
-                    f"{type(optimizer).__name__} with zero_optimization.{offload} (device "
-                    f"{device!r}) is not supported: DeepSpeed would step the optimizer on "
-                    "host-memory partitions, which slimopt's bridge does not gather. Remove the "
-                    "offload; ZeRO-1/2/3 still shard the optimizer state across ranks.")
+        refuse_offload(optimizer, cfg.get("zero_optimization", {}))
         if cfg.get("fp16", {}).get("enabled"):
             raise ValueError("fp16 with slimopt optimizers is not supported; use bf16")
         if stage >= 1:
@@ -729,14 +716,34 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, con
             args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
             config=cfg, **kwargs)
     read_checkpoints_safely(engine)
-    if isinstance(optimizer, SlimOptimizer) and optimizer.nonfinite == "raise":
-        raise_on_skipped_steps(engine, optimizer)
     if isinstance(optimizer, SlimOptimizer):
-        if stage >= 1:
-            optimizer.attach_step_router(ZeroBridge(optimizer, engine.optimizer))
-        else:
-            register_master_copies(optimizer, engine.optimizer)
+        attach_to_engine(optimizer, engine, stage)
     return engine, opt, loader, sched
+
+
+def refuse_offload(optimizer: SlimOptimizer, zero_cfg: dict) -> None:
+    """Refuse ``zero_optimization.offload_optimizer``/``offload_param`` to a device: DeepSpeed
+    would step the optimizer on host-memory partitions, which the bridge does not gather."""
+    for offload in ("offload_optimizer", "offload_param"):
+        device = str((zero_cfg.get(offload) or {}).get("device", "none")).lower()
+        if device not in ("none", ""):
+            raise ValueError(
+                f"{type(optimizer).__name__} with zero_optimization.{offload} (device "
+                f"{device!r}) is not supported: DeepSpeed would step the optimizer on "
+                "host-memory partitions, which slimopt's bridge does not gather. Remove the "
+                "offload; ZeRO-1/2/3 still shard the optimizer state across ranks.")
+
+
+def attach_to_engine(optimizer: SlimOptimizer, engine, stage: int) -> None:
+    """After ``deepspeed.initialize`` built ``engine`` on ``optimizer``: with
+    ``nonfinite="raise"``, DeepSpeed's own discarded steps raise; under ZeRO-1/2/3 the bridge
+    steps the flat partitions, under ZeRO-0 the fp32 master copies take their parameters' keys."""
+    if optimizer.nonfinite == "raise":
+        raise_on_skipped_steps(engine, optimizer)
+    if stage >= 1:
+        optimizer.attach_step_router(ZeroBridge(optimizer, engine.optimizer))
+    else:
+        register_master_copies(optimizer, engine.optimizer)
 
 
 @contextlib.contextmanager

@@ -34,7 +34,7 @@ import torch
 from ..optimizers.core import state_checks
 from ..optimizers.core.validation import is_dtensor
 from .owners import assign_owners, row_shares
-from .transfer import Transfer, padded, table_of, whole
+from .transfer import Transfer, padded, release, table_of, whole
 
 SUPPORTED = ("supported: torch.distributed.fsdp.fully_shard on a 1-D device mesh (every "
              "parameter a DTensor placed (Shard(0),)), DeepSpeed ZeRO-0/1/2/3 through "
@@ -205,7 +205,7 @@ class FSDPRouter:
                                   {s: finite.get(p, True) for s, p in zip(shadows, mine)})
             back = [_tables_row(shadows, self.world, r) for r in range(self.world)]
             for shadow in shadows:
-                _release(shadow)
+                release(shadow)
         else:
             back = [torch.empty(0, dtype=torch.uint8)] * self.world
         for unit in round_units:
@@ -222,7 +222,8 @@ class FSDPRouter:
         """The whole matrices of ``unit`` (and their gradients) from every rank's pieces."""
         shadows, offset = [], 0
         for p in unit:
-            chunk, size = _chunk(p, self.world), _chunk(p, self.world) * p.element_size()
+            chunk = _chunk(p, self.world)
+            size = chunk * p.element_size()
             rows = [_as(data[offset:offset + 2 * size], p.dtype) for data in incoming]
             values = torch.stack([r[:chunk] for r in rows])
             grads = torch.stack([r[chunk:] for r in rows])
@@ -244,13 +245,10 @@ class FSDPRouter:
         return shadow
 
     # ------------------------------------------------------------------ checkpoints
-    def state_dict(self, optimizer):
-        """torch's layout, keyed by parameter index: element-wise states as DTensors (this rank's
-        shards), an owned matrix's whole state, ``{"key": k}`` for the others' matrices. This is
-        what ``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict`` expects."""
-        state = torch.optim.Optimizer.state_dict(optimizer)
-        state[state_checks.CLASS_KEY] = type(optimizer).__name__
-        return state
+    # state_dict: the optimizer's own (the router has none). Keyed by parameter index, it holds
+    # element-wise states as DTensors (this rank's shards), an owned matrix's whole state and
+    # ``{"key": k}`` for the others' matrices: what ``torch.distributed.checkpoint.state_dict.
+    # get_optimizer_state_dict`` expects.
 
     def load_state_dict(self, optimizer, state_dict) -> None:
         """Load a state saved at any world size (``torch.distributed.checkpoint``, or one rank's
@@ -321,8 +319,7 @@ def _nbytes(unit, world: int, grads: bool) -> int:
 
 def _tables_row(shadows, world: int, rank: int) -> torch.Tensor:
     """Rank ``rank``'s pieces of the new values of the stepped whole matrices, as bytes."""
-    return torch.cat([_bytes(table_of(s.data, world, max(row_shares(tuple(s.shape), world)))[rank])
-                      for s in shadows])
+    return torch.cat([_bytes(table_of(s.data, world, _chunk(s, world))[rank]) for s in shadows])
 
 
 def _unpack_local(unit, data: torch.Tensor, world: int) -> None:
@@ -357,7 +354,3 @@ def _chunk(p, world: int) -> int:
     """Elements of each rank's padded piece of ``p`` (``ceil(rows / world)`` rows)."""
     return max(row_shares(tuple(p.shape), world))
 
-
-def _release(shadow) -> None:
-    shadow.grad = None
-    shadow.data = torch.empty(0, dtype=shadow.dtype, device=shadow.device)

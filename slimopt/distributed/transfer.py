@@ -43,6 +43,13 @@ def padded(local: torch.Tensor, chunk: int) -> torch.Tensor:
     return out
 
 
+def release(shadow: torch.Tensor) -> None:
+    """Free the storage a stepped whole matrix's handle held (its values and gradient); the
+    handle itself stays, as the key of the matrix's state."""
+    shadow.grad = None
+    shadow.data = torch.empty(0, dtype=shadow.dtype, device=shadow.device)
+
+
 class Transfer:
     """The collectives of one process group, with a count of what each rank passed to each of
     them (``communicated``: elements for ``"gather"`` and ``"scatter"``, bytes for

@@ -22,7 +22,6 @@ plugin only on accelerators: on the CPU ``AcceleratorState`` ignores it.)
 from __future__ import annotations
 
 from ..optimizers.core.base import SlimOptimizer
-from ..optimizers.core.validation import is_dtensor
 from .zero import ZeroSetup
 
 
@@ -65,16 +64,7 @@ def adopt_sharded(optimizer: SlimOptimizer, old: list) -> None:
     if len(new) != len(old):
         raise RuntimeError(f"{type(optimizer).__name__}: accelerate changed the number of "
                            f"parameters ({len(old)} -> {len(new)})")
-    for p, (q, key) in zip(new, old):
-        if p is q:
-            continue
-        # the seam has adopt_key but no "forget": drop the replaced parameter ourselves so the
-        # unsharded tensor is freed
-        name = optimizer._param_names.pop(q, None)
-        optimizer._param_keys.pop(q, None)
-        optimizer.adopt_key(p, key)
-        if name is not None:
-            optimizer._param_names[p] = name
-    if optimizer.step_router is None and any(is_dtensor(p) for p in new):
-        from ..distributed.fsdp import FSDPRouter
-        optimizer.attach_step_router(FSDPRouter(optimizer))
+    for p, (q, _) in zip(new, old):
+        if p is not q:
+            optimizer.swap_parameter(q, p)  # p takes q's key and name
+    optimizer.route_sharded_parameters()

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import contextlib
 
-from ..distributed.deepspeed import (ZeroBridge, _first_step_skipped, raise_on_skipped_steps,
-                                     read_checkpoints_safely, register_master_copies)
+from ..distributed.deepspeed import (_first_step_skipped, attach_to_engine,
+                                     read_checkpoints_safely, refuse_offload)
 from ..optimizers.core.base import SlimOptimizer
 
 
@@ -21,14 +21,7 @@ def check_config(optimizer: SlimOptimizer, config: dict) -> int:
             f"({config['optimizer'].get('type')!r}), so DeepSpeed would build and step that "
             "optimizer instead of the slimopt one: remove the section")
     zero_cfg = config.get("zero_optimization", {}) or {}
-    for offload in ("offload_optimizer", "offload_param"):
-        device = str((zero_cfg.get(offload) or {}).get("device", "none")).lower()
-        if device not in ("none", ""):
-            raise ValueError(
-                f"{name} with zero_optimization.{offload} (device {device!r}) is not supported: "
-                "DeepSpeed would step the optimizer on host-memory partitions, which slimopt's "
-                "bridge does not gather. Remove the offload; ZeRO-1/2/3 still shard the "
-                "optimizer state across ranks.")
+    refuse_offload(optimizer, zero_cfg)
     fp16 = (config.get("fp16") or {}).get("enabled")
     if fp16 is True or str(fp16).lower() == "true":
         raise ValueError("fp16 with slimopt optimizers is not supported; use bf16")
@@ -63,10 +56,5 @@ class ZeroSetup:
                 f"{type(self.optimizer).__name__}: the DeepSpeed engine steps "
                 f"{type(getattr(inner, 'optimizer', inner)).__name__}, not this optimizer")
         read_checkpoints_safely(engine)
-        if self.optimizer.nonfinite == "raise":
-            raise_on_skipped_steps(engine, self.optimizer)
-        if self.stage >= 1:
-            self.optimizer.attach_step_router(ZeroBridge(self.optimizer, inner))
-        else:
-            register_master_copies(self.optimizer, inner)
+        attach_to_engine(self.optimizer, engine, self.stage)
         self.attached = True

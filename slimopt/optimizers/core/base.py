@@ -42,7 +42,7 @@ from .group_keys import check_known_keys, resolve_aliases
 from .hyperparameters import document, option_defaults, split_arguments
 from .keys import fresh_key, keys_for
 from .naming import split_named_embeddings
-from .validation import (check_adam_group, check_choice, check_gradient, check_int,
+from .validation import (check_adam_group, check_bool, check_choice, check_gradient, check_int,
                          check_listed_once, check_parameter, is_dtensor)
 
 logger = logging.getLogger("slimopt")
@@ -50,6 +50,8 @@ logger = logging.getLogger("slimopt")
 NONFINITE_MODES = ("skip", "raise", "off")
 #: group options newer than some checkpoints, and the value an older checkpoint meant
 ADDED_OPTIONS = {"maximize": False}
+FLOAT16_ADVICE = ("use bfloat16, float32 or float64 parameters, or float32 master weights with "
+                  "torch.autocast(dtype=torch.float16)")
 UNNAMED_ADVICE = ("pass names: {cls}(model.named_parameters(), ...), or groups from "
                   "slimopt.param_groups(model), or a 'param_names' list in each group")
 
@@ -77,8 +79,6 @@ def negated_gradients(params):
     finally:
         for p, grad in saved:
             p.grad = grad
-FLOAT16_ADVICE = ("use bfloat16, float32 or float64 parameters, or float32 master weights with "
-                  "torch.autocast(dtype=torch.float16)")
 
 
 class SlimOptimizer(Optimizer):
@@ -123,9 +123,7 @@ class SlimOptimizer(Optimizer):
         self.seed = int(seed)
         super().__init__(params, defaults)
         self._constructed = True
-        if any(is_dtensor(p) for g in self.param_groups for p in g["params"]):
-            from ...distributed.fsdp import FSDPRouter  # FSDP2: sharded DTensor parameters
-            self.attach_step_router(FSDPRouter(self))
+        self.route_sharded_parameters()
         from ...integrations import bypass  # refuse a DeepSpeed run that dropped this optimizer
         bypass.watch(self)
 
@@ -212,7 +210,8 @@ class SlimOptimizer(Optimizer):
                 f"{type(self).__name__} draws random bases seeded by each parameter's key, and its "
                 "parameters have no names: their keys then depend on what this process created "
                 "before, so the draws change with how the model is split over optimizers or "
-                f"processes; {UNNAMED_ADVICE.format(cls=type(self).__name__)}", UserWarning, stacklevel=_caller_level())
+                f"processes; {UNNAMED_ADVICE.format(cls=type(self).__name__)}", UserWarning,
+                stacklevel=_caller_level())
 
     def _check_sharding_unchanged(self, group: dict) -> None:
         """A group added after construction is sharded (DTensor) exactly when the optimizer's
@@ -229,8 +228,7 @@ class SlimOptimizer(Optimizer):
         method's own, ``check_group``); ``group["params"]`` may be stand-ins (meta tensors of the
         parameters' shapes). Raises ``ValueError``; changes nothing."""
         check_adam_group(group, self.beta2_may_be_one)
-        if not isinstance(group["dense"], bool):
-            raise ValueError(f"dense must be True or False, got {group['dense']!r}")
+        check_bool("dense", group["dense"])
         self.check_group(group)
 
     # ------------------------------------------------------------------ distributed seam
@@ -255,6 +253,24 @@ class SlimOptimizer(Optimizer):
             self._state_alias[alias] = state_of
         return key
 
+    def swap_parameter(self, old: torch.Tensor, new: torch.Tensor) -> None:
+        """``new`` took ``old``'s place in a group (a framework swapped the tensors after the
+        optimizer was built, as accelerate's FSDP2 prepare does): it takes ``old``'s key and
+        name, and ``old`` is forgotten (so it can be freed)."""
+        self._param_keys[new] = self._param_keys.pop(old)
+        name = self._param_names.pop(old, None)
+        if name is not None:
+            self._param_names[new] = name
+
+    def route_sharded_parameters(self) -> None:
+        """Attach the FSDP2 router (``slimopt.distributed.fsdp.FSDPRouter``) when the parameters
+        are DTensors and no router is attached; done at construction, and by
+        ``slimopt.integrations`` after a framework sharded the parameters in place."""
+        if self._step_router is None and any(
+                is_dtensor(p) for g in self.param_groups for p in g["params"]):
+            from ...distributed.fsdp import FSDPRouter
+            self.attach_step_router(FSDPRouter(self))
+
     def step_params(self, group: dict, finite: dict | None = None) -> None:
         """One step, with the single-process code, of the tensors of ``group``: a dict with a
         param group's options whose ``params`` are the tensors to update, each a parameter or a
@@ -272,9 +288,9 @@ class SlimOptimizer(Optimizer):
         them after the checks. A router with ``checks_gradients`` checks its groups itself
         (``finite`` is None; with ``nonfinite="raise"``, ``router.raise_if_nonfinite(self,
         groups)`` runs first); otherwise ``finite`` holds the flags of the usual checks, which
-        ``router.agree(flags)`` (if present) makes every rank's. ``state_dict``/
-        ``load_state_dict`` are the router's; ``router.add_group(self, group)`` (if present)
-        plans a group added later."""
+        ``router.agree(flags)`` (if present) makes every rank's. ``load_state_dict`` is the
+        router's, and so is ``state_dict`` if it has one; ``router.add_group(self, group)`` (if
+        present) plans a group added later."""
         self._step_router = router
 
     @property
@@ -460,8 +476,11 @@ class SlimOptimizer(Optimizer):
 
     # ------------------------------------------------------------------ state
     def state_dict(self):
-        if self._step_router is not None:
-            return self._step_router.state_dict(self)
+        """torch's, with the class marker; a step router's own if it has one (the ZeRO bridge's
+        per-rank share)."""
+        save = getattr(self._step_router, "state_dict", None)
+        if save is not None:
+            return save(self)
         state = super().state_dict()
         state[state_checks.CLASS_KEY] = type(self).__name__
         return state
