@@ -27,9 +27,11 @@ cosine decay to 10% of the peak, gradient clipping at ``--clip`` (all methods al
 - ``loraplus``: ``peft.optimizers.create_loraplus_optimizer`` (AdamW, ``loraplus_lr_ratio=16``);
 - ``riemannian``: ``peft.optimizers.create_riemannian_optimizer`` (scaled AdamW, peft's default
   ``reg``); if peft lacks it or it fails, the run is recorded as failed with the error;
-- ``adaprelora``: ``slimopt.AdaPreLoRA(peft_model, lr=..., weight_decay=0.0)`` (its defaults);
-- ``adaprelora-beta1=0``: the same with ``beta1=0.0`` (no momentum on the factor steps), a
-  diagnostic row: with the default momentum the run spikes early (see the JSON's curves);
+- ``adaprelora``: ``slimopt.AdaPreLoRA(peft_model, lr=..., weight_decay=0.0)`` (its defaults:
+  momentum on the factor gradients, before the solve);
+- ``adaprelora-steps``: the same with ``momentum_on="steps"`` (the EMA of the solved steps, the
+  earlier default), a diagnostic row: it spikes early (see the JSON's curves);
+- ``adaprelora-beta1=0``: the same with ``beta1=0.0`` (no momentum), a diagnostic row;
 - ``adafactor-full``: no LoRA, ``torch.optim.Adafactor`` on every weight (the full-rank ceiling).
 
 The best learning rate of each method is the one with the lowest final loss on corpus 2's *val*
@@ -37,11 +39,14 @@ split; the table reports, at that lr and at equal steps, the loss on corpus 2's 
 on corpus 1's held-out files (forgetting), the optimizer-state bytes (``slimopt.state_bytes``) and
 the training wall time (steps only, evaluations excluded). Losses are mean cross-entropy in nats
 per byte. Writes ``finetune_lora.json``, ``finetune_lora.md`` and (with matplotlib)
-``finetune_lora.png`` into ``--out``.
+``finetune_lora.png`` into ``--out`` (``--name`` changes the stem). ``--seed`` seeds everything
+(pretraining, its batches, the LoRA init, the fine-tuning batches) and is part of the checkpoint's
+cache key, so a second seed is a second pretrain.
 
     python benchmarks/finetune_lora.py                       # full run (tens of minutes on 2 CPUs)
     python benchmarks/finetune_lora.py --quick --out /tmp/ft # smoke test, well under a minute
     python benchmarks/finetune_lora.py --methods adaprelora lora-adamw --lrs 1e-3 3e-3
+    python benchmarks/finetune_lora.py --seed 1 --name finetune_lora_seed1  # another seed
 """
 from __future__ import annotations
 
@@ -67,21 +72,24 @@ if REPO not in sys.path:  # run as a script from a checkout without installing
 
 import slimopt  # noqa: E402
 
-METHODS = ("lora-adamw", "loraplus", "riemannian", "adaprelora", "adaprelora-beta1=0",
-           "adafactor-full")
+METHODS = ("lora-adamw", "loraplus", "riemannian", "adaprelora", "adaprelora-steps",
+           "adaprelora-beta1=0", "adafactor-full")
 #: learning-rate grids, a factor ~3 apart. They are high for LoRA because the model is tiny and the
 #: run short; they were placed by a pilot sweep of the full configuration so that each method's
 #: best lr is inside its grid. Pilot, final corpus-2 val loss by lr (pretrained model: 2.335):
 #:   lora-adamw      3e-4 2.166, 1e-3 2.058, 3e-3 1.915, 1e-2 1.782, 3e-2 2.647
 #:   loraplus        1e-4 2.095, 3e-4 1.970, 1e-3 1.815, 3e-3 1.735, 1e-2 2.930
 #:   riemannian      3e-4 2.173, 1e-3 2.072, 3e-3 1.951, 1e-2 1.818, 3e-2 1.811, 1e-1 3.132
-#:   adaprelora      3e-5 2.201, 1e-4 2.146, 3e-4 2.110, 1e-3 2.137, 3e-3 2.225
+#:   adaprelora-steps 3e-5 2.201, 1e-4 2.146, 3e-4 2.110, 1e-3 2.137, 3e-3 2.225 (then the default)
 #:   adafactor-full  3e-3 2.010, 1e-2 1.860, 3e-2 1.715, 1e-1 1.691, 3e-1 2.546
+#: and momentum on the gradients (the review's run, its own pretrain, fidelity review section 5.4):
+#:   adaprelora      3e-3 1.847, 1e-2 1.775, 3e-2 2.032
 LR_GRIDS = {
     "lora-adamw": (3e-3, 1e-2, 3e-2),
     "loraplus": (1e-3, 3e-3, 1e-2),          # B gets 16x this
     "riemannian": (1e-2, 3e-2, 1e-1),
-    "adaprelora": (1e-4, 3e-4, 1e-3),        # lr = W-space step RMS (Adafactor-normalized)
+    "adaprelora": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1),  # lr = W-space step RMS (Adafactor-normalized)
+    "adaprelora-steps": (1e-4, 3e-4, 1e-3),
     "adaprelora-beta1=0": (1e-3, 3e-3, 1e-2),
     "adafactor-full": (3e-2, 1e-1, 3e-1),    # torch Adafactor's lr is relative (x param RMS)
 }
@@ -287,6 +295,8 @@ def build(method: str, cfg, args, state_dict, lr: float):
                                           weight_decay=0.0)
     elif method == "adaprelora":
         opt = slimopt.AdaPreLoRA(model, lr=lr, weight_decay=0.0)
+    elif method == "adaprelora-steps":
+        opt = slimopt.AdaPreLoRA(model, lr=lr, weight_decay=0.0, momentum_on="steps")
     elif method == "adaprelora-beta1=0":
         opt = slimopt.AdaPreLoRA(model, lr=lr, weight_decay=0.0, beta1=0.0)
     else:
@@ -504,6 +514,12 @@ def _nonneg_float(text):
     return value
 
 
+def _file_stem(text):
+    if not text or text.startswith(".") or os.sep in text or "/" in text:
+        raise argparse.ArgumentTypeError(f"expected a file name stem, got {text!r}")
+    return text
+
+
 def _positive_float(text):
     value = _nonneg_float(text)
     if value == 0:
@@ -520,7 +536,9 @@ def parse_args(argv=None):
                         help="tiny model and data, few steps, the middle lr of each grid only "
                              "(smoke test)")
     parser.add_argument("--out", default=os.path.join(HERE, "results", "cpu"),
-                        help="folder for finetune_lora.{json,md,png} (default %(default)s)")
+                        help="folder for NAME.{json,md,png} (default %(default)s)")
+    parser.add_argument("--name", type=_file_stem, default="finetune_lora",
+                        help="stem of the result files (default %(default)s)")
     parser.add_argument("--cache-dir", default=None,
                         help="where the pretrained checkpoint is cached (default: "
                              "benchmarks/results/cache, or OUT/cache with --quick)")
@@ -535,7 +553,9 @@ def parse_args(argv=None):
     parser.add_argument("--rank", type=_positive_int, default=8, help="LoRA rank (alpha = 2 r)")
     parser.add_argument("--clip", type=_nonneg_float, default=1.0,
                         help="gradient-norm clipping for every method (0: off)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seeds the pretraining, the batches and the LoRA init; part of the "
+                             "checkpoint's cache key (default %(default)s)")
     parser.add_argument("--threads", type=_positive_int, default=1,
                         help="torch threads (default 1: on a shared 2-core machine, 2 OpenMP "
                              "threads competing with other processes ran 20x slower)")
@@ -620,9 +640,9 @@ def main(argv=None):
         pretrain={k: v for k, v in pre.items() if k != "key"}, baseline=baseline,
         summary=summary, runs=runs)
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "finetune_lora.json"), "w") as f:
+    with open(os.path.join(args.out, f"{args.name}.json"), "w") as f:
         json.dump(_clean(result), f, indent=1)
-    png = os.path.join(args.out, "finetune_lora.png")
+    png = os.path.join(args.out, f"{args.name}.png")
     plotted = not args.no_plot and plot(runs, summary, png)
     cpu = result["machine"].get("cpu") or result["machine"]["processor"] or "unknown CPU"
     md = [f"# LoRA fine-tuning benchmark{' (--quick)' if args.quick else ''}", "",
@@ -651,10 +671,10 @@ def main(argv=None):
                                              if r["status"] == "ok" else r["status"]))
         md.append(f"| {method} | {'; '.join(cells)} |")
     if plotted:
-        md += ["", "![loss curves](finetune_lora.png)"]
-    with open(os.path.join(args.out, "finetune_lora.md"), "w") as f:
+        md += ["", f"![loss curves]({args.name}.png)"]
+    with open(os.path.join(args.out, f"{args.name}.md"), "w") as f:
         f.write("\n".join(md) + "\n")
-    log(f"\nwrote {args.out}/finetune_lora.json, .md{', .png' if plotted else ''} "
+    log(f"\nwrote {args.out}/{args.name}.json, .md{', .png' if plotted else ''} "
         f"({total_s / 60:.1f} min)")
     return result
 

@@ -267,7 +267,9 @@ def test_errors():
     for bad, needle in [(dict(beta1=1.0), "beta1"), (dict(damping=-1.0), "damping"),
                         (dict(clip_threshold=0.0), "clip_threshold"),
                         (dict(statistics="exact"), "statistics"), (dict(lr=-1.0), "lr"),
-                        (dict(beta2_decay=0.5), "beta2_decay")]:
+                        (dict(beta2_decay=0.5), "beta2_decay"),
+                        (dict(momentum_on="both"), "momentum_on must be one of 'gradients', "
+                                                   "'steps', got 'both'")]:
         with pytest.raises(ValueError, match=needle):
             slimopt.AdaPreLoRA(layer, **bad)
     with pytest.raises(ValueError, match="rank"):

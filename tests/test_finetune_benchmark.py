@@ -63,6 +63,7 @@ def test_finetune_benchmark_quick(tmp_path, capsys):
     assert saved["summary"]["loraplus"]["state_bytes"] == adamw["state_bytes"]
     if "adaprelora-beta1=0" in saved["summary"]:  # statistics only: (m + n) per pair
         assert saved["summary"]["adaprelora-beta1=0"]["state_bytes"] == 4 * sum_mn
+    assert saved["summary"]["adaprelora-steps"]["state_bytes"] == apl["state_bytes"]
     assert saved["summary"]["adaprelora"]["trainable_params"] == \
         saved["summary"]["lora-adamw"]["trainable_params"]
 
@@ -72,7 +73,7 @@ def test_finetune_benchmark_rejects_bad_arguments(capsys):
     pytest.importorskip("peft")
     bench = _load()
     for bad in (["--steps", "0"], ["--steps", "x"], ["--batch", "-1"], ["--lrs", "0"],
-                ["--clip", "-1"], ["--methods", "sgd"]):
+                ["--clip", "-1"], ["--methods", "sgd"], ["--name", "a/b"], ["--name", ""]):
         with pytest.raises(SystemExit) as info:
             bench.parse_args(bad)
         assert info.value.code == 2, bad
@@ -94,3 +95,27 @@ def test_finetune_benchmark_records_a_missing_riemannian_optimizer(tmp_path, mon
     assert s["status"] == "failed" and "ImportError" in s["notes"]
     assert result["summary"]["lora-adamw"]["status"] == "ok"
     assert "| riemannian | n/a" in (tmp_path / "out" / "finetune_lora.md").read_text()
+
+
+def test_finetune_benchmark_seed_and_name(tmp_path):
+    """--seed is part of the pretrain cache key (a second seed pretrains again); --name is the
+    stem of the result files, the image link included."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    bench = _load()
+    common = ["--quick", "--methods", "adaprelora", "--out", str(tmp_path / "out"),
+              "--cache-dir", str(tmp_path / "cache"), "--steps", "2", "--pretrain-steps", "2"]
+    first = bench.main(common + ["--seed", "1", "--name", "ft_seed1"])
+    if os.path.exists(tmp_path / "out" / "ft_seed1.png"):  # with matplotlib
+        assert "(ft_seed1.png)" in (tmp_path / "out" / "ft_seed1.md").read_text()
+    again = bench.main(common + ["--seed", "1", "--name", "ft_seed1", "--no-plot"])
+    other = bench.main(common + ["--seed", "2", "--name", "ft_seed2", "--no-plot"])
+    assert not first["pretrain"]["cached"] and again["pretrain"]["cached"]
+    assert again["pretrain"]["checkpoint"] == first["pretrain"]["checkpoint"]
+    assert not other["pretrain"]["cached"]
+    assert other["pretrain"]["checkpoint"] != first["pretrain"]["checkpoint"]
+    assert first["config"]["seed"] == 1 and other["config"]["seed"] == 2
+    assert other["baseline"] != first["baseline"]
+    names = sorted(os.listdir(tmp_path / "out"))
+    assert {"ft_seed1.json", "ft_seed1.md", "ft_seed2.json", "ft_seed2.md"} <= set(names)
+    assert not any(n.startswith("finetune_lora") for n in names)

@@ -27,12 +27,22 @@ class AdaPreLoRA(SlimOptimizer):
     2. The closed-form factor step ``(dA, dB)`` whose W-space step ``s (B dA + dB A)`` is the
        H-weighted projection of Adafactor's direction, split evenly between the factors; ``B^T P B``
        and ``A Q A^T`` damped by ``damping * (trace / r)`` (peft starts from ``B = 0``).
+       With momentum (``beta1 > 0``, the default ``momentum_on="gradients"``) the solve takes the
+       bias-corrected EMAs ``mA``, ``mB`` of the factor gradients in place of ``g_A``, ``g_B``,
+       with the current factors: "two-sided whitening on momentum" (our reading of the paper).
+       The statistics of step 1 are fed the raw current gradients.
     3. Adafactor's update clipping: the step is scaled down to W-space RMS ``clip_threshold``
        (``None``: off).
-    4. Momentum on the factor steps (``beta1``; ``0`` keeps no momentum and no state for it),
-       bias-corrected; decoupled weight decay on the factors; ``A -= lr mA``, ``B -= lr mB``.
+    4. Decoupled weight decay on the factors; ``A -= lr dA``, ``B -= lr dB``.
 
-    State per pair: ``m + n`` statistics, plus ``(m + n) r`` momentum when ``beta1 > 0``.
+    ``momentum_on="steps"`` keeps the earlier placement (the EMA taken of the clipped solved
+    steps ``dA``, ``dB`` instead of the gradients, then ``X -= lr mX``): worse in our fine-tuning
+    benchmark, since while ``B ~ 0`` the solved A steps are O(||A||) at any lr and the EMA replays
+    them. It is what a checkpoint saved without this option meant, and such a checkpoint loads
+    with it. ``beta1=0``: no momentum and no state for it (both placements are then the same).
+
+    State per pair: ``m + n`` statistics, plus ``(m + n) r`` momentum when ``beta1 > 0`` (either
+    placement).
     ``lr`` also serves the AdamW group; ``betas``/``eps`` are AdamW's.
 
     ``lora_scale`` is ``s``: read from the model's LoRA layers when a model is given (an explicit
@@ -51,7 +61,11 @@ class AdaPreLoRA(SlimOptimizer):
         "lr": "learning rate of the pairs and of the AdamW group, a finite number >= 0",
         "betas": "(beta1, beta2) of the AdamW that dense parameters get, each in [0, 1)",
         "eps": "the AdamW's eps, a finite number >= 1.175e-38 (the smallest normal float32)",
-        "beta1": "momentum on the factor steps, in [0, 1) (0: none, and no state for it)",
+        "beta1": "momentum of the factor gradients (or steps, see momentum_on), in [0, 1) "
+                 "(0: none, and no state for it)",
+        "momentum_on": "what the bias-corrected momentum averages: 'gradients' (the factor "
+                       "gradients, before the solve) or 'steps' (the solved, clipped factor "
+                       "steps, the placement before this option existed)",
         "beta2_decay": "Adafactor's statistics decay, beta2_t = 1 - t^beta2_decay; a finite "
                        "number < 0",
         "eps1": "Adafactor's eps added to the squared gradient, a finite number > 0",
@@ -65,10 +79,11 @@ class AdaPreLoRA(SlimOptimizer):
                       "group without its own",
     }
     optional_state_keys = frozenset({"momentum_steps"})
+    MOMENTUM_ON = ("gradients", "steps")
 
     def __init__(self, params, lr=1e-3, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8, *,
-                 beta1=0.9, beta2_decay=-0.8, eps1=1e-30, damping=1e-6, clip_threshold=1.0,
-                 statistics="reachable", lora_scale=None, maximize=False, nonfinite="skip"):
+                 beta1=0.9, momentum_on="gradients", beta2_decay=-0.8, eps1=1e-30, damping=1e-6,
+                 clip_threshold=1.0, statistics="reachable", lora_scale=None, maximize=False, nonfinite="skip"):
         arguments = dict(locals())
         if lora_scale is not None:
             check_positive("lora_scale", lora_scale)
@@ -92,6 +107,9 @@ class AdaPreLoRA(SlimOptimizer):
         b1 = group["beta1"]
         if not isinstance(b1, (int, float)) or isinstance(b1, bool) or not 0.0 <= b1 < 1.0:
             raise ValueError(f"beta1 must be in [0, 1), got {b1!r}")
+        if group["momentum_on"] not in self.MOMENTUM_ON:
+            raise ValueError(f"momentum_on must be one of {', '.join(map(repr, self.MOMENTUM_ON))}"
+                             f", got {group['momentum_on']!r}")
         if not is_finite_real(group["beta2_decay"]) or group["beta2_decay"] >= 0:
             raise ValueError(f"beta2_decay must be a finite negative number, got "
                              f"{group['beta2_decay']!r}")
@@ -150,6 +168,17 @@ class AdaPreLoRA(SlimOptimizer):
                 self.state[p]["exp_avg"].zero_()
                 self.state[p]["momentum_steps"] = 0
 
+    @staticmethod
+    def _with_added_options(state_dict):
+        """A state saved before ``momentum_on`` existed averaged the solved steps: ``"steps"``."""
+        state_dict = SlimOptimizer._with_added_options(state_dict)
+        groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
+        if not isinstance(groups, list) or all(
+                not isinstance(g, dict) or "momentum_on" in g for g in groups):
+            return state_dict
+        groups = [{"momentum_on": "steps", **g} if isinstance(g, dict) else g for g in groups]
+        return dict(state_dict, param_groups=groups)
+
     # ------------------------------------------------------------------ step
     def _check_gradients(self, group):
         if self.is_pair(group):
@@ -198,22 +227,30 @@ class AdaPreLoRA(SlimOptimizer):
         adafactor_statistics_(state_a["row_var"], state_a["col_var"], seen, t,
                               group["beta2_decay"])
         p, q = adafactor_weights(state_a["row_var"], state_a["col_var"], group["eps1"])
+        on_gradients = group["momentum_on"] == "gradients"
+        if on_gradients:  # the solve takes the averaged gradients and the current factors
+            grad_a, grad_b = self._momentum(group, ((state_a, grad_a), (state_b, grad_b)))
         d_a, d_b = factor_update(a, b, grad_a, grad_b, p, q, s, damping)
         if group["clip_threshold"] is not None:
             rms = float(step_rms(a, b, d_a, d_b, s))
             if rms > group["clip_threshold"]:
                 d_a.mul_(group["clip_threshold"] / rms)
                 d_b.mul_(group["clip_threshold"] / rms)
-        self._apply_factor_steps(group, ((A, state_a, d_a), (B, state_b, d_b)))
+        if not on_gradients:
+            d_a, d_b = self._momentum(group, ((state_a, d_a), (state_b, d_b)))
+        for param, direction in ((A, d_a), (B, d_b)):  # direction in the work dtype until the add
+            decoupled_weight_decay_(param, group["lr"], group["weight_decay"])
+            param.add_(direction, alpha=-group["lr"])
 
     @staticmethod
-    def _apply_factor_steps(group, steps):
-        """Momentum (bias-corrected), decoupled weight decay and ``X -= lr dX`` per factor."""
-        lr, b1 = group["lr"], group["beta1"]
-        for param, state, direction in steps:  # direction in the work dtype until the add
-            if b1 > 0:
-                state["momentum_steps"] = state.get("momentum_steps", 0) + 1
-                state["exp_avg"].lerp_(direction, 1.0 - b1)
-                direction = state["exp_avg"] / (1.0 - b1 ** state["momentum_steps"])
-            decoupled_weight_decay_(param, lr, group["weight_decay"])
-            param.add_(direction, alpha=-lr)
+    def _momentum(group, pairs):
+        """Per ``(state, x)``: the bias-corrected EMA of ``x`` (``x`` itself when ``beta1 = 0``)."""
+        b1 = group["beta1"]
+        if b1 == 0:
+            return [x for _, x in pairs]
+        out = []
+        for state, x in pairs:
+            state["momentum_steps"] = state.get("momentum_steps", 0) + 1
+            state["exp_avg"].lerp_(x, 1.0 - b1)
+            out.append(state["exp_avg"] / (1.0 - b1 ** state["momentum_steps"]))
+        return out
