@@ -27,10 +27,18 @@ def adam_direction(exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, step: int,
 
     ``step`` counts the updates already folded into the moments (1 after the first).
     """
-    bias_correction1 = 1.0 - beta1 ** step
-    bias_correction2_sqrt = (1.0 - beta2 ** step) ** 0.5 if beta2 < 1.0 else 1.0
+    bias_correction1, bias_correction2 = bias_corrections(step, beta1, beta2)
+    bias_correction2_sqrt = bias_correction2 ** 0.5
     denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
     return (exp_avg / bias_correction1).div_(denom)
+
+
+def bias_corrections(step: int, beta1: float, beta2: float) -> tuple[float, float]:
+    """``(1 - beta1^t, 1 - beta2^t)`` after ``step`` updates (1.0 where there is nothing to correct:
+    before the first update, or ``beta2 = 1``, AdaGrad's sum)."""
+    if step <= 0:
+        return 1.0, 1.0
+    return 1.0 - beta1 ** step, (1.0 - beta2 ** step) if beta2 < 1.0 else 1.0
 
 
 def decoupled_weight_decay_(param: torch.Tensor, lr: float, weight_decay: float) -> None:

@@ -4,6 +4,7 @@ Per 2-D parameter whose group has an integer ``rank`` below the matrix's smaller
 
 1. Work in the canonical orientation: ``G`` (d x k) with ``d <= k`` (the matrix, or its transpose),
    so the basis ``S`` is ``d x r`` and the moments ``r x k`` -- the smaller state, as GaLore does.
+   A square matrix is transposed (its right side projected), as in galore-torch and Fira.
 2. Every ``update_interval`` steps (and at the first) the **basis policy** (``bases/``) gives a new
    ``S``; the **moment rule** (``transport.py``: keep, reset or transport) acts on the moments.
 3. The **inner rule** (a subclass: Adam in the subspace, or subspace momentum with subset-norm
@@ -47,6 +48,11 @@ class SubspaceOptimizer(SlimOptimizer):
         """The canonical ``d x k`` update ``U`` (``W <- W - lr U``); advances ``state["step"]``."""
         raise NotImplementedError
 
+    def _moment_corrections(self, group, state) -> tuple[float, float]:
+        """The bias corrections of the subspace moments as they stand (``transport.py`` corrects
+        them before a transport); (1, 1) for a rule whose moments are not bias-corrected."""
+        return 1.0, 1.0
+
     # ------------------------------------------------------------------ set-up
     def check_group(self, group: dict) -> None:
         check_int("rank", group["rank"], 1, allow_none=True)
@@ -78,8 +84,9 @@ class SubspaceOptimizer(SlimOptimizer):
 
     @staticmethod
     def _canonical(t: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
-        """The ``d x k`` (``d <= k``) view of a parameter-shaped matrix."""
-        return t.transpose(0, 1) if param.shape[0] > param.shape[1] else t
+        """The ``d x k`` (``d <= k``) view of a parameter-shaped matrix. A square matrix is
+        transposed too, so that its right side is projected, as galore-torch and Fira do."""
+        return t.transpose(0, 1) if param.shape[0] >= param.shape[1] else t
 
     def _init_matrix_state(self, p, group, state) -> None:
         d, k = sorted(p.shape)
@@ -117,7 +124,8 @@ class SubspaceOptimizer(SlimOptimizer):
             basis = self._draw(policy, state, grad32, rank, interval, old.to(grad32.dtype))
             first, second = self.moment_names
             apply_moment_rule_(group["moment_rule"], state[first],
-                               state[second] if second else None, old, basis)
+                               state[second] if second else None, old, basis,
+                               self._moment_corrections(group, state))
         basis = basis.to(p.dtype)
         if policy.stored:
             state["basis"].copy_(basis)

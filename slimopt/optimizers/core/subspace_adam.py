@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ...kernels import project_adam_moments_, project_back
-from .adam import adam_direction
+from .adam import adam_direction, bias_corrections
 from .recovery import RESIDUAL_MODES, recovery_term
 from .subspace import SubspaceOptimizer
 from .validation import check_choice, check_nonnegative, check_positive
@@ -40,6 +40,9 @@ class SubspaceAdam(SubspaceOptimizer):
         state["exp_avg"] = torch.zeros(r, k, dtype=p.dtype, device=p.device)
         state["exp_avg_sq"] = torch.zeros(r, k, dtype=p.dtype, device=p.device)
 
+    def _moment_corrections(self, group, state) -> tuple[float, float]:
+        return bias_corrections(state["step"], *group["betas"])
+
     def _inner_update(self, p, group, state, grad, basis) -> torch.Tensor:
         beta1, beta2 = group["betas"]
         projected = project_adam_moments_(basis, grad, state["exp_avg"], state["exp_avg_sq"],
@@ -49,9 +52,11 @@ class SubspaceAdam(SubspaceOptimizer):
                                    beta1, beta2, group["eps"])
         update = project_back(basis, direction).mul_(group["scale"])
         if group["recovery"]:
+            bc1, bc2 = bias_corrections(state["step"], beta1, beta2)
             lam, norm = recovery_term(grad, basis, projected, direction,
                                       state.get("recovery_norm"), mode=group["residual"],
-                                      scale=group["scale"], limiter=group["limiter"])
+                                      scale=group["scale"], limiter=group["limiter"],
+                                      correction=bc2 ** 0.5 / bc1)
             update.add_(lam)
             state["recovery_norm"] = norm
         return update
