@@ -9,7 +9,8 @@ class BasisPolicy:
 
     ``initial(grad, rank, gen)`` and ``next(basis, grad, rank, gen)`` return a ``d x rank`` basis
     with orthonormal columns for the canonical gradient ``grad`` (``d x k``, ``d <= k``, float32).
-    ``gen`` is the ``torch.Generator`` for this change; a policy that draws nothing ignores it.
+    ``gen`` is the change's ``rng.Draws`` (device- and dtype-independent random numbers); a
+    policy that draws nothing ignores it.
     """
 
     #: whether the basis must be kept in the optimizer state
@@ -17,10 +18,10 @@ class BasisPolicy:
     #: whether the policy draws from its generator (its bases depend on the parameter's key)
     random: bool = False
 
-    def initial(self, grad: torch.Tensor, rank: int, gen: torch.Generator) -> torch.Tensor:
+    def initial(self, grad: torch.Tensor, rank: int, gen) -> torch.Tensor:
         return self.next(None, grad, rank, gen)
 
-    def next(self, basis, grad: torch.Tensor, rank: int, gen: torch.Generator) -> torch.Tensor:
+    def next(self, basis, grad: torch.Tensor, rank: int, gen) -> torch.Tensor:
         raise NotImplementedError
 
 
@@ -37,5 +38,7 @@ def orthonormalize(mat: torch.Tensor) -> torch.Tensor:
     return q * signs
 
 
-def gaussian(rows: int, cols: int, like: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    return torch.randn(rows, cols, generator=gen, device=like.device, dtype=like.dtype)
+def gaussian(rows: int, cols: int, like: torch.Tensor, gen) -> torch.Tensor:
+    """A ``rows x cols`` standard Gaussian from the draw ``gen`` (``rng.Draws``), on ``like``'s
+    device and in its dtype."""
+    return gen.normal(rows, cols, like)

@@ -1,8 +1,10 @@
 """SARA's policy: singular directions drawn at random with probability proportional to sigma.
 
 At each change take the SVD ``G = U Sigma V^T`` and draw ``r`` distinct indices without replacement,
-successively, with weights ``sigma_i / sum(sigma)`` (not squared), as
-``torch.multinomial(sigma, r, replacement=False)`` does. The drawn columns are kept in index order
+successively, with weights ``sigma_i / sum(sigma)`` (not squared): the law of
+``torch.multinomial(sigma, r, replacement=False)``, drawn as Efraimidis and Spirakis's exponential
+race (the ``r`` largest ``log(u_i) / sigma_i`` for portable uniforms ``u_i``, the same on every
+device). The drawn columns are kept in index order
 (descending singular value), so coordinate ``i`` of the moments keeps meaning "the i-th strongest
 drawn direction" across changes. Directions with a zero singular value are drawn only when fewer
 than ``r`` non-zero ones exist (then uniformly among them).
@@ -14,7 +16,7 @@ import torch
 from .base import BasisPolicy
 
 
-def sample_singular_indices(sigma: torch.Tensor, rank: int, gen: torch.Generator) -> torch.Tensor:
+def sample_singular_indices(sigma: torch.Tensor, rank: int, gen) -> torch.Tensor:
     """``rank`` distinct indices drawn successively with weights proportional to ``sigma``, sorted."""
     weights = sigma.clamp_min(0.0).to(torch.float64)
     positive = int((weights > 0).sum())
@@ -22,10 +24,9 @@ def sample_singular_indices(sigma: torch.Tensor, rank: int, gen: torch.Generator
         # not enough mass to draw r distinct directions: the zero ones come after, uniformly
         floor = weights.sum() * 1e-12 if positive > 0 else torch.ones((), dtype=weights.dtype)
         weights = torch.where(weights > 0, weights, floor.to(weights))
-    if weights.device != gen.device:
-        weights = weights.to(gen.device)
-    picked = torch.multinomial(weights, rank, replacement=False, generator=gen)
-    return torch.sort(picked.to(sigma.device)).values
+    race = torch.log(gen.uniform(weights.numel(), weights.device)) / weights
+    picked = torch.topk(race, rank).indices
+    return torch.sort(picked).values
 
 
 class ImportanceSVD(BasisPolicy):

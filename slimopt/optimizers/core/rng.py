@@ -1,11 +1,14 @@
-"""Counter-based randomness: every random draw comes from a ``torch.Generator`` seeded by a pure
-function of ``(seed, parameter key, draw index)``.
+"""Counter-based randomness: every random draw of a basis policy comes from ``Draws``, a stream
+that is a pure function of ``(seed, parameter key, draw index)`` and of nothing else: not the
+device, not the dtype, not torch's generator algorithms.
 
 Nothing random needs to be saved beyond three integers, a resumed run draws exactly what the
-uninterrupted one would, and a draw can be repeated at will (GrassJump regenerates its basis from
-its seed instead of storing it).
+uninterrupted one would, on any device, and a draw can be repeated at will (GrassJump regenerates
+its basis from its seed instead of storing it).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -27,8 +30,61 @@ def mix_seed(*parts: int) -> int:
     return h & ((1 << 63) - 1)
 
 
-def generator_for(device: torch.device, *parts: int) -> torch.Generator:
-    """A fresh generator on ``device`` seeded by ``mix_seed(*parts)``."""
-    gen = torch.Generator(device=device)
-    gen.manual_seed(mix_seed(*parts))
-    return gen
+_MASK32 = 0xFFFFFFFF
+#: a draw is at most this many numbers: two 32-bit counters per pair must stay below 2**32
+MAX_DRAW = 1 << 31
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """``(x * c) mod 2**32`` for ``0 <= x < 2**32`` in int64 arithmetic that never overflows
+    (16-bit halves: each product stays below 2**48)."""
+    low = (x & 0xFFFF) * c
+    high = ((x >> 16) * c) & 0xFFFF
+    return (low + (high << 16)) & _MASK32
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (Wellons' "lowbias32" constants) on int64 tensors in [0, 2**32)."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+class Draws:
+    """The random numbers of one draw ``(seed, parameter key, draw index)``, the same bits on
+    every device and in every dtype: counter-based 32-bit hashes computed with integer tensor
+    ops on the target device, turned into float64 uniforms (and Gaussians by Box-Muller) and only
+    then cast. A GPU and a CPU, or a float32 and a float64 run, draw the same numbers up to the
+    last bit of float64 ``log``/``cos``; a basis regenerated after a resume on another device
+    type is the same basis (``torch.randn`` streams differ between CPU and CUDA generators and
+    between dtypes). Successive calls give independent numbers (a call counter is mixed in).
+    """
+
+    def __init__(self, *parts: int):
+        self.seed = mix_seed(*parts)
+        self.calls = 0
+
+    def _bits(self, count: int, device) -> torch.Tensor:
+        if count > MAX_DRAW:
+            raise ValueError(f"a random draw of {count:,} numbers is over slimopt's limit of "
+                             f"{MAX_DRAW:,} per draw (a basis of d x r with d * r below it works)")
+        key = mix_seed(self.seed, self.calls)
+        self.calls += 1
+        counter = torch.arange(count, dtype=torch.int64, device=device)
+        return _hash32(_hash32(counter ^ (key & _MASK32)) ^ ((key >> 32) & _MASK32))
+
+    def uniform(self, count: int, device) -> torch.Tensor:
+        """``count`` float64 uniforms in (0, 1)."""
+        return (self._bits(count, device).to(torch.float64) + 0.5) / 4294967296.0
+
+    def normal(self, rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
+        """A ``rows x cols`` standard Gaussian on ``like``'s device in its dtype."""
+        count = rows * cols
+        pairs = (count + 1) // 2
+        u = self.uniform(2 * pairs, like.device)
+        radius = torch.sqrt(-2.0 * torch.log(u[:pairs]))
+        angle = (2.0 * math.pi) * u[pairs:]
+        z = torch.stack((radius * torch.cos(angle), radius * torch.sin(angle)), dim=1)
+        return z.reshape(-1)[:count].reshape(rows, cols).to(like.dtype)

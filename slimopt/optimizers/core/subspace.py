@@ -15,7 +15,8 @@ Every other parameter (not 2-D, a group with ``rank=None`` or ``dense=True``, or
 ``rank >= min(m, n)``, with one warning per group) gets dense AdamW.
 
 Randomness: draw ``j`` of parameter ``key`` comes from a generator seeded with
-``(seed, key, j)`` (``rng.py``); the state holds only integers for it. A policy whose basis is a
+``(seed, key, j)`` (``rng.Draws``), the same on every device and dtype; the state holds only integers
+for it. A policy whose basis is a
 pure function of its draw (``stored = False``) has its basis regenerated instead of stored.
 """
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch
 
 from .adam import decoupled_weight_decay_
 from .base import SlimOptimizer, _caller_level
-from .rng import generator_for
+from .rng import Draws
 from .transport import MOMENT_RULES, apply_moment_rule_
 from .validation import check_choice, check_int
 
@@ -102,7 +103,7 @@ class SubspaceOptimizer(SlimOptimizer):
 
     def _draw(self, policy, state, grad32, rank, interval, previous=None):
         """The basis of ``interval``: the policy's first, or its move from ``previous``."""
-        gen = generator_for(grad32.device, self.seed, state["key"], interval)
+        gen = Draws(self.seed, state["key"], interval)
         if interval == 0:
             return policy.initial(grad32, rank, gen)
         return policy.next(previous, grad32, rank, gen)
