@@ -37,19 +37,17 @@ MAX_DRAW = 1 << 31
 
 def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
     """``(x * c) mod 2**32`` for ``0 <= x < 2**32`` in int64 arithmetic that never overflows
-    (16-bit halves: each product stays below 2**48)."""
-    low = (x & 0xFFFF) * c
-    high = ((x >> 16) * c) & 0xFFFF
-    return (low + (high << 16)) & _MASK32
+    (16-bit halves: each product stays below 2**48). Consumes ``x``."""
+    high = (x >> 16).mul_(c).bitwise_and_(0xFFFF).bitwise_left_shift_(16)
+    return x.bitwise_and_(0xFFFF).mul_(c).add_(high).bitwise_and_(_MASK32)
 
 
 def _hash32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer hash (Wellons' "lowbias32" constants) on int64 tensors in [0, 2**32)."""
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = _mul32(x, 0x846CA68B)
-    return x ^ (x >> 16)
+    """A 32-bit integer hash (Wellons' "lowbias32" constants) on int64 tensors in [0, 2**32).
+    Consumes ``x``."""
+    x = _mul32(x.bitwise_xor_(x >> 16), 0x7FEB352D)
+    x = _mul32(x.bitwise_xor_(x >> 15), 0x846CA68B)
+    return x.bitwise_xor_(x >> 16)
 
 
 class Draws:
@@ -73,7 +71,8 @@ class Draws:
         key = mix_seed(self.seed, self.calls)
         self.calls += 1
         counter = torch.arange(count, dtype=torch.int64, device=device)
-        return _hash32(_hash32(counter ^ (key & _MASK32)) ^ ((key >> 32) & _MASK32))
+        first = _hash32(counter.bitwise_xor_(key & _MASK32))
+        return _hash32(first.bitwise_xor_((key >> 32) & _MASK32))
 
     def uniform(self, count: int, device) -> torch.Tensor:
         """``count`` float64 uniforms in (0, 1)."""
