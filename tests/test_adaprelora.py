@@ -151,6 +151,173 @@ def test_optimizer_step_is_the_formula():
     torch.testing.assert_close(layer.lora_B.weight.detach(), B0 - 0.1 * d_b)
 
 
+# ---------------------------------------------------------------------------- the whole step
+# An independent float64 reference of the documented training step, from the equations: the true
+# W-space gradient G of a least-squares loss, explicit projectors, diagonal P and Q, explicit
+# inverses, the W-space step formed and its RMS taken elementwise. It shares no code with
+# core/lora_preconditioner.py, so it can catch the clipping, momentum, beta2 schedule and default
+# damping of the training loop, which the closed-form tests above do not reach.
+def _problem(seed, m=7, n=9, r=3):
+    g = torch.Generator().manual_seed(seed)
+    W0 = torch.randn(m, n, generator=g, dtype=DT)
+    A = torch.randn(r, n, generator=g, dtype=DT)
+    B = torch.randn(m, r, generator=g, dtype=DT)
+    batches = [(torch.randn(16, n, generator=g, dtype=DT), torch.randn(16, m, generator=g,
+                                                                       dtype=DT))
+               for _ in range(5)]
+    return W0, A, B, batches
+
+
+def _true_gradient(W, x, y):
+    """dL/dW of L = 1/2 sum (x W^T - y)^2."""
+    return (x @ W.T - y).T @ x
+
+
+def _damped_inverse(gram, damping):
+    r = gram.shape[0]
+    lam = damping * (torch.trace(gram) / r + 1e-12)
+    return torch.linalg.inv(gram + lam * torch.eye(r, dtype=DT))
+
+
+class _Reference:
+    """The step as documented, one instance per run (its own statistics and momentum)."""
+
+    def __init__(self, m, n, r, *, lr, beta1=0.9, momentum_on="gradients", beta2_decay=-0.8,
+                 damping=1e-6, clip_threshold=1.0, weight_decay=0.0, scale=1.0):
+        self.R, self.C = torch.zeros(m, dtype=DT), torch.zeros(n, dtype=DT)
+        self.mA, self.mB = torch.zeros(r, n, dtype=DT), torch.zeros(m, r, dtype=DT)
+        self.t, self.rms = 0, []  # rms: (with, without the cross term) before clipping, per step
+        self.lr, self.b1, self.on, self.decay = lr, beta1, momentum_on, beta2_decay
+        self.damping, self.clip, self.wd, self.s = damping, clip_threshold, weight_decay, scale
+
+    def _average(self, x_a, x_b):
+        if self.b1 == 0:
+            return x_a, x_b
+        self.mA = self.b1 * self.mA + (1 - self.b1) * x_a
+        self.mB = self.b1 * self.mB + (1 - self.b1) * x_b
+        correction = 1 - self.b1 ** self.t
+        return self.mA / correction, self.mB / correction
+
+    def step(self, A, B, G):
+        """``(A, B)`` after one step, for the W-space gradient ``G``."""
+        self.t += 1
+        s, m, n = self.s, G.shape[0], G.shape[1]
+        g_a, g_b = s * B.T @ G, s * G @ A.T
+        PB = B @ _damped_inverse(B.T @ B, self.damping) @ B.T       # projector onto col(B)
+        PA = A.T @ _damped_inverse(A @ A.T, self.damping) @ A       # projector onto row(A)
+        seen = PB @ G + G @ PA - PB @ G @ PA
+        w = self.t ** self.decay                                    # 1 - beta2_t
+        self.R = (1 - w) * self.R + w * (seen ** 2).sum(dim=1) / n
+        self.C = (1 - w) * self.C + w * (seen ** 2).sum(dim=0) / m
+        P = torch.diag(torch.sqrt(self.R / self.R.mean()))
+        Q = torch.diag(torch.sqrt(self.C))
+        if self.on == "gradients":
+            g_a, g_b = self._average(g_a, g_b)
+        bpb_inv = _damped_inverse(B.T @ P @ B, self.damping)
+        aqa_inv = _damped_inverse(A @ Q @ A.T, self.damping)
+        Pi, Qi = torch.linalg.inv(P), torch.linalg.inv(Q)
+        d_a = bpb_inv @ (g_a @ Qi - 0.5 * (g_a @ A.T) @ aqa_inv @ A) / s ** 2
+        d_b = (Pi @ g_b - 0.5 * B @ bpb_inv @ (B.T @ g_b)) @ aqa_inv / s ** 2
+        delta = s * (B @ d_a + d_b @ A)
+        rms = float(torch.sqrt((delta ** 2).sum() / (m * n)))
+        no_cross = float(torch.sqrt(((s * B @ d_a) ** 2 + (s * d_b @ A) ** 2).sum() / (m * n)))
+        self.rms.append((rms, no_cross))
+        if self.clip is not None and rms > self.clip:
+            d_a, d_b = d_a * (self.clip / rms), d_b * (self.clip / rms)
+        if self.on == "steps":
+            d_a, d_b = self._average(d_a, d_b)
+        decay = 1 - self.lr * self.wd
+        return decay * A - self.lr * d_a, decay * B - self.lr * d_b
+
+
+def _compare_runs(seed, options, reference=None, steps=5, scale=0.8, lr=0.05):
+    """The optimizer (built with ``options``) against ``_Reference`` (with ``reference``, default
+    the same options) over ``steps`` steps, after each step; returns the reference."""
+    W0, A0, B0, batches = _problem(seed)
+    A, B = nn.Parameter(A0.clone()), nn.Parameter(B0.clone())
+    opt = slimopt.AdaPreLoRA([{"params": [A, B], "lora_scale": scale}], lr=lr, **options)
+    ref = _Reference(B0.shape[0], A0.shape[1], A0.shape[0], lr=lr, scale=scale,
+                     **(options if reference is None else reference))
+    a, b = A0.clone(), B0.clone()
+    for x, y in batches[:steps]:
+        G = _true_gradient(W0 + scale * b @ a, x, y)
+        A.grad, B.grad = scale * B.detach().T @ G, scale * G @ A.detach().T
+        opt.step()
+        a, b = ref.step(a, b, G)
+        torch.testing.assert_close(A.detach(), a, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(B.detach(), b, rtol=1e-10, atol=1e-12)
+    ref.A, ref.B = a, b
+    return ref
+
+
+CLIP_BINDS = 1e-3  # far below the unclipped steps' W-space RMS of this problem (checked below)
+
+
+@pytest.mark.parametrize("momentum_on", ["gradients", "steps"])
+@pytest.mark.parametrize("beta1,clip", [(0.9, None), (0.9, CLIP_BINDS), (0.0, None),
+                                        (0.0, CLIP_BINDS), (0.5, 1.0)])
+def test_training_step_is_the_documented_formula(momentum_on, beta1, clip):
+    """Statistics of the reachable gradient with beta2_t = 1 - t^-0.8, the damped closed-form
+    solve, clipping to the W-space RMS (cross term included), momentum on the gradients (or the
+    steps) with bias correction, weight decay, over five steps against the float64 reference."""
+    ref = _compare_runs(0, dict(beta1=beta1, momentum_on=momentum_on, clip_threshold=clip,
+                                damping=1e-4, weight_decay=0.1))
+    if clip == CLIP_BINDS:  # clipped at every step, where the RMS's cross term matters
+        assert all(rms > 100 * clip and abs(rms / no_cross - 1) > 1e-3
+                   for rms, no_cross in ref.rms), ref.rms
+
+
+def test_default_hyperparameters_are_used_by_a_step():
+    """Only lr given: damping 1e-6, beta2_t = 1 - t^-0.8, beta1 0.9 on the gradients, clip 1.0,
+    no weight decay, as documented (the reference spells them out)."""
+    _compare_runs(3, {}, dict(beta1=0.9, momentum_on="gradients", beta2_decay=-0.8,
+                              damping=1e-6, clip_threshold=1.0, weight_decay=0.0))
+
+
+def test_default_damping_matters_on_a_peft_start():
+    """From peft's B = 0 the damping of A Q A^T sets the first B step: the default 1e-6 against
+    the formula, and a damping of 1e-1 visibly different (so the test can tell them apart)."""
+    W0, A0, _, batches = _problem(4)
+    B0 = torch.zeros(7, 3, dtype=DT)
+    A, B = nn.Parameter(A0.clone()), nn.Parameter(B0.clone())
+    opt = slimopt.AdaPreLoRA([{"params": [A, B]}], lr=0.01, beta1=0.0, clip_threshold=None)
+    G = _true_gradient(W0, *batches[0])
+    A.grad, B.grad = B0.T @ G, G @ A0.T
+    opt.step()
+    expected = {}
+    for damping in (1e-6, 1e-1):
+        ref = _Reference(7, 9, 3, lr=0.01, beta1=0.0, clip_threshold=None, damping=damping)
+        expected[damping] = ref.step(A0, B0, G)
+    torch.testing.assert_close(A.detach(), A0)  # g_A = B^T G = 0
+    torch.testing.assert_close(B.detach(), expected[1e-6][1], rtol=1e-10, atol=1e-12)
+    assert (expected[1e-1][1] - expected[1e-6][1]).abs().max() > 1e-2 * B.abs().max()
+
+
+def test_momentum_on_gradients_is_not_the_old_placement():
+    """Both placements keep the same state, and they differ from the second step on."""
+    runs = {on: _compare_runs(1, dict(momentum_on=on, clip_threshold=None), steps=3)
+            for on in ("gradients", "steps")}
+    assert (runs["gradients"].A - runs["steps"].A).abs().max() > 1e-6
+
+
+def test_checkpoint_without_momentum_on_loads_as_steps():
+    """A state saved before the option existed meant the EMA of the solved steps."""
+    layer = _pair_module()
+    opt = slimopt.AdaPreLoRA(layer, lr=1e-2)
+    layer(torch.randn(4, 6, dtype=DT)).square().sum().backward()
+    opt.step()
+    saved = opt.state_dict()
+    for group in saved["param_groups"]:
+        del group["momentum_on"]
+    fresh = slimopt.AdaPreLoRA(layer, lr=1e-2)
+    fresh.load_state_dict(saved)
+    assert [g["momentum_on"] for g in fresh.param_groups] == ["steps"] * len(fresh.param_groups)
+    assert all("momentum_on" not in g for g in saved["param_groups"])  # the caller's is kept
+    again = slimopt.AdaPreLoRA(layer, lr=1e-2)
+    again.load_state_dict(opt.state_dict())
+    assert all(g["momentum_on"] == "gradients" for g in again.param_groups)
+
+
 def _toy(seed=0):
     torch.manual_seed(seed)
 

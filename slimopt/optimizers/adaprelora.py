@@ -83,7 +83,8 @@ class AdaPreLoRA(SlimOptimizer):
 
     def __init__(self, params, lr=1e-3, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8, *,
                  beta1=0.9, momentum_on="gradients", beta2_decay=-0.8, eps1=1e-30, damping=1e-6,
-                 clip_threshold=1.0, statistics="reachable", lora_scale=None, maximize=False, nonfinite="skip"):
+                 clip_threshold=1.0, statistics="reachable", lora_scale=None, maximize=False,
+                 nonfinite="skip"):
         arguments = dict(locals())
         if lora_scale is not None:
             check_positive("lora_scale", lora_scale)
