@@ -1,37 +1,74 @@
 """Convergence suite: training loss and eval perplexity vs tokens for every slimopt optimizer and
-every peer, each at a small learning-rate sweep, trained by ``slimopt-pretrain``.
+every peer, each at a learning-rate sweep, over one or more seeds and corpora, trained by
+``slimopt-pretrain``.
 
-What runs: for every method and every learning rate of its grid, one ``slimopt-pretrain`` run
-(``--optimizer METHOD --lr LR`` and the settings below; LLaMA model of the preset, cosine schedule
-with linear warmup to 10% of the peak, gradient clipping at 1.0, weight decay 0, the GaLore
-parameter split), all runs on the same data in the same order from the same initial weights (seed
-0). Its ``result.json`` gives the final eval loss, the optimizer-state bytes and the loss curve
-(``curve``: step, tokens, mean train loss since the previous point, eval loss at every
-``--eval-every`` step and the last).
+What runs: for every method, every learning rate of its grid and every seed, one
+``slimopt-pretrain`` run (``--optimizer METHOD --lr LR --seed SEED`` and the settings below; LLaMA
+model of the preset, cosine schedule with linear warmup to 10% of the peak, gradient clipping at
+1.0, weight decay 0, the GaLore parameter split). The seed sets both the initial weights and the
+order of the batches, so runs of one seed share both across methods and lrs. Its ``result.json``
+gives the final eval loss, the optimizer-state bytes and the loss curve (``curve``: step, tokens,
+mean train loss since the previous point, eval loss at every ``--eval-every`` step and the last).
 
 - Methods: those whose record (``slimopt.launch.records``) names the convergence suite: the
   slimopt optimizers and the peers except ``adamw-fused`` (the same math as ``adamw``).
-- Learning rates: a half-decade ladder (1, 3, 10, 30, ...) around a per-method centre, 3 points by
-  default (``--convergence-grid``). Centre 3e-3 (grid 1e-3, 3e-3, 1e-2) for the Adam-like methods,
-  Muon and ROOT (RMS-matched to AdamW), GaLore-torch (which applies its scale 0.25 itself),
-  APOLLO, APOLLO-Mini, Fira and Adafactor (external lr, no relative step); centre 3e-2 (grid 1e-2,
-  3e-2, 1e-1) for SNSM, SubspaceMomentum and SubsetNorm, whose paper uses ~10x Adam's lr.
-- Selection: a method's best lr is the one with the lowest final eval loss. The eval split (the
-  last 2% of the corpus's documents, held out from training) is also the split reported: there
-  is no separate test split on these short runs, so the best-of-3 numbers are slightly
-  optimistic, alike for every method. A best lr at the lowest or highest lr of the sweep is
-  marked in the table (the optimum may lie beyond it).
+- Learning rates: a half-decade ladder (1, 3, 10, 30, ...) around a per-method centre, 4 points by
+  default (``--convergence-grid``; an even count has one more point above the centre than below:
+  in the first 3-point sweep 9 of 15 best lrs were the highest tried). Centre 3e-3 (grid 1e-3,
+  3e-3, 1e-2, 3e-2) for the Adam-like methods, Muon and ROOT (RMS-matched to AdamW), GaLore-torch
+  (which applies its scale 0.25 itself), APOLLO, APOLLO-Mini, Fira and Adafactor (external lr, no
+  relative step); centre 3e-2 (grid 1e-2, 3e-2, 1e-1, 3e-1) for SNSM, SubspaceMomentum and
+  SubsetNorm, whose paper uses ~10x Adam's lr. ``--convergence-lrs`` gives every method the same
+  list instead.
+- Edges: a best lr at the lowest or highest lr tried is marked ↓edge / ↑edge in the table (the
+  optimum may lie beyond it; a failed, e.g. diverged, run at the next lr counts as tried and
+  brackets it). ``--convergence-extend-edges`` then runs the next ladder lr beyond that edge
+  (with the same seeds as the grid), and again if the new lr is best in turn: at most 2 lrs
+  added per method, named in the caption; a mark left after that stays in the table.
+- Seeds: ``--convergence-seeds 0 1`` (default 0). ``--convergence-seed-policy all`` (default):
+  every (method, lr) with every seed. ``best`` (cheaper: grid + one run per method and extra
+  seed): the first seed runs the grid (and the edge extensions), the other seeds only rerun each
+  method's best lr. The caption says which policy ran. Not seeded by it: an optimizer's own
+  random draws (those of the slimopt optimizers with a ``seed`` option: GrassJump's and
+  GrassWalk's bases, SARA, GaLore-slimopt, SNSM, SubspaceMomentum) come from that option, 0
+  unless ``--opt-args`` sets it, so the spread is that of the initial weights and the data order
+  only.
+- Selection: a method's best lr is the one with the lowest mean final eval loss over the seeds
+  that ran at every lr tried (all seeds under policy all, the first under policy best); an lr
+  where one of those runs failed is not chosen. The table gives, at the best lr, the mean over
+  every seed that ran there, its spread (± half the range, with the seed count; min and max in
+  the JSON) and exp(mean) as the perplexity, and below it every lr's mean loss. The eval split
+  (the last 2% of the corpus's documents, held out from training) is also the split reported:
+  there is no separate test split on these short runs, so the best-of-grid numbers are slightly
+  optimistic, alike for every method.
+- Corpora: ``--convergence-corpus stdlib fortunes`` runs the whole suite once per corpus, one
+  after the other. ``stdlib`` (default): the Python standard library's source (code).
+  ``fortunes``: English prose, the ~15,000 epigrams, quotations and poems of Debian's
+  ``fortunes`` package (``slimopt-pretrain --data fortunes``; ``apt-get install fortunes``; ~2.5
+  MB, one document per fortune, ~0.93M train and ~20k held-out tokens at vocab 2048; a missing
+  package stops the suite before any run). Each corpus trains its own tokenizer. Results of
+  other corpora and presets sit side by side: ``convergence.*`` for stdlib at the device's
+  default preset, ``convergence-fortunes.*`` for fortunes, ``-PRESET`` added for another preset
+  (``convergence-fortunes-small.*``), and ``-TAG`` for ``--convergence-tag TAG`` (a variant,
+  e.g. an optimizer option set by ``--opt-args``). ``--data`` in
+  ``--convergence-pretrain-args`` (your own corpus) replaces ``--convergence-corpus`` and writes
+  ``convergence.*``.
 - Settings: CPU (``--device cpu``, default): the ``tiny`` preset's defaults (1.3M parameters, 200
-  steps of 16 x 128 tokens = 409,600 tokens, rank 32, update interval 50, warmup 20) on the default
-  corpus (the Python standard library's source, byte-level BPE of 2048), evaluated every 25 steps
-  (8 batches of 16 x 128 held-out tokens). GPU (``--device cuda``): the ``60m`` preset (rank 128)
-  for 500 steps of 64 x 256 tokens (8.2M tokens, about two passes over the stdlib corpus at a
-  32k vocabulary: pass ``--convergence-pretrain-args "--data CORPUS"`` for a real one), warmup
-  50, update interval 100, eval every 50 steps. ``--convergence-preset`` picks another preset;
+  steps of 16 x 128 tokens = 409,600 tokens, rank 32, update interval 50, warmup 20), evaluated
+  every 25 steps (8 batches of 16 x 128 held-out tokens); ~1.5 min a run on one core (Muon and
+  ROOT ~4x). ``--convergence-preset small``: the same run on a 4x larger model (4.2M parameters:
+  hidden 256, 4 layers; rank 64), ~5 min a run on one core, ~20 for Muon and ROOT. GPU
+  (``--device cuda``): the ``60m`` preset (rank 128) for 500 steps of 64 x 256 tokens (8.2M
+  tokens, about two passes over the stdlib corpus at a 32k vocabulary: pass
+  ``--convergence-pretrain-args="--data CORPUS"`` for a real one), warmup 50, update interval
+  100, eval every 50 steps. ``--convergence-preset`` picks another preset;
   ``--convergence-steps``, ``--convergence-eval-every`` and ``--convergence-pretrain-args`` (any
-  ``slimopt-pretrain`` flags, appended last so they win) override the settings.
+  ``slimopt-pretrain`` flags, appended last so they win, e.g. ``--opt-args`` JSON for optimizer
+  options; write it with ``=`` since its value starts with ``--``; ``--seed`` there is refused:
+  use ``--convergence-seeds``) override the settings.
 - ``--quick``: one lr per method (the centre) and tiny runs: 8 steps of 8 x 64 tokens, eval
   every 4 steps on 2 batches, update interval 4, the first 400k characters of the corpus.
+  Seeds, corpora and the seed policy apply as usual.
 - Processes: the runs go to ``--convergence-jobs N`` worker subprocesses, N at once, each run
   with ``--threads cores/N`` (``--convergence-threads``). A worker imports torch, transformers and
   ``slimopt.launch.pretrain`` once, then runs the command lines it is given one after the other
@@ -42,22 +79,30 @@ parameter split), all runs on the same data in the same order from the same init
   default is one job per core with one thread each: on 2 cores shared with other work, 4 tiny runs
   of 40 steps took 92 s as 2 jobs x 1 thread and 716 s as 1 job x 2 threads (the two threads of
   one run wait on each other whenever a core is busy). On GPU the default is 1 job. The full CPU
-  sweep (45 runs) took 70 minutes on 2 shared cores; Muon and ROOT take ~3x longer per run than
-  the others there (their Newton-Schulz iteration runs in bfloat16, slow on this CPU).
-- Robustness: each run's stdout/stderr goes to ``train.log`` in its own folder under a temporary
-  work dir (``--convergence-work-dir`` to keep it); a run that exits non-zero, raises, takes its
-  worker down, times out (``--convergence-timeout``; its worker is killed and replaced) or
-  reports a non-finite loss is recorded as failed with the last lines of its log, and the suite
-  carries on. Checkpoints are deleted after each run. A method name the registry does not know or
-  a learning rate that is not a finite positive number is refused before anything runs.
+  sweep at 3 lrs (45 runs) took 70 minutes on 2 shared cores; at 4 lrs expect ~95 minutes per
+  corpus and seed, plus ~20 minutes per extra seed under policy best. The grid, the edge
+  extensions and the extra seeds are separate rounds: a round's last runs may leave a core idle.
+- Robustness: each run's stdout/stderr goes to ``train.log`` in its own folder
+  (``CORPUS/METHOD-lrLR-seedSEED``) under a temporary work dir (``--convergence-work-dir`` to
+  keep it); a run that exits non-zero, raises, takes its worker down, times out
+  (``--convergence-timeout``; its worker is killed and replaced) or reports a non-finite loss is
+  recorded as failed with the last lines of its log, and the suite carries on. Checkpoints are
+  deleted after each run. A method name the registry does not know, a learning rate that is not
+  a finite positive number, a seed named twice or a corpus that is not installed is refused
+  before anything runs.
 
-Writes ``convergence.json`` (settings, every run with its curve, the best run per method),
-``convergence.md`` (the table) and ``convergence.png`` (left: eval loss vs tokens of each method's
-best run, slimopt solid, peers dashed; right: final eval loss vs lr, the sweep).
+Writes, per corpus, ``NAME.json`` (settings, every run with its seed and curve, the best lr per
+method with its mean, min and max), ``NAME.md`` (the table) and ``NAME.png`` (left: eval loss vs
+tokens at each method's best lr, mean over seeds, slimopt solid, peers dashed; right: final eval
+loss vs lr, mean and min-max over seeds).
 
-    python -m benchmarks convergence                        # CPU, tiny preset, 3 lrs per method
+    python -m benchmarks convergence                        # CPU, tiny preset, 4 lrs per method
     python -m benchmarks convergence --quick --out /tmp/cv  # smoke test
     python -m benchmarks convergence --convergence-methods grasswalk adamw --convergence-lrs 3e-3
+    python -m benchmarks convergence --convergence-corpus stdlib fortunes \\
+        --convergence-seeds 0 1 --convergence-seed-policy best --convergence-extend-edges
+    python -m benchmarks convergence --convergence-methods grassjump --convergence-tag \\
+        norecovery --convergence-pretrain-args='--opt-args {\\"recovery\\":false}'  # an option
     python -m benchmarks convergence --device cuda          # 60m preset
 """
 from __future__ import annotations
@@ -65,6 +110,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -88,9 +134,16 @@ LIBRARY = {m.name: m.library for m in _RUN}
 #: the centre of each method's lr grid (see the module docstring)
 LR_CENTRE = {m.name: m.lr_centre for m in _RUN}
 
+#: the corpora the suite knows: name -> slimopt-pretrain's ``--data`` (None: its default)
+CORPORA = {"stdlib": None, "fortunes": "fortunes"}
+KIND = {"stdlib": "Python source", "fortunes": "English prose", "custom": "--data"}
+DEFAULT_GRID = 4
+#: ``--convergence-extend-edges``: at most this many lrs added beyond an edge, per method
+MAX_EXTENSIONS = 2
 #: per preset: the suite's changes to the preset's training defaults
 PRESET_SETTINGS = {
     "tiny": dict(eval_every=25),
+    "small": dict(eval_every=25),
     "60m": dict(steps=500, batch_size=64, seq_len=256, warmup=50, update_interval=100,
                 eval_every=50),
 }
@@ -117,14 +170,34 @@ def add_arguments(group) -> None:
                             "grid around its centre)")
     group.add_argument("--convergence-grid", type=int, metavar="N",
                        help="learning rates per method on the 1-3-10 ladder around its centre "
-                            "(default 3; 1 with --quick)")
+                            f"(default {DEFAULT_GRID}; 1 with --quick)")
+    group.add_argument("--convergence-extend-edges", action="store_true",
+                       help="when a method's best lr is the lowest/highest it was tried at, try "
+                            f"the next lr of the ladder beyond it (up to {MAX_EXTENSIONS} times)")
+    group.add_argument("--convergence-seeds", nargs="+", type=int, metavar="SEED",
+                       help="seeds (initial weights and data order) of every run; the table "
+                            "gives the mean and spread over them (default: 0)")
+    group.add_argument("--convergence-seed-policy", choices=("all", "best"), default="all",
+                       help="all: every (method, lr) with every seed; best: the first seed runs "
+                            "the whole grid, the others only each method's best lr (default all)")
+    group.add_argument("--convergence-corpus", nargs="+", choices=tuple(CORPORA),
+                       metavar="NAME",
+                       help="corpora, one suite each, results side by side (convergence.* for "
+                            "stdlib, convergence-fortunes.* for fortunes); stdlib: Python "
+                            "source (default), fortunes: English prose (apt-get install fortunes)")
+    group.add_argument("--convergence-tag", metavar="TAG",
+                       help="added to the results' names (convergence-TAG.md, ...), so that a "
+                            "variant, e.g. an ablation by --opt-args, keeps the plain results")
     group.add_argument("--convergence-preset",
-                       help="model preset (default: tiny on CPU, 60m on GPU, tiny with --quick)")
+                       help="model preset (default: tiny on CPU, 60m on GPU, tiny with --quick; "
+                            "small: 4.2M parameters, ~4x tiny's time)")
     group.add_argument("--convergence-steps", type=int, help="training steps per run")
     group.add_argument("--convergence-eval-every", type=int, help="steps between curve points")
     group.add_argument("--convergence-pretrain-args", default="", metavar="FLAGS",
-                       help="extra slimopt-pretrain flags for every run, one string "
-                            "(e.g. \"--data corpus.jsonl --max-chars 1000000\")")
+                       help="extra slimopt-pretrain flags for every run, one string given "
+                            "with '=' (its value starts with --), e.g. "
+                            "--convergence-pretrain-args='--max-chars 1000000 --opt-args "
+                            "{\\\"recovery\\\":false}'")
     group.add_argument("--convergence-jobs", type=int,
                        help="trainings at once (default: one per CPU core on CPU, 1 on GPU)")
     group.add_argument("--convergence-threads", type=int,
@@ -142,12 +215,28 @@ def add_arguments(group) -> None:
 
 
 # ---------------------------------------------------------------------------- settings
+def _rung(k: int) -> float:
+    """Rung ``k`` of the half-decade ladder: 1e0 for 0, 3e0 for 1, 1e1 for 2, 3e-1 for -1, ..."""
+    return float(f"{1 if k % 2 == 0 else 3}e{k // 2}")
+
+
 def lr_grid(centre: float, points: int) -> list[float]:
     """``points`` learning rates of the half-decade ladder ..., 1e-3, 3e-3, 1e-2, 3e-2, ...
-    centred on ``centre`` (which is rounded onto the ladder)."""
+    around ``centre`` (rounded onto the ladder); an even count has one more rung above it than
+    below (4 around 3e-3: 1e-3, 3e-3, 1e-2, 3e-2)."""
     k = round(2 * math.log10(centre))
     lo = k - (points - 1) // 2
-    return [float(f"{1 if j % 2 == 0 else 3}e{j // 2}") for j in range(lo, lo + points)]
+    return [_rung(j) for j in range(lo, lo + points)]
+
+
+def beyond(lr: float, direction: int) -> float:
+    """The first ladder rung strictly above (``direction`` 1) or below (-1) ``lr``."""
+    k = round(2 * math.log10(lr)) - direction
+    while True:
+        k += direction
+        value = _rung(k)
+        if (value > lr * 1.0001) if direction > 0 else (value < lr / 1.0001):
+            return value
 
 
 def _cores() -> int:
@@ -173,19 +262,43 @@ def check_methods_and_lrs(methods, lrs_by_method) -> None:
                 raise ValueError(f"learning rate {lr!r} for {method} is not a finite number > 0")
 
 
+def _named(flags: list[str], flag: str) -> bool:
+    return any(a == flag or a.startswith(flag + "=") for a in flags)
+
+
+def _corpora_and_seeds(args, extra: list[str]) -> tuple[list[str], list[int]]:
+    """The corpora and seeds to run, refusing pretrain flags that would silently undo them."""
+    seeds = list(args.convergence_seeds or [0])
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"a seed is named twice in --convergence-seeds {seeds}")
+    if min(seeds) < 0:
+        raise ValueError(f"--convergence-seeds must be >= 0, got {seeds}")
+    if _named(extra, "--seed"):
+        raise ValueError("--seed in --convergence-pretrain-args: use --convergence-seeds")
+    corpora = list(dict.fromkeys(args.convergence_corpus or ["stdlib"]))
+    if _named(extra, "--data"):
+        if args.convergence_corpus:
+            raise ValueError("--data in --convergence-pretrain-args and --convergence-corpus: "
+                             "name the corpus one way")
+        corpora = ["custom"]  # the --data of the pretrain flags; results named as for stdlib
+    return corpora, seeds
+
+
 def resolve(args) -> dict:
-    """The suite's plan from the command line: methods, lrs, pretrain flags, jobs, threads."""
+    """The suite's plan from the command line: methods, lrs, corpora, seeds, pretrain flags
+    (per corpus), jobs, threads."""
     device = args.device
     on_gpu = device.startswith("cuda")
     quick = bool(getattr(args, "quick", False))
-    preset = args.convergence_preset or ("60m" if on_gpu and not quick else "tiny")
+    default_preset = "60m" if on_gpu and not quick else "tiny"
+    preset = args.convergence_preset or default_preset
     from slimopt.launch.presets import PRESETS
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
     methods = [m.lower() for m in (args.convergence_methods or METHODS)]
     if len(set(methods)) != len(methods):
         raise ValueError(f"a method is named twice in {methods}")
-    points = args.convergence_grid or (1 if quick else 3)
+    points = args.convergence_grid or (1 if quick else DEFAULT_GRID)
     if points < 1:
         raise ValueError(f"--convergence-grid must be >= 1, got {points}")
     if args.convergence_lrs:
@@ -193,6 +306,8 @@ def resolve(args) -> dict:
     else:
         lrs = {m: lr_grid(LR_CENTRE.get(m, 3e-3), points) for m in methods}
     check_methods_and_lrs(methods, lrs)
+    extra = shlex.split(args.convergence_pretrain_args or "")
+    corpora, seeds = _corpora_and_seeds(args, extra)
     overrides = dict(QUICK_SETTINGS if quick else PRESET_SETTINGS.get(preset, {}))
     if args.convergence_steps is not None:
         overrides["steps"] = args.convergence_steps
@@ -207,10 +322,33 @@ def resolve(args) -> dict:
         flags += [f"--{key.replace('_', '-')}", str(value)]
     flags += ["--threads", str(threads), "--cache-dir", args.convergence_cache_dir,
               "--no-progress", "--no-tensorboard"]
-    flags += shlex.split(args.convergence_pretrain_args or "")
+    data = {c: ["--data", CORPORA[c]] if CORPORA.get(c) else [] for c in corpora}
     return dict(device=device, preset=preset, quick=quick, methods=methods, lrs=lrs,
-                flags=flags, jobs=jobs, threads=threads, timeout=args.convergence_timeout,
-                work_dir=args.convergence_work_dir)
+                corpora=corpora, seeds=seeds, seed_policy=args.convergence_seed_policy,
+                extend_edges=bool(args.convergence_extend_edges),
+                flags={c: flags + data[c] + extra for c in corpora}, jobs=jobs,
+                threads=threads, timeout=args.convergence_timeout,
+                work_dir=args.convergence_work_dir,
+                names={c: output_name(c, preset, default_preset, _tag(args)) for c in corpora})
+
+
+def _tag(args) -> str | None:
+    tag = getattr(args, "convergence_tag", None)
+    if tag is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", tag):
+        raise ValueError(f"--convergence-tag {tag!r}: use letters, digits, '-', '_' and '.'")
+    return tag
+
+
+def output_name(corpus: str, preset: str, default_preset: str, tag: str | None = None) -> str:
+    """``convergence`` for the default corpus and preset, with ``-CORPUS``, ``-PRESET`` and
+    ``-TAG`` added otherwise, so that results of other corpora, presets and variants sit side by
+    side."""
+    name = "convergence"
+    if corpus not in ("stdlib", "custom"):
+        name += f"-{corpus}"
+    if preset != default_preset:
+        name += f"-{preset}"
+    return name + (f"-{tag}" if tag else "")
 
 
 def pretrain_settings(flags: list[str]):
@@ -376,15 +514,16 @@ def worker() -> None:
 
 
 def train_one(method: str, lr: float, flags: list[str], folder: str, runner: Worker,
-              timeout: float | None = None) -> dict:
-    """One ``slimopt-pretrain --optimizer METHOD --lr LR --output-dir FOLDER FLAGS`` run in
-    ``runner``; never raises for a failed run: the row says ``status`` "ok" or "failed" (with
-    ``error`` and the log's last lines)."""
+              timeout: float | None = None, seed: int = 0) -> dict:
+    """One ``slimopt-pretrain FLAGS --optimizer METHOD --lr LR --seed SEED --output-dir FOLDER``
+    run in ``runner``; never raises for a failed run: the row says ``status`` "ok" or "failed"
+    (with ``error`` and the log's last lines)."""
     os.makedirs(folder, exist_ok=True)
     log = os.path.join(folder, "train.log")
-    argv = [*flags, "--optimizer", method, "--lr", repr(lr), "--output-dir", folder]
-    row = dict(method=method, library=LIBRARY.get(method, "?"), lr=lr, status="failed",
-               error=None, eval_loss=None, eval_perplexity=None, state_bytes=None,
+    argv = [*flags, "--optimizer", method, "--lr", repr(lr), "--seed", str(seed),
+            "--output-dir", folder]
+    row = dict(method=method, library=LIBRARY.get(method, "?"), lr=lr, seed=seed,
+               status="failed", error=None, eval_loss=None, eval_perplexity=None, state_bytes=None,
                adamw_state_bytes=None, params=None, tokens=None, seconds=None, curve=[],
                wall_s=None, log=log,
                command="slimopt-pretrain " + " ".join(shlex.quote(a) for a in argv))
@@ -416,13 +555,15 @@ def train_one(method: str, lr: float, flags: list[str], folder: str, runner: Wor
     return row
 
 
-def sweep(methods, lrs_by_method, flags, work_dir, *, jobs=1, env=None, timeout=None) -> list:
-    """Train every (method, lr) on ``jobs`` worker processes; rows in (method, lr) order.
-    Progress lines go to stderr."""
+def sweep(methods, lrs_by_method, flags, work_dir, *, seeds=(0,), jobs=1, env=None,
+          timeout=None) -> list:
+    """Train every (method, lr, seed) on ``jobs`` worker processes; rows in (method, lr, seed)
+    order. Progress lines go to stderr."""
     import queue
     check_methods_and_lrs(methods, lrs_by_method)
-    tasks = [(i, m, lr) for i, (m, lr) in
-             enumerate((m, lr) for m in methods for lr in lrs_by_method[m])]
+    tasks = [(i, m, lr, seed) for i, (m, lr, seed) in
+             enumerate((m, lr, seed) for m in methods for lr in lrs_by_method[m]
+                       for seed in seeds)]
     tasks.sort(key=lambda t: t[1] not in SLOW_ON_CPU)  # stable: slow ones first, else in order
     env = env if env is not None else _env("cpu", 1)
     todo = queue.Queue()
@@ -435,18 +576,19 @@ def sweep(methods, lrs_by_method, flags, work_dir, *, jobs=1, env=None, timeout=
         try:
             while True:
                 try:
-                    index, method, lr = todo.get_nowait()
+                    index, method, lr, seed = todo.get_nowait()
                 except queue.Empty:
                     return
                 if current is None or not current.ready:
                     if current is not None:
                         current.close()
                     current = Worker(env, work_dir, os.path.join(work_dir, f"worker{number}.log"))
-                folder = os.path.join(work_dir, f"{index:03d}-{method}-lr{lr:g}")
-                row = train_one(method, lr, flags, folder, current, timeout)
+                folder = os.path.join(work_dir, f"{method}-lr{lr:g}-seed{seed}")
+                row = train_one(method, lr, flags, folder, current, timeout, seed)
                 with lock:
                     rows[index] = row
-                    head = f"{method} lr {lr:g} [{sum(r is not None for r in rows)}/{len(rows)}]"
+                    head = (f"{method} lr {lr:g} seed {seed} "
+                            f"[{sum(r is not None for r in rows)}/{len(rows)}]")
                     if row["status"] == "ok":
                         say(f"{head}: eval loss {row['eval_loss']:.4f} (ppl "
                             f"{row['eval_perplexity']:.1f}), {row['seconds']:.0f} s of training, "
@@ -469,35 +611,68 @@ def sweep(methods, lrs_by_method, flags, work_dir, *, jobs=1, env=None, timeout=
 
 
 # ---------------------------------------------------------------------------- summary
+def _good(row) -> bool:
+    return row["status"] == "ok" and _finite(row.get("eval_loss"))
+
+
+def _mean(values):
+    return sum(values) / len(values)
+
+
+def _scores(mine) -> tuple[dict, list]:
+    """Per lr tried: the mean final eval loss over the seeds that ran at every lr (None when one
+    of those failed: an lr that diverges on one seed is not a stable choice); and those seeds."""
+    tried = sorted({r["lr"] for r in mine})
+    seeds_at = [{r.get("seed", 0) for r in mine if r["lr"] == lr} for lr in tried]
+    common = set.intersection(*seeds_at) or set.union(*seeds_at)
+    scores = {}
+    for lr in tried:
+        rows = [r for r in mine if r["lr"] == lr and r.get("seed", 0) in common]
+        scores[lr] = _mean([r["eval_loss"] for r in rows]) if rows and all(
+            _good(r) for r in rows) else None
+    return scores, sorted(common)
+
+
 def select_best(runs) -> dict:
-    """Per method (in first-seen order): its best run = the lowest final eval loss among the runs
-    that succeeded, with ``edge`` "low"/"high" when that lr is the lowest/highest lr the method was
-    tried at (failed runs count as tried: a diverged higher lr brackets the optimum), None
-    otherwise or when only one lr was tried."""
+    """Per method (in first-seen order): its best lr = the lowest mean final eval loss over the
+    seeds that ran at every lr it was tried at (see ``_scores``), and at that lr the mean, min
+    and max over every seed that succeeded there, with ``edge`` "low"/"high" when that lr is the
+    lowest/highest lr the method was tried at (failed runs count as tried: a diverged higher lr
+    brackets the optimum), None otherwise or when only one lr was tried."""
     best = {}
     for method in dict.fromkeys(r["method"] for r in runs):
         mine = [r for r in runs if r["method"] == method]
         tried = sorted({r["lr"] for r in mine})
-        ok = [r for r in mine if r["status"] == "ok" and _finite(r.get("eval_loss"))]
-        failed = [dict(lr=r["lr"], error=r.get("error")) for r in mine if r not in ok]
-        if not ok:
+        failed = [dict(lr=r["lr"], seed=r.get("seed", 0), error=r.get("error"))
+                  for r in mine if not _good(r)]
+        scores, common = _scores(mine)
+        ranked = sorted((loss, lr) for lr, loss in scores.items() if loss is not None)
+        if not ranked:
             best[method] = dict(status="failed", library=mine[0].get("library"), lrs=tried,
                                 failed=failed)
             continue
-        top = min(ok, key=lambda r: r["eval_loss"])
+        lr = ranked[0][1]
+        top = [r for r in mine if r["lr"] == lr and _good(r)]
+        losses = [r["eval_loss"] for r in top]
         edge = None
         if len(tried) > 1:
-            edge = "low" if top["lr"] == tried[0] else "high" if top["lr"] == tried[-1] else None
-        best[method] = dict(status="ok", library=top.get("library"), best_lr=top["lr"],
-                            edge=edge, lrs=tried, eval_loss=top["eval_loss"],
-                            eval_perplexity=top.get("eval_perplexity"),
-                            state_bytes=top.get("state_bytes"),
-                            adamw_state_bytes=top.get("adamw_state_bytes"),
-                            seconds=top.get("seconds"), tokens=top.get("tokens"),
-                            eval_loss_by_lr={f"{r['lr']:g}": (r["eval_loss"] if r in ok else None)
-                                             for r in mine},
-                            failed=failed)
+            edge = "low" if lr == tried[0] else "high" if lr == tried[-1] else None
+        best[method] = dict(
+            status="ok", library=top[0].get("library"), best_lr=lr, edge=edge, lrs=tried,
+            eval_loss=_mean(losses), eval_loss_min=min(losses), eval_loss_max=max(losses),
+            seeds=sorted(r.get("seed", 0) for r in top), selection_seeds=common,
+            eval_perplexity=math.exp(_mean(losses)), state_bytes=top[0].get("state_bytes"),
+            adamw_state_bytes=top[0].get("adamw_state_bytes"),
+            seconds=_mean([r["seconds"] for r in top]) if all(
+                _finite(r.get("seconds")) for r in top) else None, tokens=top[0].get("tokens"),
+            eval_loss_by_lr={f"{x:g}": _by_lr(mine, x) for x in tried}, failed=failed)
     return best
+
+
+def _by_lr(mine, lr) -> dict | None:
+    """Mean final eval loss at ``lr`` over the seeds that succeeded there, and their count."""
+    losses = [r["eval_loss"] for r in mine if r["lr"] == lr and _good(r)]
+    return dict(mean=_mean(losses), seeds=len(losses)) if losses else None
 
 
 def lr_cell(summary: dict) -> str:
@@ -511,46 +686,96 @@ def lr_cell(summary: dict) -> str:
     return cell
 
 
+def spread_cell(summary: dict) -> str:
+    """``± half the range (n seeds)`` over the seeds at the best lr; ``-`` for one seed."""
+    n = len(summary.get("seeds", ()))
+    if n < 2:
+        return "-"
+    return f"± {(summary['eval_loss_max'] - summary['eval_loss_min']) / 2:.4f} ({n} seeds)"
+
+
+def sweep_lines(best: dict) -> list[str]:
+    """One line per method: final eval loss (mean over its seeds) at every lr it was tried at,
+    the best starred."""
+    lines = ["", "Final eval loss at every lr tried (mean over the seeds run there, their "
+             "count in brackets when more than one; * the best):", ""]
+    for method, s in best.items():
+        cells = []
+        for lr in s["lrs"]:
+            got = s.get("eval_loss_by_lr", {}).get(f"{lr:g}")
+            cell = "failed" if got is None else f"{got['mean']:.4f}" + (
+                f" ({got['seeds']})" if got["seeds"] > 1 else "")
+            cells.append(f"{lr:g}: {cell}{'*' if lr == s.get('best_lr') else ''}")
+        lines.append(f"- {method}: " + " · ".join(cells))
+    return lines
+
+
+def seed_note(st: dict) -> str:
+    """What the seeds and the seed policy did, for the table's caption."""
+    seeds = st.get("seeds", [0])
+    text = f"Seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))} (initial " \
+           "weights and data order)"
+    if len(seeds) == 1:
+        return text + "; one run per (method, lr), so no spread."
+    if st.get("seed_policy") == "best":
+        return (text + f"; seed policy best: seed {seeds[0]} ran every lr and chose each "
+                f"method's best lr, the other seeds reran only that lr. Eval loss = mean over "
+                "the seeds at the best lr; spread = ± half their range.")
+    return (text + "; seed policy all: every (method, lr) ran with every seed; best lr = lowest "
+            "mean over the seeds. Eval loss = that mean; spread = ± half the seeds' range.")
+
+
 def table(best: dict, settings: dict) -> str:
     base = best.get("adamw", {})
     base_loss = base.get("eval_loss") if base.get("status") == "ok" else None
     rows = sorted((s for s in best.items() if s[1]["status"] == "ok"),
                   key=lambda item: item[1]["eval_loss"])
-    lines = ["| method | library | best lr | eval loss | eval ppl | loss / AdamW's | "
-             "state bytes (% of AdamW) | train s |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | library | best lr | eval loss | seed spread | eval ppl | loss / AdamW's "
+             "| state bytes (% of AdamW) | train s |", "|---|---|---|---|---|---|---|---|---|"]
     for method, s in rows:
         ratio = f"{s['eval_loss'] / base_loss:.3f}" if base_loss else "-"
         share = (f"{s['state_bytes']:,} ({100 * s['state_bytes'] / s['adamw_state_bytes']:.0f}%)"
                  if s.get("state_bytes") is not None and s.get("adamw_state_bytes") else "-")
         seconds = f"{s['seconds']:.0f}" if _finite(s.get("seconds")) else "-"
         lines.append(f"| {method} | {s['library']} | {lr_cell(s)} | {s['eval_loss']:.4f} | "
-                     f"{s['eval_perplexity']:.1f} | {ratio} | {share} | {seconds} |")
+                     f"{spread_cell(s)} | {s['eval_perplexity']:.1f} | {ratio} | {share} | "
+                     f"{seconds} |")
     for method, s in best.items():
         if s["status"] != "ok":
-            lines.append(f"| {method} | {s['library']} | all failed | - | - | - | - | - |")
-    failures = [f"{m} lr {f['lr']:g} ({f['error']})" for m, s in best.items()
-                for f in s.get("failed", [])]
-    st = settings
-    notes = [
-        "",
-        f"Preset `{st['preset']}` ({st['params']:,} parameters) on {st['corpus']} "
-        f"(vocab {st['vocab']:,}), {st['steps']} steps of {st['batch_size']} x {st['seq_len']} "
-        f"tokens = {st['tokens_per_run']:,} tokens per run, warmup {st['warmup']}, cosine to "
-        f"{st['min_lr_ratio']:g} x lr, rank {st['rank']}, update interval "
-        f"{st['update_interval']}; eval loss = mean cross-entropy (nats/token) on "
-        f"{st['eval_batches']} batch{'es' if st['eval_batches'] != 1 else ''} of held-out "
-        f"tokens ({st['eval_every']} steps between curve points), at the last step; device "
-        f"{st['device']}; {st['jobs']} runs at a time x {st['threads']} thread(s).",
-        "Best lr = lowest final eval loss over the sweep; the eval split is also the split "
-        "reported (no separate test split). ↓edge / ↑edge: the best lr is the lowest / highest "
-        "lr tried, so the optimum may lie beyond the sweep. Loss / AdamW's: eval loss divided by "
-        "AdamW's best, at equal tokens. State bytes: the optimizer's state against what torch "
-        "AdamW holds for the same model. Train s: the training loop's wall time (evaluations "
-        "included, start-up excluded).",
-    ]
+            lines.append(f"| {method} | {s['library']} | all failed | - | - | - | - | - | - |")
+    failures = [f"{m} lr {f['lr']:g} seed {f.get('seed', 0)} ({f['error']})"
+                for m, s in best.items() for f in s.get("failed", [])]
+    notes = caption(settings)
     if failures:
         notes.append("Failed runs: " + "; ".join(failures) + ".")
-    return "\n".join(lines + notes)
+    return "\n".join(lines + notes + sweep_lines(best))
+
+
+def caption(st: dict) -> list[str]:
+    extended = st.get("extended") or {}
+    grown = "; ".join(f"{m} {', '.join(f'{x:g}' for x in lrs)}" for m, lrs in extended.items())
+    return [
+        "",
+        f"Preset `{st['preset']}` ({st['params']:,} parameters) on "
+        f"{st.get('corpus_name', 'the corpus')} ({KIND.get(st.get('corpus_name'), 'text')}; "
+        f"`{st['corpus']}`, vocab {st['vocab']:,}), {st['steps']} steps of "
+        f"{st['batch_size']} x {st['seq_len']} tokens = {st['tokens_per_run']:,} tokens per "
+        f"run, warmup {st['warmup']}, cosine to {st['min_lr_ratio']:g} x lr, rank "
+        f"{st['rank']}, update interval {st['update_interval']}; eval loss = mean "
+        f"cross-entropy (nats/token) on {st['eval_batches']} "
+        f"batch{'es' if st['eval_batches'] != 1 else ''} of held-out tokens "
+        f"({st['eval_every']} steps between curve points), at the last step; device "
+        f"{st['device']}; {st['jobs']} runs at a time x {st['threads']} thread(s).",
+        seed_note(st),
+        "Best lr = lowest (mean) final eval loss over the sweep; the eval split is also the split "
+        "reported (no separate test split). ↓edge / ↑edge: the best lr is the lowest / highest "
+        "lr tried, so the optimum may lie beyond the sweep"
+        + (f" (edges extended: up to {MAX_EXTENSIONS} lrs added beyond an edge best"
+           f"{': ' + grown if grown else ', none needed'})" if st.get("extend_edges") else "")
+        + ". Loss / AdamW's: eval loss divided by AdamW's best, at equal tokens. State bytes: "
+        "the optimizer's state against what torch AdamW holds for the same model. Train s: the "
+        "training loop's wall time (evaluations included, start-up excluded).",
+    ]
 
 
 def figure(runs: list, best: dict, settings: dict):
@@ -567,24 +792,29 @@ def figure(runs: list, best: dict, settings: dict):
     for method, s in best.items():
         style = "-" if s.get("library") == "slimopt" else "--"
         if s["status"] == "ok":
-            top = next(r for r in runs if r["method"] == method and r["lr"] == s["best_lr"])
-            points = [p for p in top["curve"] if _finite(p.get("eval_loss"))]
-            left.plot([p["tokens"] for p in points], [p["eval_loss"] for p in points], style,
-                      color=colors[method], marker=".", label=f"{method} (lr {s['best_lr']:g})")
-        mine = sorted((r for r in runs if r["method"] == method and r["status"] == "ok"),
-                      key=lambda r: r["lr"])
-        if mine:
-            right.plot([r["lr"] for r in mine], [r["eval_loss"] for r in mine], style,
-                       color=colors[method], marker="o", label=method)
+            tokens, losses = mean_curve([r for r in runs if r["method"] == method
+                                         and r["lr"] == s["best_lr"] and _good(r)])
+            left.plot(tokens, losses, style, color=colors[method], marker=".",
+                      label=f"{method} (lr {s['best_lr']:g})")
+        mine = [r for r in runs if r["method"] == method and _good(r)]
+        lrs = sorted({r["lr"] for r in mine})
+        if lrs:
+            at = [[r["eval_loss"] for r in mine if r["lr"] == lr] for lr in lrs]
+            mid = [_mean(v) for v in at]
+            right.errorbar(lrs, mid, yerr=[[m - min(v) for m, v in zip(mid, at)],
+                                           [max(v) - m for m, v in zip(mid, at)]],
+                           fmt=style, color=colors[method], marker="o", capsize=2, label=method)
     left.set_xlabel("tokens")
     left.set_ylabel("eval loss (nats/token)")
-    left.set_title(f"eval loss vs tokens, best lr per method ({settings['preset']}, "
+    left.set_title(f"eval loss vs tokens at each best lr, mean over seeds\n"
+                   f"({settings['preset']}, {settings.get('corpus_name', settings['corpus'])}, "
                    f"{settings['device']})")
     left.legend(fontsize=7, ncol=2)
     right.set_xscale("log")
     right.set_xlabel("peak learning rate")
     right.set_ylabel("final eval loss")
-    right.set_title("learning-rate sweep (slimopt solid, peers dashed)")
+    right.set_title("final eval loss vs lr: mean and min-max over seeds\n"
+                    "(slimopt solid, peers dashed)")
     right.legend(fontsize=7, ncol=2)
     if finals:
         low = min(finals)
@@ -596,6 +826,17 @@ def figure(runs: list, best: dict, settings: dict):
         ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
+
+
+def mean_curve(rows) -> tuple[list, list]:
+    """``(tokens, mean eval loss)`` at the curve points every run of ``rows`` has."""
+    by_tokens = {}
+    for r in rows:
+        for p in r.get("curve") or []:
+            if _finite(p.get("eval_loss")):
+                by_tokens.setdefault(p["tokens"], []).append(p["eval_loss"])
+    shared = sorted(t for t, v in by_tokens.items() if len(v) == len(rows))
+    return shared, [_mean(by_tokens[t]) for t in shared]
 
 
 def _clean(obj):
@@ -610,46 +851,97 @@ def _clean(obj):
 
 
 # ---------------------------------------------------------------------------- entry point
+def campaign(plan: dict, go) -> list:
+    """Every run of one corpus: the grid (with the first seed only under seed policy best, else
+    every seed), lrs added beyond edge bests (``--convergence-extend-edges``), then the other
+    seeds at each method's best lr (policy best). ``go(methods, lrs, seeds)`` runs a sweep."""
+    seeds = plan["seeds"]
+    first = seeds[:1] if plan["seed_policy"] == "best" else seeds
+    runs = go(plan["methods"], plan["lrs"], first)
+    for _ in range(MAX_EXTENSIONS if plan["extend_edges"] else 0):
+        more = {m: [beyond(s["best_lr"], 1 if s["edge"] == "high" else -1)]
+                for m, s in select_best(runs).items() if s["status"] == "ok" and s["edge"]}
+        if not more:
+            break
+        say("best lr at an edge, trying one more: " + ", ".join(
+            f"{m} {lrs[0]:g}" for m, lrs in more.items()))
+        runs += go(list(more), more, first)
+    rest = [seed for seed in seeds if seed not in first]
+    todo = {m: [s["best_lr"]] for m, s in select_best(runs).items() if s["status"] == "ok"}
+    if rest and todo:
+        say(f"seeds {', '.join(map(str, rest))} at each method's best lr")
+        runs += go(list(todo), todo, rest)
+    return runs
+
+
+def run_corpus(plan: dict, corpus: str, folder: str, info: dict) -> list[str]:
+    """The suite on one corpus: prepare its data, run the campaign, write the results."""
+    flags = plan["flags"][corpus]
+    settings = pretrain_settings(flags)
+    work_dir = plan["work_dir"]
+    temporary = work_dir is None
+    work_dir = tempfile.mkdtemp(prefix="slimopt-convergence-") if temporary else \
+        os.path.join(work_dir, corpus)
+    os.makedirs(work_dir, exist_ok=True)
+    t0 = time.time()
+    try:
+        data_info = prepare_data(settings)
+        say(f"{len(plan['methods'])} methods x {len(plan['seeds'])} seed(s), preset "
+            f"{plan['preset']}, {settings.steps} steps x {settings.batch_size} x "
+            f"{settings.seq_len} tokens, {plan['jobs']} at a time x {plan['threads']} "
+            f"thread(s), device {plan['device']}; corpus {data_info['corpus']}: "
+            f"{data_info['train_tokens']:,} train / {data_info['eval_tokens']:,} eval tokens; "
+            f"logs under {work_dir}")
+        env = _env(plan["device"], plan["threads"])
+        runs = campaign(plan, lambda methods, lrs, seeds: sweep(
+            methods, lrs, flags, work_dir, seeds=seeds, jobs=plan["jobs"], env=env,
+            timeout=plan["timeout"]))
+    finally:
+        if temporary:
+            shutil.rmtree(work_dir, ignore_errors=True)
+    best = select_best(runs)
+    st = summary_settings(plan, settings, runs, data_info, flags)
+    st.update(wall_s=time.time() - t0, corpus_name=corpus)
+    if temporary:
+        for r in runs:
+            r["log"] = None  # removed with the temporary work dir (failed runs keep log_tail)
+    data = dict(settings=st, runs=runs, best=best)
+    return report.write(folder, plan["names"][corpus], info, _clean(data), table(best, st),
+                        figure(runs, best, st))
+
+
+def summary_settings(plan: dict, settings, runs: list, data_info: dict, flags: list) -> dict:
+    """The settings block of the JSON and the table's caption."""
+    params = next((r["params"] for r in runs if r.get("params")), None)
+    tried = {m: sorted({r["lr"] for r in runs if r["method"] == m}) for m in plan["methods"]}
+    extended = {m: [x for x in tried[m] if x not in plan["lrs"][m]] for m in plan["methods"]}
+    return dict(preset=plan["preset"], device=plan["device"], quick=plan["quick"],
+                params=params or 0, steps=settings.steps, batch_size=settings.batch_size,
+                seq_len=settings.seq_len, tokens_per_run=settings.steps * settings.batch_size
+                * settings.seq_len, warmup=settings.warmup, min_lr_ratio=settings.min_lr_ratio,
+                rank=settings.rank, update_interval=settings.update_interval,
+                eval_every=settings.eval_every, eval_batches=settings.eval_batches,
+                max_chars=settings.max_chars, jobs=plan["jobs"], threads=plan["threads"],
+                seeds=plan["seeds"], seed_policy=plan["seed_policy"],
+                extend_edges=plan["extend_edges"], lrs=tried,
+                extended={m: v for m, v in extended.items() if v},
+                pretrain_flags=flags, **data_info)
+
+
 def run(args, folder: str, info: dict) -> list[str]:
     try:
         plan = resolve(args)
     except ValueError as err:
         say(f"error: {err}")
         raise SystemExit(2) from None
-    settings = pretrain_settings(plan["flags"])
-    work_dir = plan["work_dir"]
-    temporary = work_dir is None
-    if temporary:
-        work_dir = tempfile.mkdtemp(prefix="slimopt-convergence-")
-    os.makedirs(work_dir, exist_ok=True)
-    t0 = time.time()
-    try:
-        data_info = prepare_data(settings)
-        n_runs = sum(len(v) for v in plan["lrs"].values())
-        say(f"{n_runs} runs ({len(plan['methods'])} methods), preset {plan['preset']}, "
-            f"{settings.steps} steps x {settings.batch_size} x {settings.seq_len} tokens, "
-            f"{plan['jobs']} at a time x {plan['threads']} thread(s), device {plan['device']}; "
-            f"corpus {data_info['corpus']}: {data_info['train_tokens']:,} train / "
-            f"{data_info['eval_tokens']:,} eval tokens; logs under {work_dir}")
-        runs = sweep(plan["methods"], plan["lrs"], plan["flags"], work_dir, jobs=plan["jobs"],
-                     env=_env(plan["device"], plan["threads"]), timeout=plan["timeout"])
-    finally:
-        if temporary:
-            shutil.rmtree(work_dir, ignore_errors=True)
-    best = select_best(runs)
-    params = next((r["params"] for r in runs if r.get("params")), None)
-    st = dict(preset=plan["preset"], device=plan["device"], quick=plan["quick"],
-              params=params or 0, steps=settings.steps, batch_size=settings.batch_size,
-              seq_len=settings.seq_len, tokens_per_run=settings.steps * settings.batch_size
-              * settings.seq_len, warmup=settings.warmup, min_lr_ratio=settings.min_lr_ratio,
-              rank=settings.rank, update_interval=settings.update_interval,
-              eval_every=settings.eval_every, eval_batches=settings.eval_batches,
-              max_chars=settings.max_chars, jobs=plan["jobs"], threads=plan["threads"],
-              lrs={m: plan["lrs"][m] for m in plan["methods"]}, pretrain_flags=plan["flags"],
-              wall_s=time.time() - t0, **data_info)
-    if temporary:
-        for r in runs:
-            r["log"] = None  # removed with the temporary work dir (failed runs keep log_tail)
-    data = dict(settings=st, runs=runs, best=best)
-    return report.write(folder, "convergence", info, _clean(data), table(best, st),
-                        figure(runs, best, st))
+    from slimopt.launch.data import DataError
+    for corpus in plan["corpora"]:  # every corpus's data first: a missing one stops it all now
+        try:
+            prepare_data(pretrain_settings(plan["flags"][corpus]))
+        except DataError as err:
+            say(f"error: {err}")
+            raise SystemExit(2) from None
+    paths = []
+    for corpus in plan["corpora"]:
+        paths += run_corpus(plan, corpus, folder, info)
+    return paths

@@ -86,6 +86,56 @@ def test_local_text_file(tmp_path, cache):
     assert result["eval_loss"] < 6.0
 
 
+def test_fortunes_corpus_parsing_and_refusal(tmp_path, cache, capsys, monkeypatch):
+    """``--data fortunes``: one document per fortune (``%`` lines between them, overstrikes
+    resolved, the .dat/.u8 files and the off/ folder skipped), in a fixed shuffled order; where
+    the package is not installed, one line naming the fix and the alternatives."""
+    from slimopt.launch import data
+    root = tmp_path / "fortunes"
+    (root / "off").mkdir(parents=True)
+    (root / "wisdom").write_text("Be wise.\n%\nA _\bb_\bo_\bl_\bd claim.\n\t-- Someone\n%\n")
+    (root / "zippy").write_text("Are we having fun yet?\n%\n")
+    (root / "wisdom.dat").write_bytes(b"\0\0\x02")
+    (root / "wisdom.u8").write_text("Be wise.\n%\n")
+    (root / "off" / "rude").write_text("not read\n%\n")
+    monkeypatch.setattr(data, "FORTUNES_DIR", str(root))
+    docs, corpus_id = data.load_documents("fortunes", max_chars=10_000)
+    assert sorted(docs) == ["A bold claim.\n\t-- Someone", "Are we having fun yet?", "Be wise."]
+    assert docs == data.load_documents("fortunes", max_chars=10_000)[0]  # a fixed order
+    assert corpus_id.startswith("fortunes-") and corpus_id.endswith("-10000")
+    assert len(data.load_documents("fortunes", max_chars=5)[0]) == 1
+    monkeypatch.setattr(data, "FORTUNES_DIR", str(tmp_path / "absent"))
+    with pytest.raises(data.DataError) as err:
+        data.load_documents("fortunes")
+    message = str(err.value)
+    assert "\n" not in message and "apt-get install fortunes" in message
+    assert "stdlib" in message and "--data PATH" in message
+    _fails(SMALL + ["--cache-dir", cache, "--output-dir", str(tmp_path / "x"), "--data",
+                    "fortunes"], capsys, "apt-get install fortunes")
+
+
+def test_installed_fortunes_train(tmp_path, cache):
+    from slimopt.launch import data
+    if not os.path.isdir(data.FORTUNES_DIR):
+        pytest.skip(f"no {data.FORTUNES_DIR} (apt-get install fortunes)")
+    docs, corpus_id = data.load_documents("fortunes", max_chars=10**9)
+    assert len(docs) > 10_000 and 2_000_000 < sum(map(len, docs)) < 4_000_000
+    assert not any("\x08" in d or "%" in d.splitlines() for d in docs)
+    result, _ = _run(["--data", "fortunes", "--optimizer", "adamw", "--steps", "4"], tmp_path,
+                     cache, "fortunes")
+    assert result["eval_loss"] < 6.0
+
+
+def test_small_preset_size():
+    """The ``small`` preset (between tiny and 60m, for the CPU convergence suite) has the size
+    its comment gives: 4,212,992 parameters at vocab 2048, 4x tiny's."""
+    import transformers
+    from slimopt.launch.presets import llama_config
+    sizes = {p: sum(t.numel() for t in transformers.LlamaForCausalLM(
+        llama_config(p, 2048, 128)).parameters()) for p in ("tiny", "small")}
+    assert sizes == {"tiny": 1_328_256, "small": 4_212_992}
+
+
 def test_two_cpu_ranks_match_one_process(tmp_path, cache):
     common = SMALL + ["--cache-dir", cache, "--optimizer", "grasswalk", "--no-tensorboard"]
     single = pretrain.execute(common + ["--output-dir", str(tmp_path / "one")])

@@ -4,6 +4,10 @@ into fixed-length blocks, a held-out split, and a resumable batch order.
 Sources (``load_documents``):
 - ``None``: the embedded default, the Python standard library's own ``.py`` files read from the
   running interpreter (works offline on any machine with Python);
+- ``"fortunes"`` (a reserved name): English prose, the epigrams of Debian's ``fortunes`` package
+  (``apt-get install fortunes``; ~2.5 MB in ~15,000 fortunes), one document per fortune, in a
+  fixed shuffled order so the held-out last 2% samples every file (see ``fortune_documents``);
+  a local file or folder named ``fortunes`` is read as ``--data ./fortunes``;
 - a local ``.txt``/``.json``/``.jsonl``/``.parquet`` file or a folder of them, through ``datasets``;
 - any other string: a hub dataset name, streamed through ``datasets`` (needs a network; the first
   ``max_documents`` documents are used).
@@ -18,6 +22,8 @@ import codecs
 import hashlib
 import json
 import os
+import random
+import re
 import sys
 import sysconfig
 
@@ -28,6 +34,9 @@ from .cli_errors import first_line
 EOS = "<|endoftext|>"
 TEXT_SUFFIXES = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 SKIP_DIRS = {"test", "tests", "site-packages", "dist-packages", "idlelib", "__pycache__"}
+#: the built-in prose corpus: ``--data fortunes`` reads the fortune files of this folder
+FORTUNES = "fortunes"
+FORTUNES_DIR = "/usr/share/games/fortunes"
 
 
 class DataError(ValueError):
@@ -51,6 +60,57 @@ def stdlib_documents(max_chars: int) -> list[str]:
     if not docs:
         raise DataError(f"no Python source under {root}: pass --data")
     return docs
+
+
+def _fortune_files(root: str) -> list[str]:
+    """The plain fortune files of ``root``: its regular files, without the ``strfile`` indexes
+    (``.dat``), the ``.u8`` links and any subfolder (Debian's ``off/``, the offensive ones)."""
+    if not os.path.isdir(root):
+        raise DataError(f"--data {FORTUNES}: the fortunes corpus is not installed (no {root}); "
+                        "install it with `apt-get install fortunes`, or leave out --data for the "
+                        "default stdlib corpus, or pass --data PATH for your own text")
+    files = sorted(os.path.join(root, n) for n in os.listdir(root)
+                   if not n.endswith((".dat", ".u8")) and not n.startswith(".")
+                   and os.path.isfile(os.path.join(root, n)))
+    if not files:
+        raise DataError(f"--data {FORTUNES}: no fortune files in {root}; reinstall them with "
+                        "`apt-get install --reinstall fortunes`, or leave out --data for the "
+                        "default stdlib corpus, or pass --data PATH")
+    return files
+
+
+def _overstruck(text: str) -> str:
+    """``text`` as printed: each backspace erases the character before it (``_<BS>X``
+    underlines, ``___<BS><BS><BS>word`` too)."""
+    while "\x08" in text:
+        cleaner = re.sub(r"[^\x08\n]\x08", "", text)
+        if cleaner == text:
+            return text.replace("\x08", "")
+        text = cleaner
+    return text
+
+
+def fortune_documents(max_chars: int, root: str | None = None) -> tuple[list[str], str]:
+    """``(fortunes, digest of the files' names and text)``: one document per fortune (the text
+    between lines holding only ``%``, overstrikes ``X<BS>Y`` reduced to ``Y``), shuffled once
+    with a fixed seed (the files are sorted by topic, so unshuffled the held-out last 2% would
+    all be Zippy the Pinhead), then cut at ``max_chars`` characters."""
+    files = _fortune_files(root or FORTUNES_DIR)
+    docs, digest = [], hashlib.sha1()
+    for path in files:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            text = _overstruck(f.read())
+        digest.update(f"{os.path.basename(path)}\0{text}\0".encode())
+        docs += [d.strip("\n") for d in re.split(r"^%\n", text + "\n", flags=re.M)
+                 if d.strip()]
+    random.Random(0).shuffle(docs)
+    kept, total = [], 0
+    for doc in docs:
+        kept.append(doc)
+        total += len(doc)
+        if total >= max_chars:
+            break
+    return kept, digest.hexdigest()[:12]
 
 
 def _local_files(path: str):
@@ -124,6 +184,9 @@ def load_documents(source: str | None, *, text_column: str = "text", max_chars: 
     if source is None:
         docs = stdlib_documents(max_chars)
         return docs, f"stdlib-{sys.version.split()[0]}-{max_chars}"
+    if source == FORTUNES:
+        docs, digest = fortune_documents(max_chars)
+        return docs, f"fortunes-{digest}-{max_chars}"
     try:
         import datasets
     except ImportError:

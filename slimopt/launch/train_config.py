@@ -34,8 +34,10 @@ ARGUMENTS = (
     ("--warmup", dict(type=int)),
     ("--min-lr-ratio", dict(type=float, default=0.1)),
     ("--grad-clip", dict(type=float, help="0 disables clipping (default 1.0)")),
-    ("--data", dict(help="local .txt/.json/.jsonl/.parquet file or folder, or a hub dataset "
-                         "name; default: the Python stdlib source")),
+    ("--data", dict(help="local .txt/.json/.jsonl/.parquet file or folder, a hub dataset "
+                         "name, or 'fortunes' (built in: English prose from Debian's fortunes "
+                         "package, apt-get install fortunes); default: the Python stdlib "
+                         "source")),
     ("--text-column", dict(default="text")),
     ("--vocab-size", dict(type=int)),
     ("--max-chars", dict(type=int, help="characters of the corpus to use (default: the "
