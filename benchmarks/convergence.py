@@ -326,7 +326,7 @@ def resolve(args) -> dict:
     return dict(device=device, preset=preset, quick=quick, methods=methods, lrs=lrs,
                 corpora=corpora, seeds=seeds, seed_policy=args.convergence_seed_policy,
                 extend_edges=bool(args.convergence_extend_edges),
-                flags={c: flags + data[c] + extra for c in corpora}, jobs=jobs,
+                flags={c: flags + data[c] + extra for c in corpora}, extra=extra, jobs=jobs,
                 threads=threads, timeout=args.convergence_timeout,
                 work_dir=args.convergence_work_dir,
                 names={c: output_name(c, preset, default_preset, _tag(args)) for c in corpora})
@@ -766,7 +766,9 @@ def caption(st: dict) -> list[str]:
         f"batch{'es' if st['eval_batches'] != 1 else ''} of held-out tokens "
         f"({st['eval_every']} steps between curve points), at the last step; device "
         f"{st['device']}; {st['jobs']} runs at a time x {st['threads']} thread(s).",
-        seed_note(st),
+        seed_note(st)
+        + (f" Added to every run: `{' '.join(map(shlex.quote, st['extra_flags']))}`."
+           if st.get("extra_flags") else ""),
         "Best lr = lowest (mean) final eval loss over the sweep; the eval split is also the split "
         "reported (no separate test split). ↓edge / ↑edge: the best lr is the lowest / highest "
         "lr tried, so the optimum may lie beyond the sweep"
@@ -925,7 +927,7 @@ def summary_settings(plan: dict, settings, runs: list, data_info: dict, flags: l
                 seeds=plan["seeds"], seed_policy=plan["seed_policy"],
                 extend_edges=plan["extend_edges"], lrs=tried,
                 extended={m: v for m, v in extended.items() if v},
-                pretrain_flags=flags, **data_info)
+                pretrain_flags=flags, extra_flags=plan.get("extra", []), **data_info)
 
 
 def run(args, folder: str, info: dict) -> list[str]:

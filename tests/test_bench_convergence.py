@@ -285,3 +285,4 @@ def test_small_sweep_end_to_end(tmp_path):
     table = (tmp_path / "convergence.md").read_text()
     assert "| adamw | torch | 0.003 ↓edge |" in table and "grassjump lr 1e+30 seed 0" in table
     assert "(2 seeds) |" in table and "seed policy best" in table
+    assert "Added to every run: `--seq-len 32 --batch-size 4" in table
