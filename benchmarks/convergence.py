@@ -28,11 +28,10 @@ mean train loss since the previous point, eval loss at every ``--eval-every`` st
 - Seeds: ``--convergence-seeds 0 1`` (default 0). ``--convergence-seed-policy all`` (default):
   every (method, lr) with every seed. ``best`` (cheaper: grid + one run per method and extra
   seed): the first seed runs the grid (and the edge extensions), the other seeds only rerun each
-  method's best lr. The caption says which policy ran. Not seeded by it: an optimizer's own
-  random draws (those of the slimopt optimizers with a ``seed`` option: GrassJump's and
-  GrassWalk's bases, SARA, GaLore-slimopt, SNSM, SubspaceMomentum) come from that option, 0
-  unless ``--opt-args`` sets it, so the spread is that of the initial weights and the data order
-  only.
+  method's best lr. The caption says which policy ran. The seed is ``slimopt-pretrain --seed``:
+  the initial weights, the data order and the random draws of the slimopt optimizers with a
+  ``seed`` option (GrassJump's and GrassWalk's bases, SARA, GaLore-slimopt, SNSM,
+  SubspaceMomentum); the peers draw nothing at random.
 - Selection: a method's best lr is the one with the lowest mean final eval loss over the seeds
   that ran at every lr tried (all seeds under policy all, the first under policy best); an lr
   where one of those runs failed is not chosen. The table gives, at the best lr, the mean over

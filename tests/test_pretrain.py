@@ -203,3 +203,18 @@ def test_console_script_exits_zero(tmp_path, cache):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "final eval loss" in proc.stdout and "torch AdamW would hold" in proc.stdout
+
+
+@pytest.mark.parametrize("optimizer,opt_args,expected", [
+    ("grassjump", "{}", 3), ("sara", '{"seed": 5}', 5), ("adamw", "{}", None)])
+def test_run_seed_seeds_the_optimizers_draws(optimizer, opt_args, expected):
+    """--seed covers a slimopt optimizer's random subspaces (its seed option) unless --opt-args
+    sets one; optimizers without a seed option are built as before."""
+    import transformers
+    from slimopt.launch.run_setup import make_optimizer
+    args = pretrain.parse_args(["--optimizer", optimizer, "--seed", "3", "--opt-args", opt_args,
+                                "--lr", "1e-3", "--output-dir", os.devnull])
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=1, num_attention_heads=2)
+    opt = make_optimizer(args, transformers.LlamaForCausalLM(cfg), None)
+    assert getattr(opt, "seed", None) == expected

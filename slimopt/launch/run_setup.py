@@ -4,6 +4,7 @@ the data, the model, the optimizer and its schedule, and the DDP or DeepSpeed wr
 from __future__ import annotations
 
 import hashlib
+import inspect
 import math
 import os
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ import torch
 from .data import load_documents, token_blocks, tokenizer_for
 from .deepspeed_config import load_deepspeed_config
 from .presets import llama_config
+from .records import BY_NAME
 from .registry import RANKED, build_optimizer, cli_defaults
 from .train_config import UsageError
 
@@ -76,6 +78,16 @@ def set_default_weight_decay(options, args) -> None:
             options.setdefault(key, value)
 
 
+def set_default_seed(options, args) -> None:
+    """``--seed`` seeds a slimopt optimizer's random draws too (its ``seed`` option, unless
+    ``--opt-args`` sets it), so that a run's seed covers its random subspaces as well as its
+    initial weights and data order; 0 is every optimizer's own default."""
+    method = BY_NAME.get(args.optimizer.lower())
+    if method is not None and not method.is_peer and isinstance(method.build, type) \
+            and "seed" in inspect.signature(method.build).parameters:
+        options.setdefault("seed", args.seed)
+
+
 def make_optimizer(args, model, ds_config):
     """The optimizer of ``--optimizer`` (or of the DeepSpeed config's ``optimizer`` section,
     which is taken out of ``ds_config``)."""
@@ -83,6 +95,7 @@ def make_optimizer(args, model, ds_config):
     if args.optimizer in RANKED:
         options.setdefault("update_interval", args.update_interval)
     set_default_weight_decay(options, args)
+    set_default_seed(options, args)
     try:
         section = ds_config.pop("optimizer", None) if ds_config else None
         if section is not None:
