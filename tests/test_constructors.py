@@ -21,7 +21,7 @@ RESOLVED = {(AdaPreLoRA, "lora_scale"): (None, 1.0)}
 #: a valid value other than the default, for options a generic rule cannot make one for
 OTHER = {"walk_tangent_rank": "full", "moment_rule": "reset", "residual": "scaled",
          "walk_init": "random", "coefficients": "muon", "lr_scale": "original",
-         "ns_dtype": "float32", "subset_size": 4, "lora_scale": 2.0}
+         "ns_dtype": "float32", "subset_size": 4, "lora_scale": 2.0, "momentum_on": "steps"}
 
 
 def _make(cls, **kwargs):

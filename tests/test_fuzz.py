@@ -72,7 +72,8 @@ SPACES = {
              "ns_eps": ([1e-7, 1e-30], [0.0])},
     "AdaPreLoRA": {"beta1": ([0.0, 0.9], [1.0]), "beta2_decay": ([-0.8, -0.5], [0.5, NAN]),
                    "eps1": ([1e-30, 1e-15], [0.0]), "damping": ([0.0, 1e-6, 1e-3], [-1.0]),
-                   "clip_threshold": ([1.0, 0.1, None], [0.0])},
+                   "clip_threshold": ([1.0, 0.1, None], [0.0]),
+                   "momentum_on": (["gradients", "steps"], ["both"])},
 }
 SPACES["SubspaceMomentum"] = SPACES["SNSM"]
 SHAPES = [(6, 10), (10, 6), (5, 5), (1, 8), (8, 1), (8,), (0, 5), (2, 3, 4), ()]
