@@ -713,9 +713,13 @@ def seed_note(st: dict) -> str:
     """What the seeds and the seed policy did, for the table's caption."""
     seeds = st.get("seeds", [0])
     text = f"Seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))} (initial " \
-           "weights and data order)"
+           "weights, data order and the slimopt optimizers' random draws)"
     if len(seeds) == 1:
         return text + "; one run per (method, lr), so no spread."
+    if st.get("seed_policy") == "merged":
+        return (text + "; pooled from several runs of the suite (below): best lr = lowest mean "
+                "over the seeds that ran at every lr tried, eval loss = mean over the seeds at "
+                "the best lr, spread = ± half their range.")
     if st.get("seed_policy") == "best":
         return (text + f"; seed policy best: seed {seeds[0]} ran every lr and chose each "
                 f"method's best lr, the other seeds reran only that lr. Eval loss = mean over "

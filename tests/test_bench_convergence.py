@@ -286,3 +286,45 @@ def test_small_sweep_end_to_end(tmp_path):
     assert "| adamw | torch | 0.003 ↓edge |" in table and "grassjump lr 1e+30 seed 0" in table
     assert "(2 seeds) |" in table and "seed policy best" in table
     assert "Added to every run: `--seq-len 32 --batch-size 4" in table
+
+
+def _piece(tmp_path, name, runs, **settings):
+    base = dict(preset="tiny", steps=200, batch_size=16, seq_len=128, warmup=20, min_lr_ratio=0.1,
+                rank=32, update_interval=50, eval_every=25, eval_batches=8, max_chars=4000000,
+                corpus="stdlib-x-4000000", vocab=2048, device="cpu", params=1000, jobs=2,
+                threads=1, tokens_per_run=409600)
+    base.update(settings)
+    rows = [dict(method=m, library="slimopt", lr=lr, eval_loss=loss, status="ok", seconds=1.0,
+                 curve=[dict(step=200, tokens=409600, eval_loss=loss)], **extra)
+            for m, lr, loss, extra in runs]
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(dict(command=f"python -m benchmarks convergence # {name}",
+                                    commit="abc1234", data=dict(settings=base, runs=rows))))
+    return str(path)
+
+
+def test_merge_pools_pieces_and_selects_like_the_suite(tmp_path):
+    from benchmarks import convergence_merge
+    grid = _piece(tmp_path, "grid", [("adamw", 1e-3, 5.0, {}), ("adamw", 3e-3, 4.0, {}),
+                                     ("grassjump", 1e-3, 4.5, {}), ("grassjump", 3e-3, 4.8, {})])
+    seed1 = _piece(tmp_path, "seed1", [("adamw", 3e-3, 4.2, dict(seed=1)),
+                                       ("grassjump", 1e-3, 4.7, dict(seed=1))])
+    out = tmp_path / "out"
+    assert convergence_merge.main([grid, seed1, "--out", str(out), "--name", "pooled"]) == 0
+    data = json.loads((out / "pooled.json").read_text())["data"]
+    assert data["best"]["adamw"]["best_lr"] == 3e-3
+    assert data["best"]["adamw"]["eval_loss"] == pytest.approx(4.1)
+    assert data["best"]["grassjump"]["seeds"] == [0, 1]
+    text = (out / "pooled.md").read_text()
+    assert "± 0.1000 (2 seeds)" in text and "# seed1" in text and "pooled from several" in text
+
+
+def test_merge_refuses_unlike_pieces_and_twice_the_same_run(tmp_path, capsys):
+    from benchmarks import convergence_merge
+    a = _piece(tmp_path, "a", [("adamw", 1e-3, 5.0, {})])
+    b = _piece(tmp_path, "b", [("adamw", 3e-3, 4.0, {})], steps=400)
+    c = _piece(tmp_path, "c", [("adamw", 1e-3, 4.9, {})])
+    assert convergence_merge.main([a, b, "--out", str(tmp_path)]) == 2
+    assert "differ in steps (400 vs 200)" in capsys.readouterr().err
+    assert convergence_merge.main([a, c, "--out", str(tmp_path)]) == 2
+    assert "adamw lr 0.001 seed 0 is in both" in capsys.readouterr().err
