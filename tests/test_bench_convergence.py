@@ -68,7 +68,8 @@ def test_best_lr_is_the_minimum_and_edges_are_marked():
     assert "| e | slimopt | all failed |" in text and "d lr 0.01 seed 0 (exit code 1)" in text
     assert "- c: 0.001: 5.0000 · 0.003: 4.4000 · 0.01: 4.1000*" in text
     assert "- d: 0.001: 5.0000 · 0.003: 4.3000* · 0.01: failed" in text
-    assert "Seed 0 (initial weights and data order); one run per (method, lr)" in text
+    assert ("Seed 0 (initial weights, data order and the slimopt optimizers' random draws); "
+            "one run per (method, lr)") in text
 
 
 def test_two_seeds_mean_and_spread():
