@@ -114,6 +114,8 @@ OPTIMIZERS = [
     OptimizerInfo(slimopt.SARA, dict(BASE, recovery=True, moment_rule="transport"), adam_floats(),
                   ADAM_BAD),
     OptimizerInfo(slimopt.GrassJump, dict(BASE), adam_floats(stores_basis=False), ADAM_BAD),
+    OptimizerInfo(slimopt.GrassJump, dict(BASE, recovery=True), adam_floats(stores_basis=False),
+                  ADAM_BAD),
     OptimizerInfo(slimopt.GrassWalk, dict(BASE), adam_floats(), WALK_BAD),
     OptimizerInfo(slimopt.GrassWalk, dict(BASE, walk_tangent_rank="full", walk_init="random",
                                           residual="scaled"), adam_floats(), WALK_BAD),

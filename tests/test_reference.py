@@ -12,7 +12,8 @@ CASES = [
     (slimopt.SARA, {}, False, False),
     (slimopt.SARA, dict(moment_rule="transport"), True, False),
     (slimopt.SARA, dict(recovery=True, moment_rule="transport"), True, True),
-    (slimopt.GrassJump, {}, True, True),
+    (slimopt.GrassJump, {}, True, False),
+    (slimopt.GrassJump, dict(recovery=True), True, True),
     (slimopt.GrassWalk, {}, True, True),
     (slimopt.GrassWalk, dict(residual="scaled", walk_tangent_rank="full"), True, True),
 ]
