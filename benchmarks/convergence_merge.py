@@ -9,6 +9,9 @@ twice, then picks each method's best lr and its seed spread exactly as the suite
 piece's command and commit) and ``NAME.png``.
 
     python -m benchmarks.convergence_merge grid.json edge.json seed1.json --out DIR --name NAME
+
+A piece given as ``PATH:METHOD=NAME`` has its method ``METHOD`` renamed ``NAME`` (an ablation
+run under the method's own name, e.g. ``norecovery.json:grassjump=grassjump-no-recovery``).
 """
 from __future__ import annotations
 
@@ -24,8 +27,16 @@ SAME = ("preset", "steps", "batch_size", "seq_len", "warmup", "min_lr_ratio", "r
         "update_interval", "eval_every", "eval_batches", "max_chars", "corpus", "vocab", "device")
 
 
-def load(path: str) -> dict:
-    """One piece: its settings, its runs (seed 0 where the piece predates seeds), its command."""
+def load(spec: str) -> dict:
+    """One piece (``PATH`` or ``PATH:METHOD=NAME``): its settings, its runs (seed 0 where the
+    piece predates seeds, renamed as asked), its command."""
+    path, rename = spec, {}
+    if not os.path.exists(spec) and ":" in spec:
+        path, pair = spec.rsplit(":", 1)
+        old, sep, new = pair.partition("=")
+        if not sep or not old or not new:
+            raise ValueError(f"{spec}: expected PATH or PATH:METHOD=NAME")
+        rename = {old: new}
     try:
         with open(path) as f:
             piece = json.load(f)
@@ -36,7 +47,10 @@ def load(path: str) -> dict:
             from None
     for row in runs:
         row.setdefault("seed", 0)
-    return dict(path=path, settings=settings, runs=runs, command=piece.get("command", "?"),
+        row["method"] = rename.get(row["method"], row["method"])
+    if rename and not any(r["method"] in rename.values() for r in runs):
+        raise ValueError(f"{spec}: no method {next(iter(rename))!r} in {path}")
+    return dict(path=spec, settings=settings, runs=runs, command=piece.get("command", "?"),
                 commit=piece.get("commit", "?"))
 
 

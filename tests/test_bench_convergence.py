@@ -329,3 +329,15 @@ def test_merge_refuses_unlike_pieces_and_twice_the_same_run(tmp_path, capsys):
     assert "differ in steps (400 vs 200)" in capsys.readouterr().err
     assert convergence_merge.main([a, c, "--out", str(tmp_path)]) == 2
     assert "adamw lr 0.001 seed 0 is in both" in capsys.readouterr().err
+
+
+def test_merge_renames_a_pieces_method(tmp_path, capsys):
+    from benchmarks import convergence_merge
+    a = _piece(tmp_path, "a", [("grassjump", 1e-3, 5.0, {})])
+    b = _piece(tmp_path, "b", [("grassjump", 1e-3, 4.0, {})])
+    out = tmp_path / "out"
+    assert convergence_merge.main([a, b + ":grassjump=grassjump-variant", "--out", str(out)]) == 0
+    best = json.loads((out / "convergence.json").read_text())["data"]["best"]
+    assert best["grassjump"]["eval_loss"] == 5.0 and best["grassjump-variant"]["eval_loss"] == 4.0
+    assert convergence_merge.main([a, b + ":sara=x", "--out", str(out)]) == 2
+    assert "no method 'sara'" in capsys.readouterr().err
