@@ -17,8 +17,9 @@ class GrassJump(SubspaceAdam):
     recovery scaling of the residual with the limiter). A uniform random subspace holds little of a
     structured gradient, so the rescaled residual outside it dominates the step (about 7x the
     in-subspace step against 2.7x for an SVD basis: ``benchmarks/recovery_share.py``). In our
-    convergence suite GrassJump without recovery ends 7% lower on both corpora and takes its
-    siblings' learning rates (README, "Convergence").
+    convergence suite GrassJump without recovery ends 7-8% lower on both corpora and on a second
+    model size, level with its siblings and galore-torch, at their learning rates (README,
+    "Convergence").
     """
 
     def __init__(self, params, lr=1e-3, rank=128, update_interval=200, betas=(0.9, 0.999),
