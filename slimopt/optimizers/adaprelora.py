@@ -80,6 +80,8 @@ class AdaPreLoRA(SlimOptimizer):
     }
     optional_state_keys = frozenset({"momentum_steps"})
     MOMENTUM_ON = ("gradients", "steps")
+    #: a state saved before ``momentum_on`` existed averaged the solved steps
+    added_options = {**SlimOptimizer.added_options, "momentum_on": "steps"}
 
     def __init__(self, params, lr=1e-3, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8, *,
                  beta1=0.9, momentum_on="gradients", beta2_decay=-0.8, eps1=1e-30, damping=1e-6,
@@ -168,17 +170,6 @@ class AdaPreLoRA(SlimOptimizer):
             if "exp_avg" in self.state.get(p, {}):
                 self.state[p]["exp_avg"].zero_()
                 self.state[p]["momentum_steps"] = 0
-
-    @staticmethod
-    def _with_added_options(state_dict):
-        """A state saved before ``momentum_on`` existed averaged the solved steps: ``"steps"``."""
-        state_dict = SlimOptimizer._with_added_options(state_dict)
-        groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
-        if not isinstance(groups, list) or all(
-                not isinstance(g, dict) or "momentum_on" in g for g in groups):
-            return state_dict
-        groups = [{"momentum_on": "steps", **g} if isinstance(g, dict) else g for g in groups]
-        return dict(state_dict, param_groups=groups)
 
     # ------------------------------------------------------------------ step
     def _check_gradients(self, group):

@@ -93,6 +93,8 @@ class SlimOptimizer(Optimizer):
     beta2_may_be_one: bool = False
     #: state keys a rule adds after the state is created (absent from a fresh state)
     optional_state_keys: frozenset = frozenset()
+    #: group options newer than some checkpoints, and the value such a checkpoint meant
+    added_options: dict = ADDED_OPTIONS
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -494,15 +496,15 @@ class SlimOptimizer(Optimizer):
         self.check_state_dict(state_dict)
         return super().load_state_dict(state_dict)
 
-    @staticmethod
-    def _with_added_options(state_dict):
-        """A state saved before an option existed (``ADDED_OPTIONS``) gets the value that state
+    def _with_added_options(self, state_dict):
+        """A state saved before an option existed (``added_options``) gets the value that state
         meant (a copy; the caller's dict is left as it is)."""
+        added = self.added_options
         groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
         if not isinstance(groups, list) or not any(
-                isinstance(g, dict) and not ADDED_OPTIONS.keys() <= g.keys() for g in groups):
+                isinstance(g, dict) and not added.keys() <= g.keys() for g in groups):
             return state_dict
-        groups = [{**ADDED_OPTIONS, **g} if isinstance(g, dict) else g for g in groups]
+        groups = [{**added, **g} if isinstance(g, dict) else g for g in groups]
         return dict(state_dict, param_groups=groups)
 
     # ------------------------------------------------------------------ checkpoints
