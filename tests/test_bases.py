@@ -221,3 +221,37 @@ def test_grassjump_regenerates_the_same_basis_in_another_dtype():
             opt.step()
         bases.append(opt.current_basis(p).double())
     torch.testing.assert_close(bases[1], bases[0], rtol=0, atol=1e-6)
+
+
+def test_draws_pinned_uniforms():
+    """The uniforms are exact integer hashes: the same bits on every machine and torch build."""
+    draws = Draws(1, 2, 3)
+    assert [x.hex() for x in draws.uniform(4, "cpu").tolist()] == [
+        "0x1.5f56274a00000p-2", "0x1.5913db6d00000p-1", "0x1.85aea68900000p-1",
+        "0x1.42b94e4f00000p-1"]
+    assert [x.hex() for x in draws.uniform(2, "cpu").tolist()] == [
+        "0x1.480c0fa300000p-1", "0x1.6ff69c8a00000p-2"]
+
+
+def test_draws_past_a_16_bit_counter():
+    draws = Draws(2, 7, 1)
+    key = mix_seed(draws.seed, 0)
+    got = draws.uniform(140_000, "cpu")
+    for i in (0, 255, 256, 65535, 65536, 65537, 131071, 131072, 139_999):
+        b = _lowbias32(_lowbias32(i ^ (key & 0xFFFFFFFF)) ^ (key >> 32 & 0xFFFFFFFF))
+        assert got[i].item() == (b + 0.5) / 2 ** 32
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows, cols", [(1, 1), (1, 2), (3, 5), (40, 30)])
+def test_draws_normal_is_box_muller_of_the_uniforms(rows, cols, dtype):
+    """Bit for bit the plain Box-Muller of ``uniform``: first half radii, second half angles,
+    (radius cos, radius sin) pairs in order, computed in float64 and cast at the end."""
+    count = rows * cols
+    pairs = (count + 1) // 2
+    u = Draws(4, 0, 4).uniform(2 * pairs, "cpu")
+    radius = torch.sqrt(-2.0 * torch.log(u[:pairs]))
+    angle = (2.0 * math.pi) * u[pairs:]
+    z = torch.stack((radius * torch.cos(angle), radius * torch.sin(angle)), dim=1)
+    expected = z.reshape(-1)[:count].reshape(rows, cols).to(dtype)
+    assert torch.equal(Draws(4, 0, 4).normal(rows, cols, torch.empty(0, dtype=dtype)), expected)

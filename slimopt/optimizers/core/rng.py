@@ -33,21 +33,37 @@ def mix_seed(*parts: int) -> int:
 _MASK32 = 0xFFFFFFFF
 #: a draw is at most this many numbers: two 32-bit counters per pair must stay below 2**32
 MAX_DRAW = 1 << 31
+_TWO_TO_MINUS_32 = 2.0 ** -32
 
 
 def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
-    """``(x * c) mod 2**32`` for ``0 <= x < 2**32`` in int64 arithmetic that never overflows
-    (16-bit halves: each product stays below 2**48). Consumes ``x``."""
-    high = (x >> 16).mul_(c).bitwise_and_(0xFFFF).bitwise_left_shift_(16)
-    return x.bitwise_and_(0xFFFF).mul_(c).add_(high).bitwise_and_(_MASK32)
+    """``(x * c) mod 2**32`` for ``0 <= x < 2**32``: a constant ``c >= 2**31`` is replaced by its
+    signed twin ``c - 2**32`` (same residue), so the int64 product stays within ``(-2**63, 2**63)``
+    and never overflows; masking its two's complement keeps the low 32 bits. Consumes ``x``."""
+    return x.mul_(c - (1 << 32) if c >> 31 else c).bitwise_and_(_MASK32)
 
 
-def _hash32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer hash (Wellons' "lowbias32" constants) on int64 tensors in [0, 2**32).
-    Consumes ``x``."""
-    x = _mul32(x.bitwise_xor_(x >> 16), 0x7FEB352D)
-    x = _mul32(x.bitwise_xor_(x >> 15), 0x846CA68B)
-    return x.bitwise_xor_(x >> 16)
+def _xorshift(x: torch.Tensor, shift: int, scratch: torch.Tensor) -> torch.Tensor:
+    """``x ^ (x >> shift)``, the shifted copy written to ``scratch``. Consumes ``x``."""
+    return x.bitwise_xor_(torch.bitwise_right_shift(x, shift, out=scratch))
+
+
+def _lowbias32_middle(x: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """Wellons' "lowbias32" 32-bit hash without its first and last ``xorshift(16)``, on int64
+    tensors in [0, 2**32). Consumes ``x``."""
+    return _mul32(_xorshift(_mul32(x, 0x7FEB352D), 15, scratch), 0x846CA68B)
+
+
+def _first_xorshift(count: int, low: int, device) -> torch.Tensor:
+    """``xorshift(counter ^ low, 16)`` for ``counter`` in ``range(count)``, as an xor table of
+    rows ``r`` and columns ``c < 256`` (faster than ``arange``): ``counter = 256 r ^ c``, and
+    ``xorshift(16)`` is linear and leaves ``c < 2**16`` unchanged, so the value is
+    ``xorshift(256 r ^ low, 16) ^ c``."""
+    rows = torch.arange(0, count, 256, dtype=torch.int64, device=device).bitwise_xor_(low)
+    rows.bitwise_xor_(rows >> 16)
+    table = torch.empty(len(rows), 256, dtype=torch.int64, device=device)
+    columns = torch.arange(256, dtype=torch.int64, device=device)
+    return torch.bitwise_xor(rows[:, None], columns, out=table).view(-1)[:count]
 
 
 class Draws:
@@ -64,26 +80,37 @@ class Draws:
         self.seed = mix_seed(*parts)
         self.calls = 0
 
-    def _bits(self, count: int, device) -> torch.Tensor:
+    def _halves(self, count: int, device) -> torch.Tensor:
+        """The next ``count`` 32-bit hashes ``h`` as float64 ``h + 0.5``, in (0, 2**32)."""
         if count > MAX_DRAW:
             raise ValueError(f"a random draw of {count:,} numbers is over slimopt's limit of "
                              f"{MAX_DRAW:,} per draw (a basis of d x r with d * r below it works)")
         key = mix_seed(self.seed, self.calls)
         self.calls += 1
-        counter = torch.arange(count, dtype=torch.int64, device=device)
-        first = _hash32(counter.bitwise_xor_(key & _MASK32))
-        return _hash32(first.bitwise_xor_((key >> 32) & _MASK32))
+        low, high = key & _MASK32, (key >> 32) & _MASK32
+        out = torch.empty(count, dtype=torch.float64, device=device)
+        scratch = out.view(torch.int64)  # holds the shifted copies until the result goes there
+        x = _lowbias32_middle(_first_xorshift(count, low, device), scratch)
+        # lowbias32(lowbias32(counter ^ low) ^ high): the xorshift(16) that ends the first hash
+        # and the one that starts the second fold into one xor, as xorshift(16) is linear and
+        # its own inverse on 32 bits
+        x = _lowbias32_middle(x.bitwise_xor_(high ^ (high >> 16)), scratch)
+        return out.copy_(_xorshift(x, 16, scratch)).add_(0.5)
 
     def uniform(self, count: int, device) -> torch.Tensor:
         """``count`` float64 uniforms in (0, 1)."""
-        return (self._bits(count, device).to(torch.float64) + 0.5) / 4294967296.0
+        return self._halves(count, device).mul_(_TWO_TO_MINUS_32)
 
     def normal(self, rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
         """A ``rows x cols`` standard Gaussian on ``like``'s device in its dtype."""
         count = rows * cols
         pairs = (count + 1) // 2
-        u = self.uniform(2 * pairs, like.device)
-        radius = torch.sqrt(-2.0 * torch.log(u[:pairs]))
-        angle = (2.0 * math.pi) * u[pairs:]
-        z = torch.stack((radius * torch.cos(angle), radius * torch.sin(angle)), dim=1)
+        u = self._halves(2 * pairs, like.device)
+        # (2 pi) * (u * 2**-32) == u * (2 pi * 2**-32) exactly: scaling by 2**-32 is exact
+        radius = u[:pairs].mul_(_TWO_TO_MINUS_32).log_().mul_(-2.0).sqrt_()
+        angle = u[pairs:].mul_(2.0 * math.pi * _TWO_TO_MINUS_32)
+        cos = torch.cos(angle)
+        z = torch.empty(pairs, 2, dtype=torch.float64, device=like.device)
+        torch.mul(radius, cos, out=z[:, 0])  # (radius cos, radius sin) pairs, interleaved
+        torch.mul(radius, angle.sin_(), out=z[:, 1])
         return z.reshape(-1)[:count].reshape(rows, cols).to(like.dtype)
