@@ -85,10 +85,13 @@ ONLY_PAIRS = ("test_resume_is_bit_exact", "test_bad_hyperparameters_raise_naming
               "test_register_with_torch_optim")
 
 
-def adam_floats(stores_basis=True):
+def adam_floats(stores_basis=True, recovery=False):
+    """Two r x k moments, the basis if stored, and the limiter's norm (a 0-d float32 tensor)
+    with recovery (``kw["recovery"]`` where the case sets it)."""
     def floats(p, kw):
         d, k = _sorted(p)
-        return 2 * kw["rank"] * k + (d * kw["rank"] if stores_basis else 0)
+        return 2 * kw["rank"] * k + (d * kw["rank"] if stores_basis else 0) \
+            + int(kw.get("recovery", recovery))
     return floats
 
 
@@ -116,9 +119,9 @@ OPTIMIZERS = [
     OptimizerInfo(slimopt.GrassJump, dict(BASE), adam_floats(stores_basis=False), ADAM_BAD),
     OptimizerInfo(slimopt.GrassJump, dict(BASE, recovery=True), adam_floats(stores_basis=False),
                   ADAM_BAD),
-    OptimizerInfo(slimopt.GrassWalk, dict(BASE), adam_floats(), WALK_BAD),
+    OptimizerInfo(slimopt.GrassWalk, dict(BASE), adam_floats(recovery=True), WALK_BAD),
     OptimizerInfo(slimopt.GrassWalk, dict(BASE, walk_tangent_rank="full", walk_init="random",
-                                          residual="scaled"), adam_floats(), WALK_BAD),
+                                          residual="scaled"), adam_floats(recovery=True), WALK_BAD),
     OptimizerInfo(SNSM, dict(BASE), snsm_floats, SNSM_BAD),
     OptimizerInfo(SNSM, dict(BASE, betas=(0.9, 1.0)), snsm_floats, SNSM_BAD, ls_lr=1.0),
     OptimizerInfo(SubspaceMomentum, dict(BASE), sm_floats, SNSM_BAD, ls_lr=1.0),

@@ -23,14 +23,20 @@ STEPS, GAP, RANK, SCALE = 60, 10, 4, 0.25
 
 def _float64_basis(self, weights, rank, type):
     """The peer projector's basis, in float64: ``type="left"``: the top ``rank`` left singular
-    vectors (m x r); ``"right"``: the top right singular vectors as rows (r x n)."""
+    vectors (m x r); ``"right"``: the top right singular vectors as rows (r x n). Signs: each
+    vector's entry of largest magnitude positive, slimopt's convention (a sign flip between two
+    refreshes changes what kept moments mean, in both libraries alike)."""
     if type == "left":
-        u, _, _ = torch.linalg.svd(weights.double(), full_matrices=False)
-        return u[:, :rank]
+        return _top_left(weights.double(), rank)
     if type == "right":
-        u, _, _ = torch.linalg.svd(weights.double().T, full_matrices=False)
-        return u[:, :rank].T
+        return _top_left(weights.double().T, rank).T
     raise AssertionError(f"unexpected projector type {type}")
+
+
+def _top_left(matrix, rank):
+    u = torch.linalg.svd(matrix, full_matrices=False)[0][:, :rank]
+    peak = u.gather(0, u.abs().argmax(dim=0, keepdim=True))
+    return u * torch.sign(peak)
 
 
 def _problem(shape, seed):
@@ -74,15 +80,14 @@ def test_recovery_matches_fira(monkeypatch, shape):
 def _count_limiter_binding(monkeypatch):
     """A list that collects one entry per step at which slimopt's limiter bound."""
     from slimopt.optimizers.core import subspace_adam
-    original, bound = subspace_adam.recovery_term, []
+    original, bound = subspace_adam.recovery_scales, []
 
-    def counting(*args, **kwargs):
-        lam, norm = original(*args, **kwargs)
-        previous = args[4]
-        if previous is not None and norm == kwargs["limiter"] * (previous + 1e-8):
-            bound.append(norm)
-        return lam, norm
-    monkeypatch.setattr(subspace_adam, "recovery_term", counting)
+    def counting(grads, projected, directions, previous, **kwargs):
+        phi, norms = original(grads, projected, directions, previous, **kwargs)
+        cap = kwargs["limiter"] * (previous + 1e-8)
+        bound.extend(norms[norms == cap].tolist())
+        return phi, norms
+    monkeypatch.setattr(subspace_adam, "recovery_scales", counting)
     return bound
 
 

@@ -172,7 +172,7 @@ class AdaPreLoRA(SlimOptimizer):
                 self.state[p]["momentum_steps"] = 0
 
     # ------------------------------------------------------------------ step
-    def _check_gradients(self, group):
+    def _checked_params(self, group):
         if self.is_pair(group):
             A, B = group["params"]
             if (A.grad is None) != (B.grad is None):
@@ -184,7 +184,7 @@ class AdaPreLoRA(SlimOptimizer):
                     "dense group")
             if group["damping"] == 0 and A.grad is not None:
                 self._check_full_rank(A, B)
-        return super()._check_gradients(group)
+        return super()._checked_params(group)
 
     def _check_full_rank(self, A, B):
         """Undamped solves need ``B^T P B`` and ``A Q A^T`` invertible: factors of rank r."""

@@ -24,9 +24,11 @@ class GrassWalk(SubspaceAdam):
     def __init__(self, params, lr=1e-3, rank=128, update_interval=200, betas=(0.9, 0.999),
                  eps=1e-8, weight_decay=1e-2, scale=0.25, *, moment_rule="transport", recovery=True,
                  residual="orthogonal", limiter=1.01, walk_angle=0.5, walk_tangent_rank=1,
-                 walk_init="svd", seed=0, maximize=False, nonfinite="skip"):
+                 walk_init="svd", svd="exact", stagger_refresh=False, seed=0,
+                 maximize=False, nonfinite="skip"):
         super().__init__(params, locals())
 
     @staticmethod
     def policy_from_group(group):
-        return GrassmannWalk(group["walk_angle"], group["walk_tangent_rank"], group["walk_init"])
+        return GrassmannWalk(group["walk_angle"], group["walk_tangent_rank"], group["walk_init"],
+                             group["svd"])

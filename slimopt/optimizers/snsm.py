@@ -42,13 +42,13 @@ class SNSM(SubspaceOptimizer):
     moment_names = ("exp_avg", None)
 
     def __init__(self, params, lr=1e-3, rank=128, update_interval=200, betas=(0.9, 0.999),
-                 eps=1e-6, weight_decay=0.0, *, moment_rule="reset", subset_norm=True, seed=0,
-                 maximize=False, nonfinite="skip"):
+                 eps=1e-6, weight_decay=0.0, *, moment_rule="reset", subset_norm=True,
+                 svd="exact", stagger_refresh=False, seed=0, maximize=False, nonfinite="skip"):
         super().__init__(params, locals())
 
     @staticmethod
     def policy_from_group(group):
-        return TopSVD()
+        return TopSVD(group["svd"])
 
     def check_group(self, group):
         if not isinstance(group["subset_norm"], bool):
@@ -78,8 +78,9 @@ class SubspaceMomentum(SNSM):
     only the AdamW of dense parameters)."""
 
     def __init__(self, params, lr=1e-3, rank=128, update_interval=200, betas=(0.9, 0.999),
-                 eps=1e-6, weight_decay=0.0, *, moment_rule="reset", subset_norm=False, seed=0,
-                 maximize=False, nonfinite="skip"):
+                 eps=1e-6, weight_decay=0.0, *, moment_rule="reset", subset_norm=False,
+                 svd="exact", stagger_refresh=False, seed=0, maximize=False, nonfinite="skip"):
         super().__init__(params, lr, rank, update_interval, betas, eps, weight_decay,
-                         moment_rule=moment_rule, subset_norm=subset_norm, seed=seed,
-                         maximize=maximize, nonfinite=nonfinite)
+                         moment_rule=moment_rule, subset_norm=subset_norm, svd=svd,
+                         stagger_refresh=stagger_refresh, seed=seed, maximize=maximize,
+                         nonfinite=nonfinite)

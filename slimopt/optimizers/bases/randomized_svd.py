@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import torch
 
+from .base import fix_signs, left_singular
+
 #: power iterations by default: on LLaMA shapes (benchmarks/results/cpu/rsvd_error.md) q=2
 #: captures >= 99.5% of the exact top-r energy for sigma_i ~ i^-0.5 and >= 99.99% for i^-1 and
 #: real gradients, where q=0 captures 83-95% and 99.6-99.9%; each q costs two more products.
@@ -40,33 +42,15 @@ def default_oversample(rank: int) -> int:
     return max(10, rank // 4)
 
 
-def fix_signs(cols: torch.Tensor) -> torch.Tensor:
-    """``cols`` with each column's sign flipped so that its largest-magnitude entry is positive."""
-    pivot = cols.abs().argmax(dim=0, keepdim=True)
-    signs = torch.sign(cols.gather(0, pivot))
-    return cols * torch.where(signs == 0, torch.ones_like(signs), signs)
-
-
 def _working(grad: torch.Tensor) -> torch.Tensor:
     """``grad`` in a dtype the LAPACK routines accept (float32/float64 kept, others -> float32)."""
     return grad if grad.dtype in (torch.float32, torch.float64) else grad.float()
 
 
-def _left_vectors_tall(mat: torch.Tensor, rank: int) -> torch.Tensor:
-    """The first ``rank`` left singular vectors of ``mat`` (any shape), by an SVD of the tall one
-    of ``mat`` and ``mat^T``."""
-    if mat.shape[0] >= mat.shape[1]:
-        u, _, _ = torch.linalg.svd(mat, full_matrices=False)
-        return u[:, :rank]
-    _, _, vh = torch.linalg.svd(mat.T, full_matrices=False)
-    return vh[:rank].T
-
-
 def exact_top_left_singular_vectors(grad: torch.Tensor, rank: int) -> torch.Tensor:
     """The exact top-``rank`` left singular vectors of ``grad`` (GaLore's ``TopSVD``), d x rank,
-    from one SVD in the tall orientation, signs fixed as in this module's docstring."""
-    work = _working(grad)
-    return fix_signs(_left_vectors_tall(work, rank)).to(grad.dtype).contiguous()
+    from one SVD in the tall orientation (``base.left_singular``), signs fixed."""
+    return left_singular(_working(grad))[0][:, :rank].to(grad.dtype).contiguous()
 
 
 def _orth(mat: torch.Tensor) -> torch.Tensor:
@@ -104,5 +88,5 @@ def top_left_singular_vectors(grad: torch.Tensor, rank: int, gen, oversample: in
         return exact_top_left_singular_vectors(grad, rank)
     work = _working(grad)
     q = range_finder(work, size, gen, power_iterations)
-    small = _left_vectors_tall(q.T @ work, rank)  # B = Q^T G is size x k: its SVD via B^T
+    small = left_singular(q.T @ work)[0][:, :rank]  # B = Q^T G is size x k: its SVD via B^T
     return fix_signs(q @ small).to(grad.dtype).contiguous()

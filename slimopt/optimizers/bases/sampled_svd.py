@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import BasisPolicy
+from .base import BasisPolicy, left_singular
 
 
 def sample_singular_indices(sigma: torch.Tensor, rank: int, gen) -> torch.Tensor:
@@ -33,5 +33,5 @@ class ImportanceSVD(BasisPolicy):
     random = True
 
     def next(self, basis, grad, rank, gen):
-        u, sigma, _ = torch.linalg.svd(grad, full_matrices=False)
+        u, sigma = left_singular(grad)
         return u[:, sample_singular_indices(sigma, rank, gen)].contiguous()

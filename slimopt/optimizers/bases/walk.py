@@ -53,7 +53,7 @@ def random_tangent(basis: torch.Tensor, tangent_rank, gen: torch.Generator) -> t
 class GrassmannWalk(BasisPolicy):
     random = True
 
-    def __init__(self, angle: float = 0.5, tangent_rank=1, init: str = "svd"):
+    def __init__(self, angle: float = 0.5, tangent_rank=1, init: str = "svd", svd: str = "exact"):
         if not (isinstance(angle, (int, float)) and not isinstance(angle, bool)
                 and 0.0 < angle <= math.pi / 2):
             raise ValueError(f"walk_angle must be a number in (0, pi/2], got {angle!r}")
@@ -63,7 +63,7 @@ class GrassmannWalk(BasisPolicy):
             raise ValueError(f"walk_init must be 'svd' or 'random', got {init!r}")
         self.angle = float(angle)
         self.tangent_rank = tangent_rank
-        self.start = TopSVD() if init == "svd" else RandomJump()
+        self.start = TopSVD(svd) if init == "svd" else RandomJump()
 
     def initial(self, grad, rank, gen):
         return self.start.next(None, grad, rank, gen)

@@ -21,16 +21,32 @@ def adam_moments_(exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, grad: torch.T
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
 
 
-def adam_direction(exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, step: int,
-                   beta1: float, beta2: float, eps: float) -> torch.Tensor:
-    """Bias-corrected Adam direction ``m_hat / (sqrt(v_hat) + eps)`` (a new tensor).
+def adam_directions(exp_avgs: list, exp_avg_sqs: list, step: int, beta1: float, beta2: float,
+                    eps: float) -> list:
+    """Bias-corrected Adam directions ``m_hat / (sqrt(v_hat) + eps)`` of lists of moments (new
+    tensors), as ``torch._foreach_*`` operations: a launch per operation for the whole list.
 
     ``step`` counts the updates already folded into the moments (1 after the first).
     """
     bias_correction1, bias_correction2 = bias_corrections(step, beta1, beta2)
-    bias_correction2_sqrt = bias_correction2 ** 0.5
-    denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
-    return (exp_avg / bias_correction1).div_(denom)
+    denom = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(denom, bias_correction2 ** 0.5)
+    torch._foreach_add_(denom, eps)
+    directions = torch._foreach_div(exp_avgs, bias_correction1)
+    torch._foreach_div_(directions, denom)
+    return directions
+
+
+def adamw_step_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
+                exp_avg_sq: torch.Tensor, step: int, *, lr: float, beta1: float, beta2: float,
+                eps: float, weight_decay: float) -> None:
+    """One AdamW step in place, in ``torch.optim.AdamW``'s single-tensor order (decay, moments,
+    then ``param.addcdiv_``); ``step`` counts the updates including this one."""
+    decoupled_weight_decay_(param, lr, weight_decay)
+    adam_moments_(exp_avg, exp_avg_sq, grad, beta1, beta2)
+    bias_correction1, bias_correction2 = bias_corrections(step, beta1, beta2)
+    denom = (exp_avg_sq.sqrt() / bias_correction2 ** 0.5).add_(eps)
+    param.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
 
 
 def bias_corrections(step: int, beta1: float, beta2: float) -> tuple[float, float]:

@@ -37,7 +37,7 @@ import torch
 from torch.optim import Optimizer
 
 from . import state_checks
-from .adam import adam_direction, adam_moments_, decoupled_weight_decay_
+from .adam import adamw_step_
 from .group_keys import check_known_keys, resolve_aliases
 from .hyperparameters import document, option_defaults, split_arguments
 from .keys import fresh_key, keys_for
@@ -95,6 +95,9 @@ class SlimOptimizer(Optimizer):
     optional_state_keys: frozenset = frozenset()
     #: group options newer than some checkpoints, and the value such a checkpoint meant
     added_options: dict = ADDED_OPTIONS
+    #: state entries held as 0-d tensors on the device (no host sync at a step) and saved as
+    #: Python numbers (torch's load would cast a tensor to the parameter's dtype, bfloat16 too)
+    scalar_state_keys: frozenset = frozenset()
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -368,6 +371,11 @@ class SlimOptimizer(Optimizer):
     def _check_gradients(self, group: dict) -> dict:
         """Everything about ``group``'s gradients that can raise, before any update; returns the
         finiteness flags of ``_finite_flags``."""
+        return self._check_finite(self._checked_params(group))
+
+    def _checked_params(self, group: dict) -> list:
+        """The parameters of ``group`` that have a gradient, each checked (raises on the first
+        that cannot be stepped)."""
         params = [p for p in group["params"] if p.grad is not None]
         for p in params:
             if p not in self._param_keys:
@@ -388,6 +396,11 @@ class SlimOptimizer(Optimizer):
                     "gradient) is on the meta device, which holds no values: step() needs real "
                     "tensors (init_state() works on meta; materialize the model first, e.g. "
                     "model.to_empty(device=...))")
+        return params
+
+    def _check_finite(self, params: list) -> dict:
+        """``_finite_flags`` of ``params`` (one host sync for all of them), raising with
+        ``nonfinite="raise"`` if one is not finite."""
         finite = self._finite_flags(params)
         if self.nonfinite == "raise":
             bad = [p for p, ok in finite.items() if not ok]
@@ -395,12 +408,14 @@ class SlimOptimizer(Optimizer):
                 raise FloatingPointError(
                     f"{type(self).__name__}: non-finite gradient for a parameter of shape "
                     f"{tuple(bad[0].shape)} at step {self.state.get(bad[0], {}).get('step', 0)} "
-                    f"({len(bad)} parameter(s) in the group); nothing was updated")
+                    f"({len(bad)} parameter(s)); nothing was updated")
         return finite
 
     def _prepare_step(self) -> list:
         """All checks of a step, before anything changes: per group, the flags of
-        ``_check_gradients`` (None for a group the step router checks itself, per unit)."""
+        ``_check_gradients`` (None for a group the step router checks itself, per unit). The
+        finiteness of every gradient the optimizer checks itself is read back in one host sync
+        per step."""
         self._check_groups_now()
         router = self._step_router
         own = [router is not None and router.routes(g) and router.checks_gradients
@@ -408,8 +423,9 @@ class SlimOptimizer(Optimizer):
         bridged = [g for g, r in zip(self.param_groups, own) if r]
         if bridged and self.nonfinite == "raise":
             router.raise_if_nonfinite(self, bridged)  # every rank decides together
-        return [None if r else self._check_gradients(g)
-                for g, r in zip(self.param_groups, own)]
+        checked = [None if r else self._checked_params(g) for g, r in zip(self.param_groups, own)]
+        finite = self._check_finite([p for params in checked if params for p in params])
+        return [None if params is None else finite for params in checked]
 
     @staticmethod
     def _skip_nonfinite(state: dict, finite: bool) -> bool:
@@ -469,12 +485,10 @@ class SlimOptimizer(Optimizer):
     def _dense_step(p, group, state):
         """AdamW, exactly as ``torch.optim.AdamW`` up to float rounding."""
         beta1, beta2 = group["betas"]
-        adam_moments_(state["exp_avg"], state["exp_avg_sq"], p.grad, beta1, beta2)
         state["step"] += 1
-        direction = adam_direction(state["exp_avg"], state["exp_avg_sq"], state["step"],
-                                   beta1, beta2, group["eps"])
-        decoupled_weight_decay_(p, group["lr"], group["weight_decay"])
-        p.add_(direction, alpha=-group["lr"])
+        adamw_step_(p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"],
+                    lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                    weight_decay=group["weight_decay"])
 
     # ------------------------------------------------------------------ state
     def state_dict(self):
@@ -484,8 +498,15 @@ class SlimOptimizer(Optimizer):
         if save is not None:
             return save(self)
         state = super().state_dict()
+        state["state"] = {index: self._scalars_as_numbers(entry)
+                          for index, entry in state["state"].items()}
         state[state_checks.CLASS_KEY] = type(self).__name__
         return state
+
+    def _scalars_as_numbers(self, entry: dict) -> dict:
+        """``entry`` with its ``scalar_state_keys`` tensors as Python numbers (a copy if any)."""
+        keys = [k for k in self.scalar_state_keys if torch.is_tensor(entry.get(k))]
+        return {**entry, **{k: entry[k].item() for k in keys}} if keys else entry
 
     def load_state_dict(self, state_dict):
         """torch's, after ``check_state_dict``: a state that does not fit is refused with a

@@ -44,6 +44,13 @@ ARGUMENT_DOCS = {
     "residual": "the residual recovery scales: 'orthogonal' ((I - S S^T) G, the paper's) or "
                 "'scaled' (G - scale S S^T G, the public codes')",
     "limiter": "Fira's norm-growth limiter zeta, a finite number >= 1",
+    "svd": "how the top-r singular vectors are found: 'exact' (torch.linalg.svd) or "
+           "'randomized' (Halko et al., a Gaussian sketch of r + max(10, r/4) columns and 2 power "
+           "iterations: 2-6x faster when r + r/4 is well below the smaller side; README, "
+           "\"Step time\")",
+    "stagger_refresh": "True: each matrix's basis refreshes shifted by (its key mod "
+                       "update_interval) steps, spreading the refreshes over the interval; False: "
+                       "all on the same steps, as in the papers",
     "seed": "seed of the counter-based random bases, an int >= 0",
     "nonfinite": "a parameter whose gradient holds NaN or Inf: 'skip' (left untouched, counted), "
                  "'raise' (FloatingPointError, nothing updated) or 'off' (no check)",

@@ -66,6 +66,10 @@ def check_param_indices(state: dict, saved_groups: list) -> None:
                          "parameter group lists")
 
 
+def _real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def _count(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 0
 
@@ -75,7 +79,7 @@ def check_param_state(entry, expected: dict, optional, where: str) -> None:
     nothing else but the ``optional`` keys a rule adds later."""
     if not isinstance(entry, dict):
         raise ValueError(f"{where}: its state must be a dict, got {type(entry).__name__}")
-    missing = [k for k in expected if k not in entry]
+    missing = [k for k in expected if k not in entry and k not in optional]
     if missing:
         raise ValueError(f"{where}: its state lacks {missing} (saved by another optimizer, or "
                          "for another parameter?)")
@@ -84,7 +88,11 @@ def check_param_state(entry, expected: dict, optional, where: str) -> None:
         raise ValueError(f"{where}: its state holds {unknown}, which this optimizer does not keep "
                          "(saved by another optimizer, or with other options?)")
     for key, want in expected.items():
+        if key not in entry:
+            continue
         got = entry[key]
+        if torch.is_tensor(want) and want.dim() == 0 and _real(got):
+            continue  # a 0-d tensor is saved as a number (SlimOptimizer.state_dict)
         if torch.is_tensor(want):
             if not torch.is_tensor(got) or tuple(got.shape) != tuple(want.shape):
                 shape = tuple(got.shape) if torch.is_tensor(got) else type(got).__name__

@@ -14,6 +14,20 @@ Per 2-D parameter whose group has an integer ``rank`` below the matrix's smaller
 Every other parameter (not 2-D, a group with ``rank=None`` or ``dense=True``, or
 ``rank >= min(m, n)``, with one warning per group) gets dense AdamW.
 
+**Batches.** The matrices of a group are stepped in batches of one canonical shape, dtype,
+device and step count (at most ``batch_size`` at a time, which bounds the transient memory):
+each basis is found matrix by matrix (``_basis_for_step``: a refresh is a matrix's own event),
+then the inner rule runs on the whole batch (``_step_matrices``), where a rule can use
+``torch._foreach_*`` operations, one launch per batch instead of one per matrix.
+
+**Staggered refreshes** (``stagger_refresh=True``): the refresh schedule of each matrix is
+shifted by ``key mod update_interval`` steps (its *offset*: matrix ``i`` refreshes at the steps
+``t > 0`` with ``(t + offset) % update_interval == 0``), so that the refreshes of a model's
+matrices are spread over the interval instead of all falling on the same step. The offset is a
+function of the parameter's key alone, hence the same under every engine and after a resume;
+keys of named parameters are hashes, spread like random draws, and unnamed ones are consecutive,
+spread evenly. The first step still finds every matrix's first basis.
+
 Randomness: draw ``j`` of parameter ``key`` comes from a generator seeded with
 ``(seed, key, j)`` (``rng.Draws``), the same on every device and dtype; the state holds only integers
 for it. A policy whose basis is a
@@ -22,6 +36,7 @@ pure function of its draw (``stored = False``) has its basis regenerated instead
 from __future__ import annotations
 
 import warnings
+from typing import NamedTuple
 
 import torch
 
@@ -29,12 +44,24 @@ from .adam import decoupled_weight_decay_
 from .base import SlimOptimizer, _caller_level
 from .rng import Draws
 from .transport import MOMENT_RULES, apply_moment_rule_
-from .validation import check_choice, check_int
+from .validation import check_bool, check_choice, check_int
+
+
+class PendingMatrix(NamedTuple):
+    """A matrix of a batch, its basis for this step found: the parameter, its state, its gradient
+    and basis in the canonical orientation."""
+    param: torch.Tensor
+    state: dict
+    grad: torch.Tensor
+    basis: torch.Tensor
 
 
 class SubspaceOptimizer(SlimOptimizer):
     #: names of the (first, second) subspace moments in the state; second may be None
     moment_names: tuple = ("exp_avg", "exp_avg_sq")
+    #: most matrices stepped in one batch (their bases and projections are alive together)
+    batch_size: int = 8
+    added_options = {**SlimOptimizer.added_options, "stagger_refresh": False, "svd": "exact"}
 
     # ------------------------------------------------------------------ recipe hooks
     @staticmethod
@@ -46,7 +73,8 @@ class SubspaceOptimizer(SlimOptimizer):
         raise NotImplementedError
 
     def _inner_update(self, p, group, state, grad, basis) -> torch.Tensor:
-        """The canonical ``d x k`` update ``U`` (``W <- W - lr U``); advances ``state["step"]``."""
+        """The canonical ``d x k`` update ``U`` (``W <- W - lr U``); advances ``state["step"]``.
+        A rule that overrides ``_step_matrices`` (a whole batch at once) need not have it."""
         raise NotImplementedError
 
     def _moment_corrections(self, group, state) -> tuple[float, float]:
@@ -59,6 +87,7 @@ class SubspaceOptimizer(SlimOptimizer):
         check_int("rank", group["rank"], 1, allow_none=True)
         check_int("update_interval", group["update_interval"], 1)
         check_choice("moment_rule", group["moment_rule"], MOMENT_RULES)
+        check_bool("stagger_refresh", group["stagger_refresh"])
         self.policy_from_group(group)
 
     def check_group_params(self, group: dict) -> None:
@@ -73,7 +102,26 @@ class SubspaceOptimizer(SlimOptimizer):
                           stacklevel=_caller_level())
 
     def draws_randomly(self, group: dict) -> bool:
-        return self.policy_from_group(group).random
+        return self._policy(group).random
+
+    def _policy(self, group: dict):
+        """``policy_from_group(group)``, built once per distinct set of options (a step asks for
+        it once per matrix)."""
+        try:
+            signature = tuple(group[k] for k in self.option_defaults)
+            cache = self.__dict__.setdefault("_policies", {})
+            if signature not in cache:
+                cache[signature] = self.policy_from_group(group)
+            return cache[signature]
+        except (TypeError, KeyError):  # an unhashable or missing option: checked elsewhere
+            return self.policy_from_group(group)
+
+    @staticmethod
+    def refresh_offset(group: dict, state: dict) -> int:
+        """How many steps the refresh schedule of the matrix with ``state`` is shifted by (0
+        unless the group staggers its refreshes): it refreshes at the steps ``t > 0`` with
+        ``(t + offset) % update_interval == 0``."""
+        return state["key"] % group["update_interval"] if group["stagger_refresh"] else 0
 
     def matrix_rule_name(self, group: dict) -> str:
         return f"{type(self).__name__} (rank-{group['rank']} subspace)"
@@ -92,7 +140,7 @@ class SubspaceOptimizer(SlimOptimizer):
     def _init_matrix_state(self, p, group, state) -> None:
         d, k = sorted(p.shape)
         r = group["rank"]
-        if self.policy_from_group(group).stored:
+        if self._policy(group).stored:
             state["basis"] = torch.zeros(d, r, dtype=p.dtype, device=p.device)
         self._init_inner_state(p, group, state, d, k, r)
 
@@ -109,16 +157,17 @@ class SubspaceOptimizer(SlimOptimizer):
         return policy.next(previous, grad32, rank, gen)
 
     def _basis_for_step(self, p, group, state, grad) -> torch.Tensor:
-        policy = self.policy_from_group(group)
+        policy = self._policy(group)
         rank, t = group["rank"], state["step"]
-        interval = t // group["update_interval"]
-        if t % group["update_interval"] != 0:
+        position = t + self.refresh_offset(group, state)
+        interval = position // group["update_interval"]
+        if t != 0 and position % group["update_interval"] != 0:
             if policy.stored:
                 return state["basis"]
             return self._draw(policy, state, grad.to(self._work_dtype(p)), rank, interval).to(p.dtype)
         grad32 = grad.to(self._work_dtype(p))
         if t == 0:
-            basis = self._draw(policy, state, grad32, rank, 0)
+            basis = self._draw(policy, state, grad32, rank, interval)
         else:
             old = state["basis"] if policy.stored else self._draw(policy, state, grad32, rank,
                                                                   interval - 1)
@@ -147,14 +196,37 @@ class SubspaceOptimizer(SlimOptimizer):
         if "basis" in state:
             return state["basis"]
         dummy = torch.empty(sorted(p.shape), device=p.device, dtype=self._work_dtype(p))
-        interval = (state["step"] - 1) // group["update_interval"]
-        return self._draw(self.policy_from_group(group), state, dummy, group["rank"],
-                          interval).to(p.dtype)
+        position = state["step"] - 1 + self.refresh_offset(group, state)
+        return self._draw(self._policy(group), state, dummy, group["rank"],
+                          position // group["update_interval"]).to(p.dtype)
 
     # ------------------------------------------------------------------ step
-    def _matrix_step(self, p, group, state) -> None:
-        grad = self._canonical(p.grad, p)
-        basis = self._basis_for_step(p, group, state, grad)
-        update = self._inner_update(p, group, state, grad, basis)
-        decoupled_weight_decay_(p, group["lr"], group["weight_decay"])
-        p.add_(self._canonical(update, p), alpha=-group["lr"])
+    def _update_group(self, group: dict, finite: dict) -> None:
+        """Dense parameters one by one; matrices in batches (module docstring)."""
+        batches: dict[tuple, list] = {}
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = self._init_state(p, group)
+            if self._skip_nonfinite(state, finite.get(p, True)):
+                continue
+            if not self.takes_matrix_rule(p, group):
+                self._dense_step(p, group, state)
+                continue
+            grad = self._canonical(p.grad, p)
+            pending = PendingMatrix(p, state, grad, self._basis_for_step(p, group, state, grad))
+            key = (tuple(grad.shape), grad.dtype, grad.device, state["step"])
+            batch = batches.setdefault(key, [])
+            batch.append(pending)
+            if len(batch) == self.batch_size:
+                self._step_matrices(group, batches.pop(key))
+        for batch in batches.values():
+            self._step_matrices(group, batch)
+
+    def _step_matrices(self, group: dict, batch: list) -> None:
+        """Step a batch of ``PendingMatrix`` (one canonical shape, dtype and step count); by
+        default one matrix at a time through ``_inner_update``."""
+        for m in batch:
+            update = self._inner_update(m.param, group, m.state, m.grad, m.basis)
+            decoupled_weight_decay_(m.param, group["lr"], group["weight_decay"])
+            m.param.add_(self._canonical(update, m.param), alpha=-group["lr"])
