@@ -41,6 +41,11 @@ bf16 matrix units that is torch Muon and ROOT, whose Newton-Schulz runs in bfloa
     python -m benchmarks steptime --device cuda       # block-1b, model-60m on a GPU
     python -m benchmarks steptime --steptime-workloads block-60m model-130m \\
         --steptime-optimizers adamw grasswalk galore --steptime-rank 256 --steptime-repeats 5
+    python -m benchmarks steptime --steptime-optimizers galore-slimopt \\
+        galore-slimopt:svd=randomized grassjump grassjump:store_basis=True
+
+A *variant* ``NAME:key=value,key=value`` builds optimizer ``NAME`` with those options (values are
+Python literals, else strings) and is reported under that label.
 
 A peer whose package is not installed is skipped (noted on stderr and in the results). Writes
 ``steptime.json`` (rows, skipped optimizers, settings), ``steptime.md`` and ``steptime.png``
@@ -49,6 +54,7 @@ A peer whose package is not installed is skipped (noted on stderr and in the res
 from __future__ import annotations
 
 import argparse
+import ast
 import signal
 import statistics
 import sys
@@ -91,9 +97,9 @@ def add_arguments(group) -> None:
     group.add_argument("--steptime-workloads", nargs="+", choices=WORKLOADS, default=None,
                        help="block-SIZE or model-SIZE (default: block-1b model-60m on CUDA, "
                             "block-350m model-60m on the CPU, block-60m with --quick)")
-    group.add_argument("--steptime-optimizers", nargs="+", choices=sorted(KNOWN), default=None,
-                       help="registry names (default: all); adamw-fused, the reference, is "
-                            "always added")
+    group.add_argument("--steptime-optimizers", nargs="+", type=_variant, default=None,
+                       help="registry names, or variants NAME:key=value,... (default: all); "
+                            "adamw-fused, the reference, is always added")
     group.add_argument("--steptime-rank", type=_at_least(1), default=None,
                        help="rank of the low-rank methods (default: the GaLore paper's per "
                             "size: 60m 128, 350m 256, 1b 512)")
@@ -113,7 +119,31 @@ def add_arguments(group) -> None:
 
 
 def library(name: str) -> str:
-    return records.BY_NAME[name].library
+    return records.BY_NAME[split_variant(name)[0]].library
+
+
+def split_variant(label: str) -> tuple[str, dict]:
+    """``"NAME:key=value,..."`` -> ``(NAME, {key: value})`` (values read as Python literals where
+    they parse, else kept as strings); a plain name has no options."""
+    name, _, spec = label.partition(":")
+    options = {}
+    for item in filter(None, spec.split(",")):
+        key, eq, text = item.partition("=")
+        if not eq or not key:
+            raise ValueError(f"variant {label!r}: expected NAME:key=value[,key=value]")
+        try:
+            options[key] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            options[key] = text
+    return name, options
+
+
+def _variant(text: str) -> str:
+    """argparse type: a registry name, or a variant of one."""
+    name, _ = split_variant(text)
+    if name not in KNOWN:
+        raise argparse.ArgumentTypeError(f"unknown optimizer {name!r}; known: {sorted(KNOWN)}")
+    return text
 
 
 def build_workload(name: str, device: str = "cpu", seed: int = 0) -> torch.nn.Module:
@@ -177,10 +207,12 @@ def _timer(device):
 def _build(names, module, rank, measure_interval, workload, progress):
     optimizers, skipped = {}, {}
     for name in names:
-        options = {"update_interval": measure_interval} if name in RANKED else {}
+        base, options = split_variant(name)
+        if base in RANKED:
+            options["update_interval"] = measure_interval
         try:
             torch.manual_seed(0)
-            optimizers[name] = build_optimizer(name, module, lr=1e-3, rank=rank, **options)
+            optimizers[name] = build_optimizer(base, module, lr=1e-3, rank=rank, **options)
         except ValueError as err:
             if "pip install" not in str(err):
                 raise
@@ -221,7 +253,7 @@ def measure(module, names, *, rank, interval=200, measure_interval=4, repeats=3,
         for name in order[r % len(order):] + order[:r % len(order)]:
             # 0-based steps r*M+1 .. (r+1)*M: M-1 regular ones, the last one a refresh
             for k in range(r * measure_interval + 1, (r + 1) * measure_interval + 1):
-                refresh = name in RANKED and k % measure_interval == 0
+                refresh = split_variant(name)[0] in RANKED and k % measure_interval == 0
                 times[name][refresh].append(timed_step(optimizers[name]) * 1e3)
         progress(f"[steptime] {workload}: round {r + 1}/{repeats} "
                  f"({time.perf_counter() - t0:.1f} s)")
@@ -233,7 +265,7 @@ def measure(module, names, *, rank, interval=200, measure_interval=4, repeats=3,
         amortized = regular_ms if refresh_ms is None else \
             (refresh_ms + (interval - 1) * regular_ms) / interval
         rows.append(dict(workload=workload, optimizer=name, library=library(name),
-                         rank=rank if name in RANKED else None, params=n_params,
+                         rank=rank if split_variant(name)[0] in RANKED else None, params=n_params,
                          regular_ms=regular_ms, refresh_ms=refresh_ms, amortized_ms=amortized))
     reference = next(row["amortized_ms"] for row in rows if row["optimizer"] == REFERENCE)
     for row in rows:

@@ -64,12 +64,12 @@ UNIVERSAL_BAD = [
 SUBSPACE_BAD = [
     (dict(rank=0), "rank"), (dict(rank=2.5), "rank"), (dict(rank=True), "rank"),
     (dict(update_interval=0), "update_interval"), (dict(moment_rule="rotate"), "moment_rule"),
-    (dict(seed=-1), "seed"),
+    (dict(seed=-1), "seed"), (dict(stagger_refresh="yes"), "stagger_refresh"),
 ]
 ADAM_BAD = SUBSPACE_BAD + [
     (dict(betas=(0.9, 1.0)), "betas[1]"), (dict(scale=0.0), "scale"),
     (dict(residual="none"), "residual"), (dict(limiter=0.5), "limiter"),
-    (dict(recovery="yes"), "recovery"),
+    (dict(recovery="yes"), "recovery"), (dict(compile=1), "compile"),
 ]
 WALK_BAD = ADAM_BAD + [
     (dict(walk_angle=0.0), "walk_angle"), (dict(walk_angle=2.0), "walk_angle"),
@@ -119,6 +119,10 @@ OPTIMIZERS = [
     OptimizerInfo(slimopt.GrassJump, dict(BASE), adam_floats(stores_basis=False), ADAM_BAD),
     OptimizerInfo(slimopt.GrassJump, dict(BASE, recovery=True), adam_floats(stores_basis=False),
                   ADAM_BAD),
+    OptimizerInfo(slimopt.GaLore, dict(BASE, svd="randomized", stagger_refresh=True), adam_floats(),
+                  ADAM_BAD + [(dict(svd="lanczos"), "svd")]),
+    OptimizerInfo(slimopt.GrassJump, dict(BASE, store_basis=True, stagger_refresh=True),
+                  adam_floats(), ADAM_BAD + [(dict(store_basis="yes"), "store_basis")]),
     OptimizerInfo(slimopt.GrassWalk, dict(BASE), adam_floats(recovery=True), WALK_BAD),
     OptimizerInfo(slimopt.GrassWalk, dict(BASE, walk_tangent_rank="full", walk_init="random",
                                           residual="scaled"), adam_floats(recovery=True), WALK_BAD),

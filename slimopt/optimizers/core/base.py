@@ -117,6 +117,7 @@ class SlimOptimizer(Optimizer):
         nonfinite, seed = wide.get("nonfinite", "skip"), wide.get("seed", 0)
         check_choice("nonfinite", nonfinite, NONFINITE_MODES)
         check_int("seed", seed, 0)
+        check_bool("compile", wide.get("compile", False))
         self._param_keys: dict[torch.Tensor, int] = {}
         self._param_names: dict[torch.Tensor, str] = {}
         self._warned_unnamed = False
@@ -126,6 +127,8 @@ class SlimOptimizer(Optimizer):
         self._constructed = False
         self.nonfinite = nonfinite
         self.seed = int(seed)
+        #: whether the matrix rule's batched step is compiled (the rules that have one)
+        self.compile = wide.get("compile", False)
         super().__init__(params, defaults)
         self._constructed = True
         self.route_sharded_parameters()
@@ -520,7 +523,7 @@ class SlimOptimizer(Optimizer):
     def _with_added_options(self, state_dict):
         """A state saved before an option existed (``added_options``) gets the value that state
         meant (a copy; the caller's dict is left as it is)."""
-        added = self.added_options
+        added = {k: v for k, v in self.added_options.items() if k in self.defaults}
         groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
         if not isinstance(groups, list) or not any(
                 isinstance(g, dict) and not added.keys() <= g.keys() for g in groups):

@@ -17,7 +17,7 @@ import re
 import textwrap
 
 #: arguments that hold for the whole optimizer, not per parameter group
-OPTIMIZER_WIDE = ("seed", "nonfinite")
+OPTIMIZER_WIDE = ("seed", "nonfinite", "compile")
 #: names in an ``__init__``'s ``locals()`` that are not hyperparameters
 _NOT_HYPERPARAMETERS = ("self", "params", "__class__")
 
@@ -52,6 +52,9 @@ ARGUMENT_DOCS = {
                        "update_interval) steps, spreading the refreshes over the interval; False: "
                        "all on the same steps, as in the papers",
     "seed": "seed of the counter-based random bases, an int >= 0",
+    "compile": "True: the batched step of the low-rank matrices is compiled with torch.compile "
+               "(one graph per matrix shape, compiled at its first step; README, \"Step "
+               "time\"); False: eager",
     "nonfinite": "a parameter whose gradient holds NaN or Inf: 'skip' (left untouched, counted), "
                  "'raise' (FloatingPointError, nothing updated) or 'off' (no check)",
 }

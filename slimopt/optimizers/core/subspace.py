@@ -88,7 +88,7 @@ class SubspaceOptimizer(SlimOptimizer):
         check_int("update_interval", group["update_interval"], 1)
         check_choice("moment_rule", group["moment_rule"], MOMENT_RULES)
         check_bool("stagger_refresh", group["stagger_refresh"])
-        self.policy_from_group(group)
+        self._policy(group)  # validates the policy's options (built once per option set)
 
     def check_group_params(self, group: dict) -> None:
         if group["rank"] is None or group["dense"]:
@@ -153,8 +153,10 @@ class SubspaceOptimizer(SlimOptimizer):
         """The basis of ``interval``: the policy's first, or its move from ``previous``."""
         gen = Draws(self.seed, state["key"], interval)
         if interval == 0:
-            return policy.initial(grad32, rank, gen)
-        return policy.next(previous, grad32, rank, gen)
+            return policy.initial(grad32, rank, gen).contiguous()
+        # one memory layout (QR's Q is column-major): the same rounding whether a basis is
+        # stored or regenerated, and one compiled graph
+        return policy.next(previous, grad32, rank, gen).contiguous()
 
     def _basis_for_step(self, p, group, state, grad) -> torch.Tensor:
         policy = self._policy(group)
@@ -164,7 +166,8 @@ class SubspaceOptimizer(SlimOptimizer):
         if t != 0 and position % group["update_interval"] != 0:
             if policy.stored:
                 return state["basis"]
-            return self._draw(policy, state, grad.to(self._work_dtype(p)), rank, interval).to(p.dtype)
+            return self._draw(policy, state, grad.to(self._work_dtype(p)), rank,
+                              interval).to(p.dtype)
         grad32 = grad.to(self._work_dtype(p))
         if t == 0:
             basis = self._draw(policy, state, grad32, rank, interval)
@@ -176,10 +179,10 @@ class SubspaceOptimizer(SlimOptimizer):
             apply_moment_rule_(group["moment_rule"], state[first],
                                state[second] if second else None, old, basis,
                                self._moment_corrections(group, state))
-        basis = basis.to(p.dtype)
         if policy.stored:
             state["basis"].copy_(basis)
-        return basis
+            return state["basis"]
+        return basis.to(p.dtype)
 
     @torch.no_grad()
     def current_basis(self, p: torch.Tensor) -> torch.Tensor | None:

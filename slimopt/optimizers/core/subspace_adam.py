@@ -4,20 +4,18 @@ On ``R = S^T G``: ``M, V`` updated as Adam's, ``N = m_hat / (sqrt(v_hat) + eps)`
 ``U = scale * S N + Lambda``, where ``Lambda`` is Fira's **recovery** of the out-of-subspace
 residual (``recovery.py``; off for GaLore/SARA/GrassJump, on for GrassWalk).
 
-A batch of same-shape matrices steps together: the moments, directions and the recovery's column
-factors as ``torch._foreach_*`` or stacked operations (a launch per operation for the batch), the
-two products with the basis one per matrix (``S^T G`` fused with the moment update in Triton on
-CUDA), and the update added into the weight in place, ``W -= lr (alpha S X + G o phi)``, without
-forming ``U``: two products with the basis per matrix, recovery or not, and nothing read back to
-the host.
+A batch of same-shape matrices steps together in ``subspace_adam_batch.adam_in_subspace_``:
+foreach operations, two products with the basis per matrix (recovery or not), the update added
+into the weight in place, nothing read back to the host; with ``compile=True`` that function is
+compiled.
 """
 from __future__ import annotations
 
 import torch
 
-from ...kernels import project_adam_moments_many_
-from .adam import adam_directions, bias_corrections
-from .recovery import RESIDUAL_MODES, recovery_scales, residual_factor
+from .adam import bias_corrections
+from .recovery import RESIDUAL_MODES, residual_factor
+from .subspace_adam_batch import Recovery, adam_in_subspace_
 from .subspace import SubspaceOptimizer
 from .validation import check_choice, check_nonnegative, check_positive
 
@@ -62,42 +60,38 @@ class SubspaceAdam(SubspaceOptimizer):
 
     def _step_matrices(self, group, batch) -> None:
         beta1, beta2 = group["betas"]
-        lr, scale = group["lr"], group["scale"]
         states = [m.state for m in batch]
-        avgs = [st["exp_avg"] for st in states]
-        projected = project_adam_moments_many_([m.basis for m in batch], [m.grad for m in batch],
-                                               avgs, [st["exp_avg_sq"] for st in states],
-                                               beta1, beta2)
         step = states[0]["step"] + 1
-        for st in states:
-            st["step"] = step
-        coeffs = adam_directions(avgs, [st["exp_avg_sq"] for st in states], step, beta1, beta2,
-                                 group["eps"])
-        phi = None
+        bc1, bc2 = bias_corrections(step, beta1, beta2)
+        scalars = (group["lr"], bc1, bc2 ** 0.5)
+        recovery, previous = None, None
+        first = batch[0]
         if group["recovery"]:
-            phi, coeffs = self._recover(group, batch, projected, coeffs, step)
-        if group["weight_decay"] != 0.0:
-            torch._foreach_mul_([m.param for m in batch], 1.0 - lr * group["weight_decay"])
-        for i, m in enumerate(batch):
-            weight = self._canonical(m.param, m.param)
-            weight.addmm_(m.basis, coeffs[i].to(weight.dtype), alpha=-lr * scale)
-            if phi is not None:
-                weight.addcmul_(m.grad, phi[i], value=-lr)
+            recovery = Recovery(residual_factor(group["residual"], group["scale"]),
+                                group["limiter"])
+            previous = torch.stack([torch.as_tensor(st.get("recovery_norm", -1.0),
+                                                    dtype=_work(first.param),
+                                                    device=first.grad.device) for st in states])
+        kernel = adam_in_subspace_
+        if self.compile:
+            kernel = self._compiled()
+            scalars = tuple(torch.tensor(x, dtype=_work(first.param), device=first.grad.device)
+                            for x in scalars)
+        norms = kernel([self._canonical(m.param, m.param) for m in batch],
+                       [m.grad for m in batch], [m.basis for m in batch],
+                       [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states],
+                       previous, *scalars, beta1=beta1, beta2=beta2, eps=group["eps"],
+                       scale=group["scale"], weight_decay=group["weight_decay"],
+                       recovery=recovery, triton=False if self.compile else None)
+        for i, st in enumerate(states):
+            st["step"] = step
+            if norms is not None:
+                st["recovery_norm"] = norms[i]
 
-    def _recover(self, group, batch, projected, directions, step):
-        """Fira's limited column factors ``phi`` (``(B, k)``) and the coefficients
-        ``X = N - (f / alpha) R o phi`` of the basis in ``alpha S X + G o phi``; stores the
-        limiter's norms."""
-        states, work, device = [m.state for m in batch], _work(batch[0].param), batch[0].grad.device
-        previous = torch.stack([torch.as_tensor(st.get("recovery_norm", -1.0), dtype=work,
-                                                device=device) for st in states])
-        bc1, bc2 = bias_corrections(step, *group["betas"])
-        factor = residual_factor(group["residual"], group["scale"])
-        phi, norms = recovery_scales([m.grad for m in batch], projected, directions, previous,
-                                     factor=factor, limiter=group["limiter"],
-                                     correction=bc2 ** 0.5 / bc1)
-        for st, norm in zip(states, norms.unbind(0)):
-            st["recovery_norm"] = norm
-        coeffs = [torch.addcmul(n, r.to(n.dtype), f.to(n.dtype), value=-factor / group["scale"])
-                  for n, r, f in zip(directions, projected, phi)]
-        return phi, coeffs
+    def _compiled(self):
+        """``adam_in_subspace_`` compiled (once per optimizer; one graph per batch shape)."""
+        compiled = self.__dict__.get("_compiled_kernel")
+        if compiled is None:
+            compiled = torch.compile(adam_in_subspace_, fullgraph=True, dynamic=False)
+            self._compiled_kernel = compiled
+        return compiled

@@ -1,0 +1,65 @@
+"""One step of Adam in the subspace for a batch of same-shape matrices, as a pure function of
+tensor lists (what ``torch.compile`` compiles when an optimizer is built with ``compile=True``).
+
+For each matrix of the batch, in the canonical orientation (``W``, ``G``: ``d x k``; ``S``:
+``d x r``; moments ``r x k``)::
+
+    R = S^T G;   M, V <- Adam's moments of R;   N = m_hat / (sqrt(v_hat) + eps)
+    W <- (1 - lr wd) W - lr (alpha S X + G o phi)
+
+with ``X = N`` and no ``phi`` term without recovery, and with Fira's recovery ``X = N - (f /
+alpha) R o phi`` and the limited column factors ``phi`` of ``recovery.recovery_scales``.
+
+The moments, directions and the column factors are ``torch._foreach_*`` or stacked operations: a
+launch per operation for the whole batch. The products with the basis are one per matrix: a
+batched ``bmm`` would first copy every gradient into one stacked tensor. The update is added into
+the weight in place (``addmm_``, ``addcmul_``): no ``d x k`` update is formed. The step-dependent
+scalars (``lr``, the bias corrections) may be Python floats (eager) or 0-d tensors (compiled:
+a float would be baked into the graph and recompile it at every step).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from ...kernels import project_adam_moments_many_
+from .recovery import recovery_scales
+
+
+class Recovery(NamedTuple):
+    """Fira's recovery: ``factor`` is ``f`` of the residual ``G - f S R``; ``limiter`` is zeta."""
+    factor: float
+    limiter: float
+
+
+def adam_in_subspace_(weights: list, grads: list, bases: list, exp_avgs: list, exp_avg_sqs: list,
+                      previous_norms, lr, bias_correction1, bias_correction2_sqrt, *,
+                      beta1: float, beta2: float, eps: float, scale: float, weight_decay: float,
+                      recovery: Recovery | None, triton: bool | None = None):
+    """Step the batch in place (weights as canonical views, module docstring). Returns the
+    limiter's new norms ``(B,)`` with recovery (``previous_norms``: ``(B,)``, negative where none),
+    else None. ``triton``: the projection backend (None: ``dispatch.backend`` decides)."""
+    projected = project_adam_moments_many_(bases, grads, exp_avgs, exp_avg_sqs, beta1, beta2,
+                                           triton=triton)
+    denom = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(denom, bias_correction2_sqrt)
+    torch._foreach_add_(denom, eps)
+    coeffs = torch._foreach_div(exp_avgs, bias_correction1)
+    torch._foreach_div_(coeffs, denom)
+    norms = phi = None
+    if recovery is not None:
+        phi, norms = recovery_scales(grads, projected, coeffs, previous_norms,
+                                     factor=recovery.factor, limiter=recovery.limiter,
+                                     correction=bias_correction2_sqrt / bias_correction1)
+        coeffs = [torch.addcmul(n, r.to(n.dtype), f.to(n.dtype), value=-recovery.factor / scale)
+                  for n, r, f in zip(coeffs, projected, phi)]
+        phi = phi * -lr
+    torch._foreach_mul_(coeffs, -lr * scale)
+    if weight_decay != 0.0:
+        torch._foreach_mul_(weights, 1.0 - lr * weight_decay)
+    for i, weight in enumerate(weights):
+        weight.addmm_(bases[i], coeffs[i].to(weight.dtype))
+        if phi is not None:
+            weight.addcmul_(grads[i], phi[i].to(weight.dtype))
+    return norms
