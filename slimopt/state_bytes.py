@@ -24,8 +24,9 @@ def _tensor_bytes(obj, seen: set) -> int:
         inner = _inner_tensors(obj)
         if inner is not None:  # count what the subclass stores on this rank, not its size
             return sum(_tensor_bytes(t, seen) for t in inner)
-        key = (obj.untyped_storage().data_ptr(), obj.device, obj.dtype, obj.shape) \
-            if not obj.is_meta else id(obj)
+        # the view's own address: two views of one storage at different offsets (the 0-d
+        # entries of one stacked tensor) are both counted, the same view twice is not
+        key = (obj.data_ptr(), obj.device, obj.dtype, obj.shape) if not obj.is_meta else id(obj)
         if key in seen:
             return 0
         seen.add(key)
