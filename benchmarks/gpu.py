@@ -18,7 +18,8 @@ short is listed under ``skipped`` in the results:
    of the ceiling (the Triton kernels execute about 3 m^2 n + m^3 multiply-adds a step, the dense
    count is 4 m^2 n + 2 m^3; both TFLOP/s figures are reported).
 3. ``steptime``: ``optimizer.step()`` on one LLaMA-1B decoder block (``benchmarks.steptime``'s
-   ``measure``): every optimizer of the steptime suite vs fused torch AdamW, galore-torch included.
+   ``measure``): every optimizer of the steptime suite vs fused torch AdamW, galore-torch included,
+   plus GrassJump with its stored basis and GaLore with randomized SVD.
 4. ``convergence``: a short LLaMA-60M pretraining (``benchmarks.convergence``'s runner, the offline
    default corpus) of GrassWalk, GaLore (slimopt), SNSM, AdamW and galore-torch, each at its
    learning-rate centre, equal tokens; each run's time is capped at the part's cap / runs.
@@ -49,6 +50,8 @@ SHARES = {"kernels": 0.10, "newton_schulz": 0.15, "steptime": 0.25, "convergence
 NS_VS_TORCH_RTOL = {torch.float32: 5e-5, torch.bfloat16: 1e-2}
 CONVERGENCE_METHODS = ("grasswalk", "galore-slimopt", "snsm", "adamw", "galore")
 STEPTIME_DRY = ("adamw-fused", "galore", "galore-slimopt", "grasswalk", "snsm")
+#: the speed options, timed beside the defaults (``benchmarks.steptime`` variants)
+STEPTIME_VARIANTS = ("grassjump:store_basis=True", "galore-slimopt:svd=randomized")
 
 SIZES = {  # per mode
     "cuda": dict(ns_shapes=[(4096, 4096), (4096, 11008), (8192, 8192)], warmup=5, repeats=20,
@@ -266,6 +269,7 @@ def part_newton_schulz(device, sizes, dry, budget) -> dict:
 def part_steptime(device, sizes, dry, budget) -> dict:
     from . import steptime
     names = list(STEPTIME_DRY) if dry else list(steptime.DEFAULT_OPTIMIZERS)
+    names += list(STEPTIME_VARIANTS)
     workload, rank = sizes["block"], sizes["rank"]
     module = steptime.build_workload(workload, str(device))
     cap = max(1.0, budget.left())

@@ -37,7 +37,7 @@ import torch
 from torch.optim import Optimizer
 
 from . import state_checks
-from .adam import adamw_step_
+from .adam import adamw_steps_
 from .group_keys import check_known_keys, resolve_aliases
 from .hyperparameters import document, option_defaults, split_arguments
 from .keys import fresh_key, keys_for
@@ -473,6 +473,7 @@ class SlimOptimizer(Optimizer):
     def _update_group(self, group: dict, finite: dict) -> None:
         """Update every parameter of the checked ``group`` (a subclass may treat a group as a
         unit); a parameter whose gradient is not ``finite`` is skipped and counted."""
+        dense = []
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -482,16 +483,23 @@ class SlimOptimizer(Optimizer):
             if self.takes_matrix_rule(p, group):
                 self._matrix_step(p, group, state)
             else:
-                self._dense_step(p, group, state)
+                dense.append((p, state))
+        self._dense_steps(group, dense)
 
     @staticmethod
-    def _dense_step(p, group, state):
-        """AdamW, exactly as ``torch.optim.AdamW`` up to float rounding."""
+    def _dense_steps(group: dict, dense: list) -> None:
+        """AdamW for the ``(param, state)`` pairs of ``group``, exactly as ``torch.optim.AdamW``
+        up to float rounding (torch's fused kernel, one call per device, dtype and step count)."""
         beta1, beta2 = group["betas"]
-        state["step"] += 1
-        adamw_step_(p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"],
-                    lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                    weight_decay=group["weight_decay"])
+        batches: dict[tuple, list] = {}
+        for p, state in dense:
+            state["step"] += 1
+            batches.setdefault((p.device, p.dtype, state["step"]), []).append((p, state))
+        for (_, _, step), batch in batches.items():
+            adamw_steps_([p for p, _ in batch], [p.grad for p, _ in batch],
+                         [s["exp_avg"] for _, s in batch], [s["exp_avg_sq"] for _, s in batch],
+                         step, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                         weight_decay=group["weight_decay"])
 
     # ------------------------------------------------------------------ state
     def state_dict(self):

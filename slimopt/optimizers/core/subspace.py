@@ -207,6 +207,7 @@ class SubspaceOptimizer(SlimOptimizer):
     def _update_group(self, group: dict, finite: dict) -> None:
         """Dense parameters one by one; matrices in batches (module docstring)."""
         batches: dict[tuple, list] = {}
+        dense = []
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -214,7 +215,7 @@ class SubspaceOptimizer(SlimOptimizer):
             if self._skip_nonfinite(state, finite.get(p, True)):
                 continue
             if not self.takes_matrix_rule(p, group):
-                self._dense_step(p, group, state)
+                dense.append((p, state))
                 continue
             grad = self._canonical(p.grad, p)
             pending = PendingMatrix(p, state, grad, self._basis_for_step(p, group, state, grad))
@@ -225,6 +226,7 @@ class SubspaceOptimizer(SlimOptimizer):
                 self._step_matrices(group, batches.pop(key))
         for batch in batches.values():
             self._step_matrices(group, batch)
+        self._dense_steps(group, dense)
 
     def _step_matrices(self, group: dict, batch: list) -> None:
         """Step a batch of ``PendingMatrix`` (one canonical shape, dtype and step count); by
