@@ -35,7 +35,7 @@ def orthonormalize(mat: torch.Tensor) -> torch.Tensor:
     q, r = torch.linalg.qr(mat)
     signs = torch.sign(torch.diagonal(r))
     signs = torch.where(signs == 0, torch.ones_like(signs), signs)
-    return q * signs
+    return q.contiguous().mul_(signs)  # LAPACK's Q is column-major: one copy, row-major
 
 
 def left_singular(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
