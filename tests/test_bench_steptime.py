@@ -121,3 +121,31 @@ def test_bad_values_are_refused_by_the_functions():
         steptime.build_workload("block-2b")
     with pytest.raises(ValueError, match="repeats"):
         steptime.measure(tiny_block(), ["adamw"], rank=8, repeats=0)
+
+
+def test_variants_build_the_named_optimizer_with_options():
+    assert steptime.split_variant("grassjump:store_basis=True,svd=randomized") == (
+        "grassjump", {"store_basis": True, "svd": "randomized"})
+    assert steptime.split_variant("galore-slimopt") == ("galore-slimopt", {})
+    args = parser().parse_args(["--steptime-optimizers", "grassjump:store_basis=True"])
+    assert args.steptime_optimizers == ["grassjump:store_basis=True"]
+    with pytest.raises(ValueError, match="NAME:key=value"):
+        steptime.split_variant("grassjump:store_basis")
+    rows, _ = steptime.measure(tiny_block(), ["grassjump", "grassjump:store_basis=True"], rank=8,
+                               repeats=1, measure_interval=2)
+    assert {r["optimizer"] for r in rows} == {"adamw-fused", "grassjump",
+                                              "grassjump:store_basis=True"}
+    assert all(r["library"] == "slimopt" for r in rows if r["optimizer"] != "adamw-fused")
+
+
+def test_refresh_stalls_quick_writes_the_table(tmp_path):
+    from benchmarks import refresh_stalls
+    paths = refresh_stalls.main(["--quick", "--configs", "galore-slimopt",
+                                 "galore-slimopt:stagger_refresh=True", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "refresh_stalls.json").read_text())
+    rows = {r["optimizer"]: r for r in data["data"]["rows"]}
+    assert set(rows) == {"galore-slimopt", "galore-slimopt:stagger_refresh=True"}
+    assert all(r["steps"] == 8 and r["max_ms"] >= r["median_ms"] > 0 for r in rows.values())
+    # all at once: one step of the interval refreshes all 7 matrices (an SVD each)
+    assert rows["galore-slimopt"]["steps_over_2x"] >= 1
+    assert len(paths) == 2 and (tmp_path / "refresh_stalls.md").read_text().startswith("Command:")
