@@ -89,9 +89,12 @@ class SubspaceAdam(SubspaceOptimizer):
                 st["recovery_norm"] = norms[i]
 
     def _compiled(self):
-        """``adam_in_subspace_`` compiled (once per optimizer; one graph per batch shape)."""
+        """``adam_in_subspace_`` compiled (once per optimizer). A graph per batch length, dtype
+        and recovery setting; matrix shapes become dynamic after the second one (torch's
+        automatic dynamic shapes), so a model's few shapes do not each recompile. Past torch's
+        recompile limit (8 per function) torch runs the function eagerly, with its warning."""
         compiled = self.__dict__.get("_compiled_kernel")
         if compiled is None:
-            compiled = torch.compile(adam_in_subspace_, fullgraph=True, dynamic=False)
+            compiled = torch.compile(adam_in_subspace_)
             self._compiled_kernel = compiled
         return compiled
