@@ -26,8 +26,10 @@ import time
 
 import torch
 
-if __package__ in (None, ""):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if __package__ in (None, ""):  # run as a script: import from the repository root, and keep
+    # benchmarks/ itself off the path (its kernels.py would shadow the `kernels` package)
+    here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [os.path.dirname(here)] + [p for p in sys.path if os.path.abspath(p) != here]
 
 from benchmarks import report  # noqa: E402
 from benchmarks.steptime import PAPER_RANK, build_workload, library, split_variant  # noqa: E402

@@ -474,17 +474,22 @@ class SlimOptimizer(Optimizer):
         """Update every parameter of the checked ``group`` (a subclass may treat a group as a
         unit); a parameter whose gradient is not ``finite`` is skipped and counted."""
         dense = []
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            state = self._init_state(p, group)
-            if self._skip_nonfinite(state, finite.get(p, True)):
-                continue
+        for p, state in self._to_step(group, finite):
             if self.takes_matrix_rule(p, group):
                 self._matrix_step(p, group, state)
             else:
                 dense.append((p, state))
         self._dense_steps(group, dense)
+
+    def _to_step(self, group: dict, finite: dict):
+        """``(param, state)`` for each parameter of ``group`` that steps now: it has a gradient,
+        and a finite one (a non-finite one is counted and skipped); its state is created here."""
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = self._init_state(p, group)
+            if not self._skip_nonfinite(state, finite.get(p, True)):
+                yield p, state
 
     @staticmethod
     def _dense_steps(group: dict, dense: list) -> None:

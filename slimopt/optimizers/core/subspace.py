@@ -208,12 +208,7 @@ class SubspaceOptimizer(SlimOptimizer):
         """Dense parameters one by one; matrices in batches (module docstring)."""
         batches: dict[tuple, list] = {}
         dense = []
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            state = self._init_state(p, group)
-            if self._skip_nonfinite(state, finite.get(p, True)):
-                continue
+        for p, state in self._to_step(group, finite):
             if not self.takes_matrix_rule(p, group):
                 dense.append((p, state))
                 continue
