@@ -79,7 +79,7 @@ def test_recovery_matches_fira(monkeypatch, shape):
 
 def _count_limiter_binding(monkeypatch):
     """A list that collects one entry per step at which slimopt's limiter bound."""
-    from slimopt.optimizers.core import subspace_adam
+    from slimopt.optimizers.core import subspace_adam_batch as subspace_adam
     original, bound = subspace_adam.recovery_scales, []
 
     def counting(grads, projected, directions, previous, **kwargs):

@@ -4,9 +4,9 @@ On ``R = S^T G``: ``M, V`` updated as Adam's, ``N = m_hat / (sqrt(v_hat) + eps)`
 ``U = scale * S N + Lambda``, where ``Lambda`` is Fira's **recovery** of the out-of-subspace
 residual (``recovery.py``; off for GaLore/SARA/GrassJump, on for GrassWalk).
 
-A batch of same-shape matrices steps together in ``subspace_adam_batch.adam_in_subspace_``:
-foreach operations, two products with the basis per matrix (recovery or not), the update added
-into the weight in place, nothing read back to the host; with ``compile=True`` that function is
+A batch of same-shape matrices steps together (``subspace_adam_batch``): foreach operations, two
+products with the basis per matrix (recovery or not), the update added into the weight in place,
+nothing read back to the host; with ``compile=True`` the part before the weights are written is
 compiled.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 
 from .adam import bias_corrections
 from .recovery import RESIDUAL_MODES, residual_factor
-from .subspace_adam_batch import Recovery, adam_in_subspace_
+from .subspace_adam_batch import Recovery, apply_subspace_updates_, subspace_adam_coefficients_
 from .subspace import SubspaceOptimizer
 from .validation import check_choice, check_nonnegative, check_positive
 
@@ -72,29 +72,31 @@ class SubspaceAdam(SubspaceOptimizer):
             previous = torch.stack([torch.as_tensor(st.get("recovery_norm", -1.0),
                                                     dtype=_work(first.param),
                                                     device=first.grad.device) for st in states])
-        kernel = adam_in_subspace_
+        compute = subspace_adam_coefficients_
         if self.compile:
-            kernel = self._compiled()
+            compute = self._compiled()
             scalars = tuple(torch.tensor(x, dtype=_work(first.param), device=first.grad.device)
                             for x in scalars)
-        norms = kernel([self._canonical(m.param, m.param) for m in batch],
-                       [m.grad for m in batch], [m.basis for m in batch],
-                       [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states],
-                       previous, *scalars, beta1=beta1, beta2=beta2, eps=group["eps"],
-                       scale=group["scale"], weight_decay=group["weight_decay"],
-                       recovery=recovery, triton=False if self.compile else None)
+        grads, bases = [m.grad for m in batch], [m.basis for m in batch]
+        coeffs, phi, norms = compute(
+            grads, bases, [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states],
+            previous, *scalars, beta1=beta1, beta2=beta2, eps=group["eps"], scale=group["scale"],
+            recovery=recovery, triton=False if self.compile else None)
+        apply_subspace_updates_([self._canonical(m.param, m.param) for m in batch], grads, bases,
+                                coeffs, phi, group["lr"], weight_decay=group["weight_decay"])
         for i, st in enumerate(states):
             st["step"] = step
             if norms is not None:
                 st["recovery_norm"] = norms[i]
 
     def _compiled(self):
-        """``adam_in_subspace_`` compiled (once per optimizer). A graph per batch length, dtype
-        and recovery setting; matrix shapes become dynamic after the second one (torch's
-        automatic dynamic shapes), so a model's few shapes do not each recompile. Past torch's
-        recompile limit (8 per function) torch runs the function eagerly, with its warning."""
+        """``subspace_adam_coefficients_`` compiled (once per optimizer). A graph per batch
+        length, dtype and recovery setting; matrix shapes become dynamic after the second one
+        (torch's automatic dynamic shapes), so a model's few shapes do not each recompile. Past
+        torch's recompile limit (8 per function) torch runs the function eagerly, with its
+        warning."""
         compiled = self.__dict__.get("_compiled_kernel")
         if compiled is None:
-            compiled = torch.compile(adam_in_subspace_)
+            compiled = torch.compile(subspace_adam_coefficients_)
             self._compiled_kernel = compiled
         return compiled

@@ -1,5 +1,8 @@
-"""One step of Adam in the subspace for a batch of same-shape matrices, as a pure function of
-tensor lists (what ``torch.compile`` compiles when an optimizer is built with ``compile=True``).
+"""One step of Adam in the subspace for a batch of same-shape matrices, as pure functions of
+tensor lists. With ``compile=True`` the part before the weights are written
+(``subspace_adam_coefficients_``) is compiled; the weight update stays eager, because an
+in-place update of a weight view is functionalized under ``torch.compile`` into a ``d x k`` copy
+and write-back per matrix, slower than the eager ``addmm_``.
 
 For each matrix of the batch, in the canonical orientation (``W``, ``G``: ``d x k``; ``S``:
 ``d x r``; moments ``r x k``)::
@@ -33,13 +36,16 @@ class Recovery(NamedTuple):
     limiter: float
 
 
-def adam_in_subspace_(weights: list, grads: list, bases: list, exp_avgs: list, exp_avg_sqs: list,
-                      previous_norms, lr, bias_correction1, bias_correction2_sqrt, *,
-                      beta1: float, beta2: float, eps: float, scale: float, weight_decay: float,
-                      recovery: Recovery | None, triton: bool | None = None):
-    """Step the batch in place (weights as canonical views, module docstring). Returns the
-    limiter's new norms ``(B,)`` with recovery (``previous_norms``: ``(B,)``, negative where none),
-    else None. ``triton``: the projection backend (None: ``dispatch.backend`` decides)."""
+def subspace_adam_coefficients_(grads: list, bases: list, exp_avgs: list, exp_avg_sqs: list,
+                                previous_norms, lr, bias_correction1, bias_correction2_sqrt, *,
+                                beta1: float, beta2: float, eps: float, scale: float,
+                                recovery: Recovery | None, triton: bool | None = None):
+    """The moments updated in place, and what the weights then take: returns ``(coeffs, phi,
+    norms)`` with ``W -= S coeffs_i`` and, with recovery, ``W += G o phi_i``, where ``coeffs``
+    already hold ``-lr alpha`` and ``phi`` ``-lr``; ``norms`` are the limiter's new norms
+    ``(B,)`` (``previous_norms``: ``(B,)``, negative where none), None without recovery.
+    ``triton``: the projection backend (None: ``dispatch.backend`` decides). This is what
+    ``compile=True`` compiles: its element-wise work fuses, and it writes no weight."""
     projected = project_adam_moments_many_(bases, grads, exp_avgs, exp_avg_sqs, beta1, beta2,
                                            triton=triton)
     denom = torch._foreach_sqrt(exp_avg_sqs)
@@ -56,10 +62,16 @@ def adam_in_subspace_(weights: list, grads: list, bases: list, exp_avgs: list, e
                   for n, r, f in zip(coeffs, projected, phi)]
         phi = phi * -lr
     torch._foreach_mul_(coeffs, -lr * scale)
+    return coeffs, phi, norms
+
+
+def apply_subspace_updates_(weights: list, grads: list, bases: list, coeffs: list, phi, lr, *,
+                            weight_decay: float) -> None:
+    """``W <- (1 - lr wd) W + S coeffs (+ G o phi)`` in place, for weights as canonical views: a
+    product added into each weight (``addmm_``), no ``d x k`` update formed."""
     if weight_decay != 0.0:
         torch._foreach_mul_(weights, 1.0 - lr * weight_decay)
     for i, weight in enumerate(weights):
         weight.addmm_(bases[i], coeffs[i].to(weight.dtype))
         if phi is not None:
             weight.addcmul_(grads[i], phi[i].to(weight.dtype))
-    return norms
