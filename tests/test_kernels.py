@@ -260,20 +260,22 @@ def test_newton_schulz_torch_backend_is_torch_muon(monkeypatch, shape):
     assert torch.equal(newton_schulz(grad, coefficients=[MUON_COEFFICIENTS] * 5), want)
 
 
-def test_batched_moments_on_triton_match_the_foreach_torch_path(monkeypatch):
-    """The batched step's projection: Triton's fused kernel per matrix (what CUDA runs) against
-    one product per matrix and foreach moment updates (the torch path), on a batch of three."""
-    from slimopt.kernels import project_adam_moments_many_
-    g = torch.Generator().manual_seed(4)
-    bases = [torch.randn(33, 7, generator=g) for _ in range(3)]
-    grads = [torch.randn(33, 50, generator=g) for _ in range(3)]
-    moments = [(torch.randn(7, 50, generator=g), torch.rand(7, 50, generator=g)) for _ in range(3)]
+
+def test_grasswalk_step_on_triton_matches_torch(monkeypatch):
+    """A GrassWalk step (batched: the Triton projection per matrix, what CUDA runs) against the
+    torch path, on a batch of three same-shape matrices with recovery."""
+    import slimopt
     runs = {}
     for forced in ("torch", "triton"):
         monkeypatch.setenv("SLIMOPT_KERNELS", forced)
-        m = [a.clone() for a, _ in moments]
-        v = [b.clone() for _, b in moments]
-        runs[forced] = (project_adam_moments_many_(bases, grads, m, v, 0.8, 0.95), m, v)
-    for got, want in zip(runs["triton"], runs["torch"]):
-        for x, y in zip(got, want):
-            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+        g = torch.Generator().manual_seed(4)
+        params = [torch.nn.Parameter(torch.randn(33, 50, generator=g)) for _ in range(3)]
+        opt = slimopt.GrassWalk([(f"w{i}", p) for i, p in enumerate(params)], lr=1e-2, rank=7,
+                                update_interval=2)
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g)
+            opt.step()
+        runs[forced] = params
+    for a, b in zip(runs["triton"], runs["torch"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -50,24 +50,3 @@ def project_adam_moments_(basis: torch.Tensor, grad: torch.Tensor, exp_avg: torc
     exp_avg.lerp_(r, 1.0 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(r, r, value=1.0 - beta2)
     return projected
-
-
-def project_adam_moments_many_(bases, grads, exp_avgs, exp_avg_sqs, beta1: float,
-                               beta2: float, triton: bool | None = None) -> list:
-    """``project_adam_moments_`` for lists of matrices (a batch of one shape and dtype), the
-    backend chosen once (``triton``; None: ``dispatch.backend`` decides): Triton's fused kernel
-    per matrix, or in torch one product per matrix and the moment updates as
-    ``torch._foreach_*`` over the whole batch (a launch per operation, not per matrix). Returns
-    the list of ``S^T G``."""
-    if triton is None:
-        triton = use_triton(bases[0], grads[0], exp_avgs[0], exp_avg_sqs[0])
-    if triton:
-        from . import triton_projection
-        return [triton_projection.project_adam_moments_(s, g, m, v, beta1, beta2)
-                for s, g, m, v in zip(bases, grads, exp_avgs, exp_avg_sqs)]
-    projected = [s.transpose(0, 1) @ g for s, g in zip(bases, grads)]
-    r = [x.to(m.dtype) for x, m in zip(projected, exp_avgs)]
-    torch._foreach_lerp_(exp_avgs, r, 1.0 - beta1)
-    torch._foreach_mul_(exp_avg_sqs, beta2)
-    torch._foreach_addcmul_(exp_avg_sqs, r, r, value=1.0 - beta2)
-    return projected

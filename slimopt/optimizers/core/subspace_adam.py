@@ -15,7 +15,8 @@ import torch
 
 from .adam import bias_corrections
 from .recovery import RESIDUAL_MODES, residual_factor
-from .subspace_adam_batch import Recovery, apply_subspace_updates_, subspace_adam_coefficients_
+from .subspace_adam_batch import (Recovery, apply_subspace_updates_, project_all,
+                                  subspace_adam_coefficients_)
 from .subspace import SubspaceOptimizer
 from .validation import check_choice, check_nonnegative, check_positive
 
@@ -79,9 +80,9 @@ class SubspaceAdam(SubspaceOptimizer):
                             for x in scalars)
         grads, bases = [m.grad for m in batch], [m.basis for m in batch]
         coeffs, phi, norms = compute(
-            grads, bases, [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states],
-            previous, *scalars, beta1=beta1, beta2=beta2, eps=group["eps"], scale=group["scale"],
-            recovery=recovery, triton=False if self.compile else None)
+            project_all(bases, grads), grads, [st["exp_avg"] for st in states],
+            [st["exp_avg_sq"] for st in states], previous, *scalars, beta1=beta1, beta2=beta2,
+            eps=group["eps"], scale=group["scale"], recovery=recovery)
         apply_subspace_updates_([self._canonical(m.param, m.param) for m in batch], grads, bases,
                                 coeffs, phi, group["lr"], weight_decay=group["weight_decay"])
         for i, st in enumerate(states):

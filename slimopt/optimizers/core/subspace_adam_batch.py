@@ -1,8 +1,9 @@
 """One step of Adam in the subspace for a batch of same-shape matrices, as pure functions of
 tensor lists. With ``compile=True`` the part before the weights are written
-(``subspace_adam_coefficients_``) is compiled; the weight update stays eager, because an
-in-place update of a weight view is functionalized under ``torch.compile`` into a ``d x k`` copy
-and write-back per matrix, slower than the eager ``addmm_``.
+(``subspace_adam_coefficients_``: moments, directions, Fira's column factors) is compiled; the
+products stay eager: an in-place update of a weight view is functionalized under
+``torch.compile`` into a ``d x k`` copy and write-back per matrix, slower than the eager
+``addmm_``, and inductor's product is the same BLAS call.
 
 For each matrix of the batch, in the canonical orientation (``W``, ``G``: ``d x k``; ``S``:
 ``d x r``; moments ``r x k``)::
@@ -26,7 +27,7 @@ from typing import NamedTuple
 
 import torch
 
-from ...kernels import project_adam_moments_many_
+from ...kernels import project
 from .recovery import recovery_scales
 
 
@@ -36,18 +37,20 @@ class Recovery(NamedTuple):
     limiter: float
 
 
-def subspace_adam_coefficients_(grads: list, bases: list, exp_avgs: list, exp_avg_sqs: list,
-                                previous_norms, lr, bias_correction1, bias_correction2_sqrt, *,
-                                beta1: float, beta2: float, eps: float, scale: float,
-                                recovery: Recovery | None, triton: bool | None = None):
-    """The moments updated in place, and what the weights then take: returns ``(coeffs, phi,
-    norms)`` with ``W -= S coeffs_i`` and, with recovery, ``W += G o phi_i``, where ``coeffs``
-    already hold ``-lr alpha`` and ``phi`` ``-lr``; ``norms`` are the limiter's new norms
-    ``(B,)`` (``previous_norms``: ``(B,)``, negative where none), None without recovery.
-    ``triton``: the projection backend (None: ``dispatch.backend`` decides). This is what
-    ``compile=True`` compiles: its element-wise work fuses, and it writes no weight."""
-    projected = project_adam_moments_many_(bases, grads, exp_avgs, exp_avg_sqs, beta1, beta2,
-                                           triton=triton)
+def subspace_adam_coefficients_(projected: list, grads: list, exp_avgs: list,
+                                exp_avg_sqs: list, previous_norms, lr, bias_correction1,
+                                bias_correction2_sqrt, *, beta1: float, beta2: float, eps: float,
+                                scale: float, recovery: Recovery | None):
+    """From the projections ``R = S^T G``: the moments updated in place, and what the weights
+    then take. Returns ``(coeffs, phi, norms)`` with ``W -= S coeffs_i`` and, with recovery,
+    ``W += G o phi_i``, where ``coeffs`` already hold ``-lr alpha`` and ``phi`` ``-lr``;
+    ``norms`` are the limiter's new norms ``(B,)`` (``previous_norms``: ``(B,)``, negative where
+    none), None without recovery. Element-wise work and reductions only (the products stay
+    outside): what ``compile=True`` compiles, fused by inductor."""
+    r = [x.to(m.dtype) for x, m in zip(projected, exp_avgs)]  # a no-op when the dtypes agree
+    torch._foreach_lerp_(exp_avgs, r, 1.0 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, r, r, value=1.0 - beta2)
     denom = torch._foreach_sqrt(exp_avg_sqs)
     torch._foreach_div_(denom, bias_correction2_sqrt)
     torch._foreach_add_(denom, eps)
@@ -63,6 +66,11 @@ def subspace_adam_coefficients_(grads: list, bases: list, exp_avgs: list, exp_av
         phi = phi * -lr
     torch._foreach_mul_(coeffs, -lr * scale)
     return coeffs, phi, norms
+
+
+def project_all(bases: list, grads: list) -> list:
+    """``S^T G`` of each matrix of the batch (``kernels.project``: Triton on CUDA)."""
+    return [project(s, g) for s, g in zip(bases, grads)]
 
 
 def apply_subspace_updates_(weights: list, grads: list, bases: list, coeffs: list, phi, lr, *,
