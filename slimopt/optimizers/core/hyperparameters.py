@@ -52,9 +52,9 @@ ARGUMENT_DOCS = {
                        "update_interval) steps, spreading the refreshes over the interval; False: "
                        "all on the same steps, as in the papers",
     "seed": "seed of the counter-based random bases, an int >= 0",
-    "compile": "True: the batched step of the low-rank matrices is compiled with torch.compile "
-               "(one graph per matrix shape, compiled at its first step; README, \"Step "
-               "time\"); False: eager",
+    "compile": "True: the element-wise part of the low-rank matrices' batched step (moments, "
+               "directions, recovery factors) is compiled with torch.compile at the first "
+               "steps (README, \"Step time\"); False: eager",
     "nonfinite": "a parameter whose gradient holds NaN or Inf: 'skip' (left untouched, counted), "
                  "'raise' (FloatingPointError, nothing updated) or 'off' (no check)",
 }
