@@ -260,3 +260,24 @@ def test_compiled_step_matches_eager_in_one_graph_per_shape():
     for a, b in zip(runs[False], runs[True]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
+def test_run_diagnostics_follow_the_staggered_schedule():
+    """slimopt-pretrain's logged diagnostics: the subspace move is measured at each matrix's own
+    refreshes, and the limiter's norms (device scalars) come back as a plain float."""
+    from slimopt.launch.run_logger import SubspaceDiagnostics
+    params = _params()
+    opt = slimopt.GrassWalk([(f"w{i}", p) for i, p in enumerate(params)], lr=1e-2, rank=4,
+                            update_interval=4, stagger_refresh=True)
+    diagnostics, moved_at = SubspaceDiagnostics(), []
+    for t in range(12):
+        for p, grad in zip(params, _grads(params, t)):
+            p.grad = grad
+        opt.step()
+        out = diagnostics.collect(opt)
+        assert isinstance(out["optimizer/recovery_norm"], float)
+        assert out["optimizer/recovery_norm"] > 0
+        if "optimizer/subspace_move" in out:
+            moved_at.append(t)
+    offsets = {opt.state[p]["key"] % 4 for p in params}
+    assert moved_at == [t for t in range(1, 12) if any((t + o) % 4 == 0 for o in offsets)]

@@ -27,12 +27,14 @@ class SubspaceDiagnostics:
         for group in opt.param_groups:
             for p in group["params"]:
                 state = opt.state.get(p, {})
-                if "recovery_norm" in state:
-                    recovery.append(state["recovery_norm"])
+                norm = float(state.get("recovery_norm", -1.0))  # a device scalar: read at logging
+                if norm >= 0:  # -1: no step with recovery yet
+                    recovery.append(norm)
                 if not state or state.get("step", 0) == 0 or not opt.takes_matrix_rule(p, group):
                     continue
-                if (state["step"] - 1) % group["update_interval"] != 0:
-                    continue
+                position = state["step"] - 1 + opt.refresh_offset(group, state)
+                if state["step"] > 1 and position % group["update_interval"] != 0:
+                    continue  # the last step found no new basis (the first one always does)
                 basis = opt.current_basis(p).float()
                 old = self.previous.get(id(p))
                 if old is not None:

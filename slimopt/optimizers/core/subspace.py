@@ -106,7 +106,8 @@ class SubspaceOptimizer(SlimOptimizer):
 
     def _policy(self, group: dict):
         """``policy_from_group(group)``, built once per distinct set of options (a step asks for
-        it once per matrix)."""
+        it once per matrix); ``policy_from_group`` reads only the group's options (the
+        keyword-only hyperparameters), which key the cache."""
         try:
             signature = tuple(group[k] for k in self.option_defaults)
             cache = self.__dict__.setdefault("_policies", {})
