@@ -27,7 +27,7 @@ from typing import NamedTuple
 
 import torch
 
-from ...kernels import project
+from ...kernels.projection import use_triton
 from .recovery import recovery_scales
 
 
@@ -69,8 +69,12 @@ def subspace_adam_coefficients_(projected: list, grads: list, exp_avgs: list,
 
 
 def project_all(bases: list, grads: list) -> list:
-    """``S^T G`` of each matrix of the batch (``kernels.project``: Triton on CUDA)."""
-    return [project(s, g) for s, g in zip(bases, grads)]
+    """``S^T G`` of each matrix of the batch, the backend chosen once for the batch
+    (``kernels.dispatch``: Triton on CUDA, torch elsewhere)."""
+    if use_triton(bases[0], grads[0]):
+        from ...kernels import triton_projection
+        return [triton_projection.project(s, g) for s, g in zip(bases, grads)]
+    return [s.transpose(0, 1) @ g for s, g in zip(bases, grads)]
 
 
 def apply_subspace_updates_(weights: list, grads: list, bases: list, coeffs: list, phi, lr, *,
