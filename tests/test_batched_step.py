@@ -281,3 +281,25 @@ def test_run_diagnostics_follow_the_staggered_schedule():
             moved_at.append(t)
     offsets = {opt.state[p]["key"] % 4 for p in params}
     assert moved_at == [t for t in range(1, 12) if any((t + o) % 4 == 0 for o in offsets)]
+
+
+def test_batches_are_bounded_in_count_and_bytes(monkeypatch):
+    """At most 8 matrices a batch, and at most batch_bytes of gradients: a large matrix steps
+    alone (the transient r x k tensors of a batch stay bounded on large models)."""
+    sizes = []
+    original = slimopt.GaLore._step_matrices
+    monkeypatch.setattr(slimopt.GaLore, "_step_matrices",
+                        lambda self, group, batch: (sizes.append(len(batch)),
+                                                    original(self, group, batch))[1])
+    small = [torch.nn.Parameter(torch.randn(8, 12)) for _ in range(11)]
+    opt = slimopt.GaLore([(f"s{i}", p) for i, p in enumerate(small)], lr=1e-2, rank=2)
+    for p in small:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    assert sorted(sizes) == [3, 8]
+    sizes.clear()
+    opt.batch_bytes = 2 * 8 * 12 * 4  # two gradients' bytes
+    for p in small:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    assert sizes == [2, 2, 2, 2, 2, 1]

@@ -15,7 +15,9 @@ Every other parameter (not 2-D, a group with ``rank=None`` or ``dense=True``, or
 ``rank >= min(m, n)``, with one warning per group) gets dense AdamW.
 
 **Batches.** The matrices of a group are stepped in batches of one canonical shape, dtype,
-device and step count (at most ``batch_size`` at a time, which bounds the transient memory):
+device and step count (at most ``batch_size`` matrices, and at most ``batch_bytes`` of their
+gradients, at a time: that bounds the transient memory of a batch, a few ``r x k`` tensors per
+matrix, while small matrices, whose launches cost most, still batch by 8):
 each basis is found matrix by matrix (``_basis_for_step``: a refresh is a matrix's own event),
 then the inner rule runs on the whole batch (``_step_matrices``), where a rule can use
 ``torch._foreach_*`` operations, one launch per batch instead of one per matrix.
@@ -61,6 +63,8 @@ class SubspaceOptimizer(SlimOptimizer):
     moment_names: tuple = ("exp_avg", "exp_avg_sq")
     #: most matrices stepped in one batch (their bases and projections are alive together)
     batch_size: int = 8
+    #: most gradient bytes in one batch (a matrix larger than this is a batch of its own)
+    batch_bytes: int = 64 << 20
     added_options = {**SlimOptimizer.added_options, "stagger_refresh": False, "svd": "exact"}
 
     # ------------------------------------------------------------------ recipe hooks
@@ -218,7 +222,8 @@ class SubspaceOptimizer(SlimOptimizer):
             key = (tuple(grad.shape), grad.dtype, grad.device, state["step"])
             batch = batches.setdefault(key, [])
             batch.append(pending)
-            if len(batch) == self.batch_size:
+            if len(batch) == self.batch_size or \
+                    len(batch) * grad.numel() * grad.element_size() >= self.batch_bytes:
                 self._step_matrices(group, batches.pop(key))
         for batch in batches.values():
             self._step_matrices(group, batch)
