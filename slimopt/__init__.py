@@ -12,9 +12,10 @@ from .launch.torch_registry import register_with_torch_optim
 from .param_groups import param_groups
 from .factory import HFOptimizerFactory, create_optimizer, list_optimizers
 from .state_bytes import state_bytes
+from .step_in_backward import step_in_backward
 
 __version__ = "0.1.0"
 __all__ = ["GrassWalk", "GrassJump", "SARA", "GaLore", "SNSM", "SubspaceMomentum", "SubsetNorm",
            "ROOT", "AdaPreLoRA", "lora", "param_groups", "state_bytes",
            "register_with_torch_optim", "create_optimizer", "list_optimizers",
-           "HFOptimizerFactory"]
+           "HFOptimizerFactory", "step_in_backward"]
