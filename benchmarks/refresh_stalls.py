@@ -22,7 +22,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 import torch
 
@@ -32,7 +31,8 @@ if __package__ in (None, ""):  # run as a script: import from the repository roo
     sys.path[:] = [os.path.dirname(here)] + [p for p in sys.path if os.path.abspath(p) != here]
 
 from benchmarks import report  # noqa: E402
-from benchmarks.steptime import PAPER_RANK, build_workload, library, split_variant  # noqa: E402
+from benchmarks.steptime import (PAPER_RANK, _timer, build_workload, library,  # noqa: E402
+                                  split_variant)
 from slimopt.launch.registry import build_optimizer  # noqa: E402
 
 CONFIGS = ["galore", "galore-slimopt", "galore-slimopt:stagger_refresh=True",
@@ -45,15 +45,9 @@ def run_config(module, label: str, *, rank: int, interval: int, device: str) -> 
     name, options = split_variant(label)
     torch.manual_seed(0)
     opt = build_optimizer(name, module, lr=1e-3, rank=rank, update_interval=interval, **options)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    timed_step = _timer(device)
     opt.step()
-    times = []
-    for _ in range(interval):
-        sync()
-        start = time.perf_counter()
-        opt.step()
-        sync()
-        times.append((time.perf_counter() - start) * 1e3)
+    times = [timed_step(opt) * 1e3 for _ in range(interval)]
     median = statistics.median(times)
     return dict(optimizer=label, library=library(label), median_ms=median, max_ms=max(times),
                 max_over_median=max(times) / median,

@@ -74,7 +74,7 @@ def test_transport_matches_elementwise_reference():
 
 @pytest.mark.parametrize("kind", ["permutation", "sign_flip", "both"])
 def test_transport_leaves_adam_update_unchanged_for_permuted_bases(kind):
-    from slimopt.optimizers.core.adam import adam_directions
+    from slimopt.optimizers.core.adam import adam_directions, bias_corrections
     g = torch.Generator().manual_seed(2)
     r, k, d = 5, 8, 10
     old, _ = torch.linalg.qr(torch.randn(d, r, generator=g, dtype=torch.float64))
@@ -87,6 +87,7 @@ def test_transport_leaves_adam_update_unchanged_for_permuted_bases(kind):
     M = torch.randn(r, k, generator=g, dtype=torch.float64)
     V = torch.rand(r, k, generator=g, dtype=torch.float64) + M * M
     M2, V2 = transport_moments(M, V, old, new, (1 - 0.9 ** 5, 1 - 0.999 ** 5))
-    before = old @ adam_directions([M], [V], 5, 0.9, 0.999, 1e-8)[0]
-    after = new @ adam_directions([M2], [V2], 5, 0.9, 0.999, 1e-8)[0]
+    bc1, bc2 = bias_corrections(5, 0.9, 0.999)
+    before = old @ adam_directions([M], [V], bc1, bc2 ** 0.5, 1e-8)[0]
+    after = new @ adam_directions([M2], [V2], bc1, bc2 ** 0.5, 1e-8)[0]
     torch.testing.assert_close(after, before, rtol=1e-12, atol=1e-14)

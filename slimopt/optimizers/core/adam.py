@@ -8,6 +8,8 @@ galore-torch puts eps on the uncorrected ``sqrt(v)`` instead; the two agree once
 from __future__ import annotations
 
 import torch
+from torch.optim.adamw import adamw as fused_adamw  # torch's functional AdamW, used fused=True
+from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
 
 def adam_moments_(exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, grad: torch.Tensor,
@@ -21,16 +23,27 @@ def adam_moments_(exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, grad: torch.T
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
 
 
-def adam_directions(exp_avgs: list, exp_avg_sqs: list, step: int, beta1: float, beta2: float,
+def adam_moments_many_(exp_avgs: list, exp_avg_sqs: list, grads: list, beta1: float,
+                       beta2: float) -> None:
+    """``adam_moments_`` for lists of tensors, as ``torch._foreach_*`` operations: a launch per
+    operation for the whole list."""
+    torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
+    if beta2 < 1.0:
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 if beta2 >= 1.0 else 1.0 - beta2)
+
+
+def adam_directions(exp_avgs: list, exp_avg_sqs: list, bias_correction1, bias_correction2_sqrt,
                     eps: float) -> list:
     """Bias-corrected Adam directions ``m_hat / (sqrt(v_hat) + eps)`` of lists of moments (new
     tensors), as ``torch._foreach_*`` operations: a launch per operation for the whole list.
 
-    ``step`` counts the updates already folded into the moments (1 after the first).
+    ``bias_correction1`` is ``1 - beta1^t`` and ``bias_correction2_sqrt`` is
+    ``sqrt(1 - beta2^t)`` (``bias_corrections``), Python floats or 0-d tensors (what a compiled
+    caller passes, so that the graph does not change with the step).
     """
-    bias_correction1, bias_correction2 = bias_corrections(step, beta1, beta2)
     denom = torch._foreach_sqrt(exp_avg_sqs)
-    torch._foreach_div_(denom, bias_correction2 ** 0.5)
+    torch._foreach_div_(denom, bias_correction2_sqrt)
     torch._foreach_add_(denom, eps)
     directions = torch._foreach_div(exp_avgs, bias_correction1)
     torch._foreach_div_(directions, denom)
@@ -55,8 +68,6 @@ def adamw_steps_(params: list, grads: list, exp_avgs: list, exp_avg_sqs: list, s
     kernel (``torch.optim.adamw.adamw(fused=True)``, one pass over each tensor; about 10x the
     single-tensor path on the CPU) where its device takes it and ``beta2 < 1``, else one
     ``adamw_step_`` per tensor (``beta2 = 1``, AdaGrad's sum, has no bias correction to take)."""
-    from torch.optim.adamw import adamw
-    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
     if beta2 >= 1.0 or params[0].device.type not in _get_fused_kernels_supported_devices():
         for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs):
             adamw_step_(p, g, m, v, step, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
@@ -64,7 +75,7 @@ def adamw_steps_(params: list, grads: list, exp_avgs: list, exp_avg_sqs: list, s
         return
     # the functional increments each step tensor before its update: hand it step - 1
     steps = [torch.full((), step - 1, dtype=torch.float32, device=p.device) for p in params]
-    adamw(params, grads, exp_avgs, exp_avg_sqs, [], steps, fused=True,
+    fused_adamw(params, grads, exp_avgs, exp_avg_sqs, [], steps, fused=True,
           foreach=False, capturable=False, differentiable=False, grad_scale=None,
           found_inf=None, has_complex=False, amsgrad=False, beta1=beta1, beta2=beta2, lr=lr,
           weight_decay=weight_decay, eps=eps, maximize=False)

@@ -21,11 +21,6 @@ from .subspace import SubspaceOptimizer
 from .validation import check_choice, check_nonnegative, check_positive
 
 
-def _work(p: torch.Tensor) -> torch.dtype:
-    """The dtype of the limiter's norms: float64 for float64 parameters, float32 otherwise."""
-    return torch.float64 if p.dtype == torch.float64 else torch.float32
-
-
 class SubspaceAdam(SubspaceOptimizer):
     """Adam with its moments in a low-rank subspace, and dense AdamW for everything else.
 
@@ -54,7 +49,8 @@ class SubspaceAdam(SubspaceOptimizer):
         state["exp_avg"] = torch.zeros(r, k, dtype=p.dtype, device=p.device)
         state["exp_avg_sq"] = torch.zeros(r, k, dtype=p.dtype, device=p.device)
         if group["recovery"]:
-            state["recovery_norm"] = torch.full((), -1.0, dtype=_work(p), device=p.device)
+            state["recovery_norm"] = torch.full((), -1.0, dtype=self._work_dtype(p),
+                                                 device=p.device)
 
     def _moment_corrections(self, group, state) -> tuple[float, float]:
         return bias_corrections(state["step"], *group["betas"])
@@ -71,13 +67,13 @@ class SubspaceAdam(SubspaceOptimizer):
             recovery = Recovery(residual_factor(group["residual"], group["scale"]),
                                 group["limiter"])
             previous = torch.stack([torch.as_tensor(st.get("recovery_norm", -1.0),
-                                                    dtype=_work(first.param),
+                                                    dtype=self._work_dtype(first.param),
                                                     device=first.grad.device) for st in states])
         compute = subspace_adam_coefficients_
         if self.compile:
             compute = self._compiled()
-            scalars = tuple(torch.tensor(x, dtype=_work(first.param), device=first.grad.device)
-                            for x in scalars)
+            scalars = tuple(torch.tensor(x, dtype=self._work_dtype(first.param),
+                                         device=first.grad.device) for x in scalars)
         grads, bases = [m.grad for m in batch], [m.basis for m in batch]
         coeffs, phi, norms = compute(
             project_all(bases, grads), grads, [st["exp_avg"] for st in states],

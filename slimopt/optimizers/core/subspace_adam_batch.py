@@ -28,6 +28,7 @@ from typing import NamedTuple
 import torch
 
 from ...kernels.projection import use_triton
+from .adam import adam_directions, adam_moments_many_
 from .recovery import recovery_scales
 
 
@@ -48,14 +49,8 @@ def subspace_adam_coefficients_(projected: list, grads: list, exp_avgs: list,
     none), None without recovery. Element-wise work and reductions only (the products stay
     outside): what ``compile=True`` compiles, fused by inductor."""
     r = [x.to(m.dtype) for x, m in zip(projected, exp_avgs)]  # a no-op when the dtypes agree
-    torch._foreach_lerp_(exp_avgs, r, 1.0 - beta1)
-    torch._foreach_mul_(exp_avg_sqs, beta2)
-    torch._foreach_addcmul_(exp_avg_sqs, r, r, value=1.0 - beta2)
-    denom = torch._foreach_sqrt(exp_avg_sqs)
-    torch._foreach_div_(denom, bias_correction2_sqrt)
-    torch._foreach_add_(denom, eps)
-    coeffs = torch._foreach_div(exp_avgs, bias_correction1)
-    torch._foreach_div_(coeffs, denom)
+    adam_moments_many_(exp_avgs, exp_avg_sqs, r, beta1, beta2)
+    coeffs = adam_directions(exp_avgs, exp_avg_sqs, bias_correction1, bias_correction2_sqrt, eps)
     norms = phi = None
     if recovery is not None:
         phi, norms = recovery_scales(grads, projected, coeffs, previous_norms,
