@@ -1,10 +1,21 @@
 """``slimopt.step_in_backward``: steps fused into backward equal ordinary ``optimizer.step()``
-calls, with gradient accumulation, per-parameter clipping, a scheduler and a resume; what it
-cannot do is refused."""
+calls, with gradient accumulation, per-parameter clipping, a scheduler and a resume, in one process
+and under DDP on 2 CPU ranks (``tests/distributed/step_in_backward_worker.py``); what it cannot do
+is refused."""
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
 import slimopt
+from net import free_port
+
+WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "distributed",
+                      "step_in_backward_worker.py")
+DDP_RUNS = ["run:mlp:1:0", "run:mlp:4:0.05", "run:llama:1:0", "run:llama:4:0.5"]
 
 OPTIMIZERS = [
     (slimopt.GaLore, dict(rank=4, update_interval=3)),
@@ -137,3 +148,52 @@ def test_what_it_cannot_do_is_refused():
     A, B = torch.nn.Parameter(torch.randn(2, 8)), torch.nn.Parameter(torch.randn(8, 2))
     with pytest.raises(ValueError, match="pair"):
         slimopt.step_in_backward(slimopt.AdaPreLoRA([{"params": [A, B]}], lr=1e-2))
+
+
+@pytest.fixture(scope="module")
+def ddp_rows():
+    pytest.importorskip("transformers")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           f"--master_port={free_port()}", WORKER, *DDP_RUNS, "remove", "nosync", "refuse"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-6000:])
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    return {row.pop("scenario"): row for row in rows}
+
+
+@pytest.mark.parametrize("scenario", DDP_RUNS)
+def test_ddp_equal_to_ordinary_ddp_steps(ddp_rows, scenario):
+    """GrassWalk on an MLP (DDP's default buckets) and GaLore on a tiny LLaMA whose dense AdamW
+    parameters (embeddings, head) hold most weights (one-parameter buckets, gradient views of
+    the buckets), accumulation 1 and 4 (the first 3 under no_sync), with and without clipping:
+    equal to DDP + optimizer.step() on the averaged gradients, every .grad freed after each
+    step, and take_grad_norm() the norm clip_grad_norm_ reports (float rounding)."""
+    row = ddp_rows[scenario]
+    assert row["moved"] > 1e-2  # the runs train
+    assert row["max_diff"] <= 1e-6
+    assert row["freed"]
+    assert row["norm_diff"] <= 1e-5
+
+
+def test_ddp_remove_and_misuse(ddp_rows):
+    assert ddp_rows["remove"]["max_diff"] <= 1e-6  # the hook averages into .grad after remove()
+    assert "no_sync" in ddp_rows["nosync"]["error"]
+    no_ddp, twice, unused, not_ddp = ddp_rows["refuse"]["errors"]
+    assert "ddp=" in no_ddp and "already has a communication hook" in twice
+    assert "find_unused_parameters" in unused and "DistributedDataParallel" in not_ddp
+
+
+def test_take_grad_norm_is_the_global_pre_clip_norm():
+    batches = _batches(2, 1)
+    model = _model()
+    handle = slimopt.step_in_backward(slimopt.GrassWalk(model.named_parameters(), lr=1e-2,
+                                                        rank=4), max_grad_norm=1e-3)
+    assert handle.take_grad_norm() is None
+    reference = _model()
+    x, y = batches[0][0]
+    _loss(reference, x, y, 1).backward()
+    expected = torch.nn.utils.clip_grad_norm_(reference.parameters(), float("inf"))
+    _loss(model, x, y, 1).backward()
+    torch.testing.assert_close(handle.take_grad_norm(), expected)
+    assert handle.take_grad_norm() is None  # a new count
