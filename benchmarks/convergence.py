@@ -360,13 +360,11 @@ def pretrain_settings(flags: list[str]):
 def prepare_data(settings) -> dict:
     """Train the tokenizer and pack the tokens once, into the shared cache, before the runs start
     (so parallel runs do not all do it); returns the corpus figures."""
-    from slimopt.launch.data import load_documents, token_blocks, tokenizer_for
-    docs, corpus_id = load_documents(settings.data, text_column=settings.text_column,
-                                     max_chars=settings.max_chars)
-    tokenizer = tokenizer_for(docs, corpus_id, settings.vocab_size, settings.cache_dir)
-    train, held = token_blocks(docs, tokenizer, settings.seq_len, corpus_id, settings.cache_dir)
-    return dict(corpus=corpus_id, documents=len(docs), train_tokens=train.numel(),
-                eval_tokens=held.numel(), vocab=tokenizer.get_vocab_size())
+    from slimopt.launch.run_setup import load_data
+    train, held, tokenizer = load_data(settings, say=lambda *a: None)
+    record = train.shards.record
+    return dict(corpus=record["corpus_id"], documents=record["documents"],
+                train_tokens=train.numel(), eval_tokens=held.numel(), vocab=tokenizer.vocab_size)
 
 
 # ---------------------------------------------------------------------------- runs

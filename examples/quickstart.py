@@ -20,14 +20,14 @@ import torch
 
 import slimopt
 from slimopt.launch import OPTIMIZERS, build_optimizer
-from slimopt.launch.data import stdlib_documents
+from slimopt.launch.data import open_corpus
 from slimopt.launch.registry import RANKED
 
 
 def stdlib_bytes(limit: int) -> torch.Tensor:
     """Up to ``limit`` bytes (UTF-8) of the standard library's .py files, in a fixed order: the
     same documents ``slimopt-pretrain`` uses as its default corpus."""
-    text = "".join(stdlib_documents(limit)).encode("utf-8")[:limit]
+    text = "".join(open_corpus(None, max_chars=limit).documents()).encode("utf-8")[:limit]
     return torch.frombuffer(bytearray(text), dtype=torch.uint8)
 
 

@@ -99,14 +99,17 @@ def test_fortunes_corpus_parsing_and_refusal(tmp_path, cache, capsys, monkeypatc
     (root / "wisdom.u8").write_text("Be wise.\n%\n")
     (root / "off" / "rude").write_text("not read\n%\n")
     monkeypatch.setattr(data, "FORTUNES_DIR", str(root))
-    docs, corpus_id = data.load_documents("fortunes", max_chars=10_000)
+    corpus = data.open_corpus("fortunes", max_chars=10_000)
+    docs = list(corpus.documents())
     assert sorted(docs) == ["A bold claim.\n\t-- Someone", "Are we having fun yet?", "Be wise."]
-    assert docs == data.load_documents("fortunes", max_chars=10_000)[0]  # a fixed order
-    assert corpus_id.startswith("fortunes-") and corpus_id.endswith("-10000")
-    assert len(data.load_documents("fortunes", max_chars=5)[0]) == 1
+    assert docs == list(data.open_corpus("fortunes", max_chars=10_000).documents())  # fixed order
+    assert corpus.corpus_id.startswith("fortunes-") and corpus.corpus_id.endswith("-10000")
+    assert corpus.truncated is False
+    cut = data.open_corpus("fortunes", max_chars=5)
+    assert len(list(cut.documents())) == 1 and cut.truncated is True
     monkeypatch.setattr(data, "FORTUNES_DIR", str(tmp_path / "absent"))
     with pytest.raises(data.DataError) as err:
-        data.load_documents("fortunes")
+        data.open_corpus("fortunes")
     message = str(err.value)
     assert "\n" not in message and "apt-get install fortunes" in message
     assert "stdlib" in message and "--data PATH" in message
@@ -118,7 +121,7 @@ def test_installed_fortunes_train(tmp_path, cache):
     from slimopt.launch import data
     if not os.path.isdir(data.FORTUNES_DIR):
         pytest.skip(f"no {data.FORTUNES_DIR} (apt-get install fortunes)")
-    docs, corpus_id = data.load_documents("fortunes", max_chars=10**9)
+    docs = list(data.open_corpus("fortunes", max_chars=10**9).documents())
     assert len(docs) > 10_000 and 2_000_000 < sum(map(len, docs)) < 4_000_000
     assert not any("\x08" in d or "%" in d.splitlines() for d in docs)
     result, _ = _run(["--data", "fortunes", "--optimizer", "adamw", "--steps", "4"], tmp_path,

@@ -257,18 +257,21 @@ def test_deepspeed_tag_digests_refuse_flipped_bytes(tmp_path):
 
 
 def test_a_pickled_call_in_the_data_caches_never_runs(tmp_path, capsys):
-    """The token cache is a torch file too: a planted call is refused (and the cache rebuilt,
-    with a note); a damaged tokenizer file is rebuilt the same way."""
+    """The token cache is raw token ids and a JSON record, nothing is unpickled: a pickled call
+    planted in the token file fails its size and digest check, and the cache is rebuilt, with a
+    note; a damaged tokenizer file is rebuilt the same way."""
     private = tmp_path / "cache"
     args = SMALL + ["--cache-dir", str(private), "--steps", "1"]
-    pretrain.execute(args + ["--output-dir", str(tmp_path / "a")])
-    tokens, = private.glob("tokens-*.pt")
+    first = pretrain.execute(args + ["--output-dir", str(tmp_path / "a")])
+    tokens, = private.glob("tokens-*.bin")
+    record, = private.glob("tokens-*.json")
     bpe, = private.glob("bpe-*.json")
     marker = tmp_path / "PWNED"
     torch.save({"train": Payload(marker)}, tokens)
     bpe.write_text("{not json")
     capsys.readouterr()
-    pretrain.execute(args + ["--output-dir", str(tmp_path / "b")])
+    again = pretrain.execute(args + ["--output-dir", str(tmp_path / "b")])
     err = capsys.readouterr().err
     assert not marker.exists()
-    assert f"the cache file {tokens} is unreadable" in err and str(bpe) in err
+    assert f"the cache file {record} is unreadable" in err and str(bpe) in err
+    assert again["eval_loss"] == first["eval_loss"]

@@ -1373,8 +1373,8 @@ def c47(ctx, cls):
     if refused:
         return refused
     try:
-        from slimopt.launch.data import load_documents
-        docs, _ = load_documents(folder)
+        from slimopt.launch.data import open_corpus
+        docs = list(open_corpus(folder).documents())
     except Exception as e:  # noqa: BLE001
         return out("ERROR", f"rc 0; load_documents({folder!r}) for the check failed: {fmt(e)}")
     raw = [d for d in docs if d.lstrip().startswith('{"text"')]

@@ -1,20 +1,21 @@
-"""Pretraining data: documents, a byte-level BPE tokenizer trained and cached on first use, packing
-into fixed-length blocks, a held-out split, and a resumable batch order.
+"""Pretraining documents, streamed from their source one at a time (never the whole corpus in
+memory): ``open_corpus`` names the source, and ``Corpus.documents()`` reads it again on each call.
 
-Sources (``load_documents``):
+Sources:
 - ``None``: the embedded default, the Python standard library's own ``.py`` files read from the
   running interpreter (works offline on any machine with Python);
 - ``"fortunes"`` (a reserved name): English prose, the epigrams of Debian's ``fortunes`` package
   (``apt-get install fortunes``; ~2.5 MB in ~15,000 fortunes), one document per fortune, in a
   fixed shuffled order so the held-out last 2% samples every file (see ``fortune_documents``);
   a local file or folder named ``fortunes`` is read as ``--data ./fortunes``;
-- a local ``.txt``/``.json``/``.jsonl``/``.parquet`` file or a folder of them, through ``datasets``;
-- any other string: a hub dataset name, streamed through ``datasets`` (needs a network; the first
-  ``max_documents`` documents are used).
+- a local ``.txt`` (one document per line)/``.json``/``.jsonl``/``.parquet`` file or a folder of
+  them, streamed through ``datasets`` (``streaming=True``: rows are parsed in chunks, nothing is
+  converted or cached);
+- any other string: a hub dataset name, streamed through ``datasets`` (needs a network).
 
-The batch order is a pure function of ``(seed, epoch)``: batch ``i`` of the run is block
-permutation ``perm_epoch[(i mod n) * B : ...]``, so the data position in a checkpoint is one
-integer and a resumed run neither repeats nor skips a batch.
+The one limit is ``max_chars`` (``--max-chars``; the presets set it): the documents stop at the
+first one that reaches it, and ``Corpus.truncated`` then says whether the source had more, which
+the run prints. There is no cap on the number of documents.
 """
 from __future__ import annotations
 
@@ -26,12 +27,11 @@ import random
 import re
 import sys
 import sysconfig
-
-import torch
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator
 
 from .cli_errors import first_line
 
-EOS = "<|endoftext|>"
 TEXT_SUFFIXES = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 SKIP_DIRS = {"test", "tests", "site-packages", "dist-packages", "idlelib", "__pycache__"}
 #: the built-in prose corpus: ``--data fortunes`` reads the fortune files of this folder
@@ -43,23 +43,43 @@ class DataError(ValueError):
     """A data problem the CLI reports as a one-line message."""
 
 
-def stdlib_documents(max_chars: int) -> list[str]:
-    """The standard library's ``.py`` files, in a fixed order, up to ``max_chars`` characters."""
+@dataclass
+class Corpus:
+    """A source of documents. ``documents()`` streams them from the start on every call, up to
+    ``max_chars`` characters (the document that reaches the limit is kept whole; None: no
+    limit); after a complete pass, ``truncated`` says whether the limit cut the source short
+    (None before one)."""
+    source: str | None
+    corpus_id: str                          # keys the tokenizer and token caches
+    max_chars: int | None
+    rows: Callable[[], Iterable[str]]       # the source's documents, unbounded
+    truncated: bool | None = None
+
+    def documents(self) -> Iterator[str]:
+        total, rows = 0, iter(self.rows())
+        for doc in rows:
+            yield doc
+            total += len(doc)
+            if self.max_chars is not None and total >= self.max_chars:
+                self.truncated = next(rows, None) is not None
+                return
+        self.truncated = False
+
+
+def stdlib_documents() -> Iterator[str]:
+    """The standard library's ``.py`` files, one document each (an empty ``__init__.py`` too),
+    in a fixed order."""
     root = sysconfig.get_paths()["stdlib"]
-    docs, total = [], 0
+    found = False
     for folder, dirs, files in os.walk(root):
         dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS)
         for name in sorted(files):
             if name.endswith(".py"):
                 with open(os.path.join(folder, name), encoding="utf-8", errors="replace") as f:
-                    text = f.read()
-                docs.append(text)
-                total += len(text)
-                if total >= max_chars:
-                    return docs
-    if not docs:
+                    found = True
+                    yield f.read()
+    if not found:
         raise DataError(f"no Python source under {root}: pass --data")
-    return docs
 
 
 def _fortune_files(root: str) -> list[str]:
@@ -90,11 +110,11 @@ def _overstruck(text: str) -> str:
     return text
 
 
-def fortune_documents(max_chars: int, root: str | None = None) -> tuple[list[str], str]:
+def fortune_documents(root: str | None = None) -> tuple[list[str], str]:
     """``(fortunes, digest of the files' names and text)``: one document per fortune (the text
     between lines holding only ``%``, overstrikes ``X<BS>Y`` reduced to ``Y``), shuffled once
     with a fixed seed (the files are sorted by topic, so unshuffled the held-out last 2% would
-    all be Zippy the Pinhead), then cut at ``max_chars`` characters."""
+    all be Zippy the Pinhead). The package is ~2.5 MB, so the shuffle holds it all in memory."""
     files = _fortune_files(root or FORTUNES_DIR)
     docs, digest = [], hashlib.sha1()
     for path in files:
@@ -104,13 +124,7 @@ def fortune_documents(max_chars: int, root: str | None = None) -> tuple[list[str
         docs += [d.strip("\n") for d in re.split(r"^%\n", text + "\n", flags=re.M)
                  if d.strip()]
     random.Random(0).shuffle(docs)
-    kept, total = [], 0
-    for doc in docs:
-        kept.append(doc)
-        total += len(doc)
-        if total >= max_chars:
-            break
-    return kept, digest.hexdigest()[:12]
+    return docs, digest.hexdigest()[:12]
 
 
 def _local_files(path: str):
@@ -161,34 +175,67 @@ def _check_utf8_text(path: str, chunk: int = 1 << 20) -> None:
                             f"{err.reason})") from None
 
 
-def _read_local(kind: str, files: list, source: str):
-    """A ``datasets`` dataset of ``files``; a file it cannot parse is reported in one line."""
+def _rows_of(dataset, source: str, text_column: str, reading: str | None) -> Iterator[str]:
+    """The non-empty texts of a ``datasets`` (streaming) dataset; a row it cannot parse, a
+    missing column or a non-text value is a one-line ``DataError``. ``reading``: the loader kind
+    of local files (for the message), None for a hub dataset."""
     import datasets
-    datasets.disable_progress_bars()  # local files load in seconds; keep errors on one line
     verbosity = datasets.logging.get_verbosity()
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its parse errors come below
+    rows, found = iter(dataset), False
     try:
-        return datasets.load_dataset(kind, data_files=files, split="train")
-    except Exception as err:  # DatasetGenerationError wraps the parser's own error
-        cause = err.__cause__ or err.__context__ or err
-        first = first_line(cause)
-        raise DataError(f"--data {source}: could not read it as {kind} ({type(cause).__name__}: "
-                        f"{first})") from None
+        while True:
+            try:
+                row = next(rows)
+            except StopIteration:
+                break
+            except Exception as err:  # the parser's or the network's error, in one line
+                cause = err.__cause__ or err
+                what = f"could not read it as {reading}" if reading else "could not read it"
+                raise DataError(f"--data {source}: {what} ({type(cause).__name__}: "
+                                f"{first_line(cause)})") from None
+            if text_column not in row:
+                raise DataError(f"--data {source}: no column {text_column!r} (columns: "
+                                f"{sorted(row)}); pass --text-column")
+            text = row[text_column]
+            if text is not None and not isinstance(text, str):
+                raise DataError(f"--data {source}: column {text_column!r} holds "
+                                f"{type(text).__name__} values, not text")
+            if text:
+                found = True
+                yield text
     finally:
         datasets.logging.set_verbosity(verbosity)
+    if not found:
+        raise DataError(f"--data {source}: no text found")
 
 
-def load_documents(source: str | None, *, text_column: str = "text", max_chars: int = 20_000_000,
-                   max_documents: int = 200_000) -> tuple[list[str], str]:
-    """``(documents, corpus id)``; the id keys the tokenizer and token caches."""
-    if source is None:
-        docs = stdlib_documents(max_chars)
-        return docs, f"stdlib-{sys.version.split()[0]}-{max_chars}"
-    if source == FORTUNES:
-        docs, digest = fortune_documents(max_chars)
-        return docs, f"fortunes-{digest}-{max_chars}"
+def _stream(kind_or_name: str, source: str, **options):
+    """``datasets.load_dataset(..., split="train", streaming=True)``, errors in one line."""
+    import datasets
+    datasets.disable_progress_bars()
     try:
-        import datasets
+        return datasets.load_dataset(kind_or_name, split="train", streaming=True, **options)
+    except Exception as err:  # network, unknown name, auth, unreadable file: one line
+        kind = "a hub dataset" if not options else kind_or_name
+        raise DataError(f"--data {source}: could not open it as {kind} ({type(err).__name__}: "
+                        f"{first_line(err)})") from None
+
+
+def open_corpus(source: str | None, *, text_column: str = "text",
+                max_chars: int | None = None) -> Corpus:
+    """The corpus of ``--data`` (None: the stdlib default), read up to ``max_chars`` characters
+    (None: all of it). Opening reads no documents, except the fortunes (a small fixed package,
+    shuffled whole) and a local file's check that it is UTF-8 text."""
+    limit = "all" if max_chars is None else max_chars
+    if source is None:
+        return Corpus(None, f"stdlib-{sys.version.split()[0]}-{limit}", max_chars,
+                      stdlib_documents)
+    if source == FORTUNES:
+        docs, digest = fortune_documents()
+        return Corpus(source, f"fortunes-{digest}-{limit}", max_chars, lambda: docs)
+    try:
+        import datasets  # noqa: F401
     except ImportError:
         raise DataError("--data needs the datasets package: pip install datasets") from None
     looks_local = os.path.sep in source or os.path.splitext(source)[1] in TEXT_SUFFIXES \
@@ -197,102 +244,12 @@ def load_documents(source: str | None, *, text_column: str = "text", max_chars: 
         if not os.path.exists(source):
             raise DataError(f"--data {source}: no such file or folder")
         files = _local_files(source)
-        dataset = _read_local(TEXT_SUFFIXES[os.path.splitext(files[0])[1]], files, source)
-        stamp = [(f, os.path.getsize(f), int(os.path.getmtime(f))) for f in files]
-        corpus_id = "local-" + hashlib.sha1(json.dumps(stamp).encode()).hexdigest()[:12]
+        kind = TEXT_SUFFIXES[os.path.splitext(files[0])[1]]
+        dataset = _stream(kind, source, data_files=files)
+        stat = [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
+        corpus_id = "local-" + hashlib.sha1(json.dumps(stat).encode()).hexdigest()[:12]
     else:
-        try:
-            dataset = datasets.load_dataset(source, split="train", streaming=True)
-        except Exception as err:  # network, unknown name, auth: one line for the CLI
-            raise DataError(f"--data {source}: could not open it as a hub dataset ({err})") from None
+        kind, dataset = None, _stream(source, source)
         corpus_id = "hub-" + source.replace("/", "--")
-    docs, total = [], 0
-    for row in dataset:
-        if text_column not in row:
-            raise DataError(f"--data {source}: no column {text_column!r} (columns: "
-                            f"{sorted(row)}); pass --text-column")
-        text = row[text_column]
-        if text is not None and not isinstance(text, str):
-            raise DataError(f"--data {source}: column {text_column!r} holds "
-                            f"{type(text).__name__} values, not text")
-        if text:
-            docs.append(text)
-            total += len(text)
-        if total >= max_chars or len(docs) >= max_documents:
-            break
-    if not docs:
-        raise DataError(f"--data {source}: no text found")
-    return docs, f"{corpus_id}-{max_chars}"
-
-
-def _rebuilding(path: str, err: BaseException) -> None:
-    first = first_line(err, limit=200)
-    print(f"note: the cache file {path} is unreadable ({type(err).__name__}: {first}); "
-          "rebuilding it", file=sys.stderr)
-
-
-def tokenizer_for(docs: list[str], corpus_id: str, vocab_size: int, cache_dir: str):
-    """A byte-level BPE (``tokenizers``) trained on ``docs``, cached by corpus and vocabulary."""
-    from tokenizers import ByteLevelBPETokenizer, Tokenizer
-    path = os.path.join(cache_dir, f"bpe-{corpus_id}-{vocab_size}.json")
-    if os.path.exists(path):
-        try:
-            return Tokenizer.from_file(path)
-        except Exception as err:  # noqa: BLE001 -- a damaged cache entry is rebuilt, and said
-            _rebuilding(path, err)
-    tok = ByteLevelBPETokenizer()
-    tok.train_from_iterator(docs, vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS],
-                            show_progress=False)
-    os.makedirs(cache_dir, exist_ok=True)
-    tmp = path + f".tmp{os.getpid()}"
-    tok.save(tmp)
-    os.replace(tmp, path)
-    return Tokenizer.from_file(path)
-
-
-def token_blocks(docs: list[str], tokenizer, seq_len: int, corpus_id: str, cache_dir: str,
-                 eval_fraction: float = 0.02):
-    """``(train, eval)``: ``(n, seq_len)`` int tensors of packed tokens (documents joined with the
-    end-of-text token); the last ``eval_fraction`` of the documents is held out. Cached."""
-    key = hashlib.sha1(f"{corpus_id}-{tokenizer.get_vocab_size()}-{seq_len}-{eval_fraction}"
-                       .encode()).hexdigest()[:16]
-    path = os.path.join(cache_dir, f"tokens-{key}.pt")
-    if os.path.exists(path):
-        try:  # weights_only: a pickled call planted in the cache is refused, never run
-            cached = torch.load(path, weights_only=True)
-            return cached["train"], cached["eval"]
-        except Exception as err:  # noqa: BLE001 -- a damaged cache entry is rebuilt, and said
-            _rebuilding(path, err)
-    eos = tokenizer.token_to_id(EOS)
-    n_eval = max(1, int(len(docs) * eval_fraction))
-    if len(docs) - n_eval < 1:
-        raise DataError("the corpus needs at least two documents (one for training, one held out)")
-
-    def pack(part):
-        ids = []
-        for enc in tokenizer.encode_batch(part):
-            ids.extend(enc.ids)
-            ids.append(eos)
-        usable = len(ids) // seq_len * seq_len
-        if usable == 0:
-            raise DataError(f"too little text for one block of {seq_len} tokens")
-        return torch.tensor(ids[:usable], dtype=torch.int32).view(-1, seq_len)
-
-    train, held_out = pack(docs[:-n_eval]), pack(docs[-n_eval:])
-    os.makedirs(cache_dir, exist_ok=True)
-    tmp = path + f".tmp{os.getpid()}"
-    torch.save({"train": train, "eval": held_out}, tmp)
-    os.replace(tmp, path)
-    return train, held_out
-
-
-def batch_at(blocks: torch.Tensor, index: int, batch_size: int, seed: int) -> torch.Tensor:
-    """Global batch number ``index`` of the run (``batch_size`` blocks), in a per-epoch shuffled
-    order that depends only on ``(seed, epoch)``."""
-    per_epoch = len(blocks) // batch_size
-    if per_epoch == 0:
-        raise DataError(f"{len(blocks)} training blocks is fewer than one batch of {batch_size}")
-    epoch, within = divmod(index, per_epoch)
-    perm = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(seed * 100_003
-                                                                             + epoch))
-    return blocks[perm[within * batch_size:(within + 1) * batch_size]].long()
+    return Corpus(source, f"{corpus_id}-{limit}", max_chars,
+                  lambda: _rows_of(dataset, source, text_column, kind))

@@ -3,7 +3,6 @@ the data, the model, the optimizer and its schedule, and the DDP or DeepSpeed wr
 ``Run``."""
 from __future__ import annotations
 
-import hashlib
 import inspect
 import math
 import os
@@ -11,11 +10,13 @@ from dataclasses import dataclass
 
 import torch
 
-from .data import load_documents, token_blocks, tokenizer_for
+from .data import open_corpus
 from .deepspeed_config import load_deepspeed_config
 from .presets import llama_config
 from .records import BY_NAME
 from .registry import RANKED, build_optimizer, cli_defaults
+from .token_shards import token_shards
+from .tokenizer import run_tokenizer
 from .train_config import UsageError
 
 
@@ -43,27 +44,22 @@ def all_mean(value: float, world: int, device) -> float:
 
 
 # ---------------------------------------------------------------------------- data
-def documents_digest(docs) -> str:
-    """SHA-256 of the documents a run trains on (their lengths and text, in order)."""
-    h = hashlib.sha256()
-    for doc in docs:
-        h.update(f"{len(doc)}:".encode())
-        h.update(doc.encode("utf-8", "surrogatepass"))
-    return h.hexdigest()
-
-
 def load_data(args, say):
-    """``(train blocks, eval blocks, tokenizer)``; records the data's and tokenizer's digests
-    in ``args`` (a resumed run must see the same)."""
-    docs, corpus_id = load_documents(args.data, text_column=args.text_column,
-                                     max_chars=args.max_chars)
-    args.data_sha256 = documents_digest(docs)
-    tokenizer = tokenizer_for(docs, corpus_id, args.vocab_size, args.cache_dir)
-    args.tokenizer_sha256 = hashlib.sha256(tokenizer.to_str().encode()).hexdigest()
-    train_blocks, eval_blocks = token_blocks(docs, tokenizer, args.seq_len, corpus_id,
-                                             args.cache_dir)
-    say(f"data: {len(docs):,} documents ({corpus_id}), {train_blocks.numel():,} train tokens, "
-        f"{eval_blocks.numel():,} held out, vocab {tokenizer.get_vocab_size():,}")
+    """``(train blocks, eval blocks, tokenizer)``: the corpus streamed into token shards under
+    ``--cache-dir`` (or those cached), read as ``--seq-len`` blocks; records the data's and
+    tokenizer's digests in ``args`` (a resumed run must see the same)."""
+    corpus = open_corpus(args.data, text_column=args.text_column, max_chars=args.max_chars)
+    tokenizer = run_tokenizer(args, corpus, say)
+    shards = token_shards(corpus, tokenizer, args.cache_dir, say)
+    args.data_sha256, args.tokenizer_sha256 = shards.record["data_sha256"], tokenizer.sha256
+    train_blocks, eval_blocks = shards.blocks(args.seq_len)
+    record = shards.record
+    say(f"data: {record['documents']:,} documents ({corpus.corpus_id}), "
+        f"{train_blocks.numel():,} train tokens, {eval_blocks.numel():,} held out, "
+        f"vocab {tokenizer.vocab_size:,} ({tokenizer.name}); tokens in {shards.path}")
+    if record["truncated"]:
+        say(f"data: cut at --max-chars {args.max_chars:,} characters; the source has more "
+            "(raise --max-chars to use it)")
     return train_blocks, eval_blocks, tokenizer
 
 
@@ -96,6 +92,8 @@ def make_optimizer(args, model, ds_config):
         options.setdefault("update_interval", args.update_interval)
     set_default_weight_decay(options, args)
     set_default_seed(options, args)
+    if args.state_dtype not in (None, "float32"):  # float32: every slimopt optimizer's default
+        options["state_dtype"] = args.state_dtype
     try:
         section = ds_config.pop("optimizer", None) if ds_config else None
         if section is not None:
@@ -128,8 +126,8 @@ class Run:
     world: int
     device: torch.device
     say: object
-    train_blocks: torch.Tensor
-    eval_blocks: torch.Tensor
+    train_blocks: object        # token_shards.TokenBlocks
+    eval_blocks: object
     config: object              # the model's transformers.LlamaConfig
     model: torch.nn.Module
     opt: torch.optim.Optimizer
@@ -152,9 +150,12 @@ def build_run(args, rank, world, device) -> Run:
     import transformers
     say = print if rank == 0 else (lambda *a, **k: None)
     train_blocks, eval_blocks, tokenizer = load_data(args, say)
-    config = llama_config(args.preset, tokenizer.get_vocab_size(), args.seq_len)
+    config = llama_config(args.preset, tokenizer.vocab_size, args.seq_len)
     torch.manual_seed(args.seed)
     model = transformers.LlamaForCausalLM(config).to(device)
+    if args.activation_checkpointing:
+        model.config.use_cache = False  # no key/value cache to keep while recomputing
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     ds_config = load_deepspeed_config(args, world) if args.deepspeed else None
     opt = make_optimizer(args, model, ds_config)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args))

@@ -10,9 +10,11 @@ import sys
 
 from .cli_errors import OneLineParser
 from .presets import PRESETS
+from .records import BY_NAME, LORA_PAIRS
 from .registry import KNOWN
 
 DEFAULT_GRAD_CLIP = 1.0
+STATE_DTYPES = ("float32", "bfloat16", "int8")
 
 
 class UsageError(Exception):
@@ -39,9 +41,13 @@ ARGUMENTS = (
                          "package, apt-get install fortunes); default: the Python stdlib "
                          "source")),
     ("--text-column", dict(default="text")),
-    ("--vocab-size", dict(type=int)),
+    ("--vocab-size", dict(type=int, help="the trained BPE's vocabulary (default: the "
+                                         "preset's); with --tokenizer, the tokenizer's")),
+    ("--tokenizer", dict(help="a pretrained tokenizer instead of the trained BPE: a "
+                              "tokenizer.json, a save_pretrained folder, or a name already in "
+                              "the Hugging Face cache (never downloaded)")),
     ("--max-chars", dict(type=int, help="characters of the corpus to use (default: the "
-                                        "preset's)")),
+                                        "preset's); the run says when it cuts the corpus")),
     ("--eval-every", dict(type=int)),
     ("--eval-batches", dict(type=int, default=8)),
     ("--save-every", dict(type=int, default=0, help="checkpoint period (0: at the end)")),
@@ -56,6 +62,19 @@ ARGUMENTS = (
     ("--no-progress", dict(action="store_true")),
     ("--no-tensorboard", dict(action="store_true")),
     ("--threads", dict(type=int, default=0, help="torch CPU threads (0: torch default)")),
+    ("--grad-accum", dict(type=int, help="micro-batches per optimizer step: each rank's share "
+                                         "of --batch-size in N parts, one backward each "
+                                         "(default 1; with --deepspeed, its "
+                                         "gradient_accumulation_steps)")),
+    ("--activation-checkpointing", dict(action="store_true", help="recompute each decoder "
+                                        "layer's activations in backward (non-reentrant): less "
+                                        "activation memory for about one more forward")),
+    ("--step-in-backward", dict(action="store_true", help="step each parameter during backward "
+                                "and free its gradient (slimopt.step_in_backward; slimopt "
+                                "optimizers; --grad-clip then clips each parameter's gradient "
+                                "on its own)")),
+    ("--state-dtype", dict(choices=STATE_DTYPES, help="a slimopt optimizer's moments in "
+                                                      "float32 (default), bfloat16 or int8")),
     # testing aid: stop right after step N as if the run had been killed there
     ("--halt-after", dict(type=int, default=0, help=argparse.SUPPRESS)),
 )
@@ -116,6 +135,42 @@ def check_ranges(args, error) -> None:
         error(f"--lr must be a finite number > 0, got {args.lr}")
     if args.vocab_size < 260:
         error(f"--vocab-size must be >= 260 (256 bytes + specials), got {args.vocab_size}")
+    if args.grad_accum is not None and args.grad_accum < 1:
+        error(f"--grad-accum must be >= 1, got {args.grad_accum}")
+
+
+def check_memory_flags(args, error) -> None:
+    """``--step-in-backward`` and ``--state-dtype`` need a slimopt optimizer (and the first one
+    that steps parameter by parameter, without DeepSpeed); ``--grad-accum`` defaults to 1 (to
+    the DeepSpeed config's with ``--deepspeed``)."""
+    method = BY_NAME[args.optimizer]
+    slimopt_names = ", ".join(sorted(n for n in KNOWN if not BY_NAME[n].is_peer))
+    if args.step_in_backward:
+        if args.deepspeed:
+            error("--step-in-backward does not work with --deepspeed (the engine steps the "
+                  "optimizer itself); drop one of them")
+        if method.is_peer:
+            error(f"--step-in-backward needs a slimopt optimizer ({slimopt_names}); "
+                  f"{args.optimizer} is a peer: drop --step-in-backward")
+        if method.split == LORA_PAIRS:
+            error(f"--step-in-backward: {args.optimizer} steps each LoRA pair as a unit, which "
+                  "a per-parameter step cannot; drop --step-in-backward")
+    if args.state_dtype is not None:
+        if method.is_peer:
+            error(f"--state-dtype needs a slimopt optimizer ({slimopt_names}); "
+                  f"{args.optimizer} is a peer: drop --state-dtype")
+        given = args.opt_args.get("state_dtype", args.state_dtype)
+        if given != args.state_dtype:
+            error(f"--opt-args sets state_dtype {given!r} but --state-dtype is "
+                  f"{args.state_dtype}")
+        if args.deepspeed and args.state_dtype != "float32":
+            error(f"--state-dtype {args.state_dtype} does not work with --deepspeed (the ZeRO "
+                  "bridge shards and saves float32 moments); use it in one process or under "
+                  "DDP")
+    elif not method.is_peer:
+        args.state_dtype = args.opt_args.get("state_dtype", "float32")
+    if args.grad_accum is None and not args.deepspeed:
+        args.grad_accum = 1
 
 
 def validate(args, argv, error) -> None:
@@ -123,10 +178,12 @@ def validate(args, argv, error) -> None:
     ``optimizer_given`` (whether ``argv`` names ``--optimizer``) and the default output folder."""
     check_names(args, error)
     defaults = PRESETS[args.preset][1]
+    args.vocab_size_given = args.vocab_size is not None  # --tokenizer refuses a different one
     for key in PRESET_DEFAULTS:
         if getattr(args, key) is None:
             setattr(args, key, defaults[key])
     check_ranges(args, error)
+    check_memory_flags(args, error)
     args.optimizer_given = any(a == "--optimizer" or a.startswith("--optimizer=")
                                for a in (argv if argv is not None else sys.argv[1:]))
     args.output_dir = args.output_dir or os.path.join("runs", f"{args.preset}-{args.optimizer}")
