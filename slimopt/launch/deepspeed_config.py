@@ -20,7 +20,12 @@ def load_deepspeed_config(args, world):
         raise UsageError(f"--deepspeed {args.deepspeed}: not valid JSON ({err})") from None
     check_deepspeed_shape(cfg, args.deepspeed)
     micro = cfg.get("train_micro_batch_size_per_gpu")
-    accum = cfg.get("gradient_accumulation_steps", 1)
+    accum = cfg.get("gradient_accumulation_steps")
+    if accum is not None and args.grad_accum not in (None, accum):
+        raise UsageError(f"--deepspeed {args.deepspeed} sets gradient_accumulation_steps "
+                         f"{accum} but --grad-accum is {args.grad_accum}")
+    accum = accum or args.grad_accum or 1
+    cfg["gradient_accumulation_steps"] = args.grad_accum = accum
     if micro is None:
         micro = args.batch_size // (world * accum)
         cfg["train_micro_batch_size_per_gpu"] = micro

@@ -18,6 +18,23 @@ bytes next to what AdamW would hold, and writes them to ``OUTPUT/result.json`` w
 curve (``curve``: step, tokens, mean train loss since the previous point and eval loss at every
 ``--eval-every`` evaluation and the last step).
 
+Memory (issue 13), each recorded in the checkpoint:
+
+- ``--grad-accum N``: each rank's share of ``--batch-size`` runs as N micro-batches (loss / N,
+  one backward each; under DDP the first N-1 under ``no_sync()``), one optimizer step; the
+  batch of a step is the same rows whatever N, so a resume may change N. ``--batch-size`` must
+  divide by ranks x N. With ``--deepspeed`` it is the config's ``gradient_accumulation_steps``
+  (a JSON that sets another is refused).
+- ``--activation-checkpointing``: each decoder layer's activations are recomputed in backward
+  (transformers' checkpointing, non-reentrant): the same gradients, less activation memory.
+- ``--step-in-backward``: each parameter steps inside the backward of the step's last
+  micro-batch and its gradient is freed (``slimopt.step_in_backward``; under DDP through its
+  communication hook). ``--grad-clip`` then clips each parameter's gradient on its own; the
+  logged gradient norm is still the global norm before clipping. slimopt optimizers only, not
+  with ``--deepspeed``.
+- ``--state-dtype float32|bfloat16|int8``: the slimopt optimizer's moments (peers refuse it,
+  and ``--deepspeed`` takes float32 only); a resume must keep it.
+
 Every user error (missing data, unknown preset or optimizer, a bad or mismatched checkpoint) is a
 one-line message and exit code 2, not a traceback.
 
@@ -59,9 +76,11 @@ def run(args):
     rank, world, device = setup_distributed()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.batch_size % world:
-        raise UsageError(f"--batch-size {args.batch_size} is not divisible by the "
-                         f"{world} ranks")
+    parts = world * (args.grad_accum or 1)  # with --deepspeed, its config is checked later
+    if args.batch_size % parts:
+        raise UsageError(f"--batch-size {args.batch_size} is not divisible by the {world} "
+                         f"rank(s) x --grad-accum {args.grad_accum or 1} micro-batches; pass a "
+                         f"multiple of {parts}")
     # unusable folders are found now, not at the first save after hours of training
     check_writable_dir(args.cache_dir, "--cache-dir")
     check_writable_dir(args.output_dir, "--output-dir")

@@ -7,14 +7,19 @@
 - ``APPLIED``: settings a resumed run may change; each change is applied from the resume step on
   and printed. ``--lr`` rescales every group's base learning rate by new/old (groups keep their
   ratios); ``--steps``, ``--warmup`` and ``--min-lr-ratio`` reshape the rest of the schedule;
-  ``--grad-clip`` clips from the next step.
+  ``--grad-clip`` clips from the next step. ``--grad-accum``, ``--activation-checkpointing`` and
+  ``--step-in-backward`` change how a step's gradient is formed and applied, not which rows it
+  sees (a step's rows stay the same function of the step) nor the optimizer's state, so
+  they may change too (``--step-in-backward`` clips per parameter from then on).
+  ``--state-dtype`` is in ``MUST_MATCH``: the moments are stored in it.
 """
 from __future__ import annotations
 
 MUST_MATCH = ("preset", "optimizer", "seq_len", "batch_size", "vocab_size", "data", "text_column",
               "seed", "max_chars", "rank", "update_interval", "weight_decay", "opt_args",
-              "data_sha256", "tokenizer_sha256")
-APPLIED = ("lr", "steps", "warmup", "min_lr_ratio", "grad_clip")
+              "data_sha256", "tokenizer_sha256", "state_dtype")
+APPLIED = ("lr", "steps", "warmup", "min_lr_ratio", "grad_clip", "grad_accum",
+           "activation_checkpointing", "step_in_backward")
 
 
 class ResumeError(ValueError):

@@ -105,6 +105,19 @@ def make_optimizer(args, model, ds_config):
         raise UsageError(f"--optimizer {args.optimizer}: {err}") from None
 
 
+def checkpoint_activations(model) -> None:
+    """transformers' activation checkpointing of every decoder layer, non-reentrant (the layer's
+    forward runs again in backward instead of keeping its activations; the same gradients).
+    transformers 5 names it ``activation_checkpointing_enable``, 4.x
+    ``gradient_checkpointing_enable``."""
+    model.config.use_cache = False  # no key/value cache while recomputing
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def lr_lambda(args):
     """Linear warmup over ``--warmup`` steps, then cosine down to ``--min-lr-ratio``."""
     def factor(step):
@@ -154,8 +167,7 @@ def build_run(args, rank, world, device) -> Run:
     torch.manual_seed(args.seed)
     model = transformers.LlamaForCausalLM(config).to(device)
     if args.activation_checkpointing:
-        model.config.use_cache = False  # no key/value cache to keep while recomputing
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        checkpoint_activations(model)
     ds_config = load_deepspeed_config(args, world) if args.deepspeed else None
     opt = make_optimizer(args, model, ds_config)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args))

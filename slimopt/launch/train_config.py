@@ -10,7 +10,7 @@ import sys
 
 from .cli_errors import OneLineParser
 from .presets import PRESETS
-from .records import BY_NAME, LORA_PAIRS
+from .records import BY_NAME
 from .registry import KNOWN
 
 DEFAULT_GRAD_CLIP = 1.0
@@ -140,9 +140,10 @@ def check_ranges(args, error) -> None:
 
 
 def check_memory_flags(args, error) -> None:
-    """``--step-in-backward`` and ``--state-dtype`` need a slimopt optimizer (and the first one
-    that steps parameter by parameter, without DeepSpeed); ``--grad-accum`` defaults to 1 (to
-    the DeepSpeed config's with ``--deepspeed``)."""
+    """``--step-in-backward`` and ``--state-dtype`` need a slimopt optimizer (the first one
+    without DeepSpeed, the second float32 under it); ``--state-dtype`` defaults to
+    ``--opt-args``' or float32 for a slimopt optimizer; ``--grad-accum`` to 1 (to the DeepSpeed
+    config's with ``--deepspeed``)."""
     method = BY_NAME[args.optimizer]
     slimopt_names = ", ".join(sorted(n for n in KNOWN if not BY_NAME[n].is_peer))
     if args.step_in_backward:
@@ -152,9 +153,6 @@ def check_memory_flags(args, error) -> None:
         if method.is_peer:
             error(f"--step-in-backward needs a slimopt optimizer ({slimopt_names}); "
                   f"{args.optimizer} is a peer: drop --step-in-backward")
-        if method.split == LORA_PAIRS:
-            error(f"--step-in-backward: {args.optimizer} steps each LoRA pair as a unit, which "
-                  "a per-parameter step cannot; drop --step-in-backward")
     if args.state_dtype is not None:
         if method.is_peer:
             error(f"--state-dtype needs a slimopt optimizer ({slimopt_names}); "
