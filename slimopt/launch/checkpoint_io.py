@@ -186,7 +186,8 @@ class RunLock:
 
 
 # ---------------------------------------------------------------------------- DeepSpeed tags
-def _file_sha256(path: str, chunk: int = 1 << 24) -> str:
+def file_sha256(path: str, chunk: int = 1 << 24) -> str:
+    """SHA-256 of a file, read 16 MiB at a time (DeepSpeed tags, token shards)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
@@ -207,7 +208,7 @@ def _own_files(tag_dir: str, rank: int) -> list:
 def write_tag_digests(tag_dir: str, rank: int) -> None:
     """After ``engine.save_checkpoint``: each rank records the SHA-256 of the files it wrote in
     ``slimopt-sha256-rankR.json`` (no shared file system needed)."""
-    digests = {name: _file_sha256(os.path.join(tag_dir, name))
+    digests = {name: file_sha256(os.path.join(tag_dir, name))
                for name in _own_files(tag_dir, rank)}
     path = os.path.join(tag_dir, f"slimopt-sha256-rank{rank}.json")
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=tag_dir)
@@ -237,7 +238,7 @@ def verify_tag_digests(tag_dir: str) -> int:
         for name, expected in digests.items():
             path = os.path.join(tag_dir, os.path.basename(name))
             if os.path.exists(path):
-                if _file_sha256(path) != expected:
+                if file_sha256(path) != expected:
                     raise CheckpointError(f"{path}: corrupted (its SHA-256 digest does not "
                                           "match); resume from an earlier checkpoint")
                 checked += 1

@@ -129,7 +129,8 @@ def fortune_documents(root: str | None = None) -> tuple[list[str], str]:
 
 def _local_files(path: str):
     """The data files of ``path``, all of one loader kind (a folder mixing kinds is refused:
-    one loader would read the others' bytes as text)."""
+    one loader would read the others' bytes as text), none empty (their text is checked when
+    first read, ``_local_rows``)."""
     if os.path.isdir(path):
         files = sorted(os.path.join(path, f) for f in os.listdir(path)
                        if os.path.splitext(f)[1] in TEXT_SUFFIXES)
@@ -146,9 +147,6 @@ def _local_files(path: str):
     empty = [f for f in files if os.path.getsize(f) == 0]
     if empty:
         raise DataError(f"--data {empty[0]}: the file is empty")
-    if kinds == ["text"] or kinds == ["json"]:
-        for f in files:
-            _check_utf8_text(f)
     return files
 
 
@@ -225,8 +223,9 @@ def _stream(kind_or_name: str, source: str, **options):
 def open_corpus(source: str | None, *, text_column: str = "text",
                 max_chars: int | None = None) -> Corpus:
     """The corpus of ``--data`` (None: the stdlib default), read up to ``max_chars`` characters
-    (None: all of it). Opening reads no documents, except the fortunes (a small fixed package,
-    shuffled whole) and a local file's check that it is UTF-8 text."""
+    (None: all of it). Opening reads no documents (except the fortunes, a small fixed package
+    shuffled whole) and opens no dataset: a local corpus is named by its files' paths, sizes and
+    modification times, a hub one by its name."""
     limit = "all" if max_chars is None else max_chars
     if source is None:
         return Corpus(None, f"stdlib-{sys.version.split()[0]}-{limit}", max_chars,
@@ -245,11 +244,23 @@ def open_corpus(source: str | None, *, text_column: str = "text",
             raise DataError(f"--data {source}: no such file or folder")
         files = _local_files(source)
         kind = TEXT_SUFFIXES[os.path.splitext(files[0])[1]]
-        dataset = _stream(kind, source, data_files=files)
         stat = [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
         corpus_id = "local-" + hashlib.sha1(json.dumps(stat).encode()).hexdigest()[:12]
-    else:
-        kind, dataset = None, _stream(source, source)
-        corpus_id = "hub-" + source.replace("/", "--")
-    return Corpus(source, f"{corpus_id}-{limit}", max_chars,
-                  lambda: _rows_of(dataset, source, text_column, kind))
+        return Corpus(source, f"{corpus_id}-{limit}", max_chars,
+                      _local_rows(files, kind, source, text_column))
+    return Corpus(source, f"hub-{source.replace('/', '--')}-{limit}", max_chars,
+                  lambda: _rows_of(_stream(source, source), source, text_column, None))
+
+
+def _local_rows(files: list, kind: str, source: str, text_column: str):
+    """The rows of local files: each text or JSON file is checked to be UTF-8 text the first
+    time (then streamed); a run whose tokens are cached reads none of it."""
+    checked = []
+
+    def rows():
+        if not checked and kind in ("text", "json"):
+            for f in files:
+                _check_utf8_text(f)
+            checked.append(True)
+        return _rows_of(_stream(kind, source, data_files=files), source, text_column, kind)
+    return rows

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .checkpoint_io import file_sha256
 from .data import Corpus, DataError
 from .tokenizer import RunTokenizer, note_rebuilding
 
@@ -115,14 +116,6 @@ class TokenBlocks:
         return self.rows(np.arange(self.n)[index])
 
 
-def _file_sha256(path: str, chunk: int = 1 << 24) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _read_record(path: str, record_path: str, expect: dict) -> dict | None:
     """The record of a complete, intact cached shard file, or None (a damaged one is said)."""
     if not os.path.exists(record_path):
@@ -138,7 +131,7 @@ def _read_record(path: str, record_path: str, expect: dict) -> dict | None:
         size = os.path.getsize(path)
         if size != record["tokens"] * np.dtype(record["dtype"]).itemsize:
             raise ValueError(f"{path} holds {size} bytes, not {record['tokens']} tokens")
-        if _file_sha256(path) != record["sha256"]:
+        if file_sha256(path, chunk=1 << 20) != record["sha256"]:
             raise ValueError(f"{path} does not match its SHA-256")
         return record
     except (OSError, ValueError, KeyError, TypeError) as err:
