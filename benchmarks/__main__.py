@@ -5,7 +5,10 @@ bytes under ZeRO), ``steptime`` (``optimizer.step()`` time as a ratio to fused t
 same process), ``convergence`` (loss and eval perplexity vs tokens on the tiny preset, with a small
 learning-rate sweep per method), ``all`` (the three), ``gpu`` (``benchmarks.gpu``, not in
 ``all``: kernel checks, Newton-Schulz and step timings and a short 60M pretraining on one GPU in
-about 8 minutes; ``--dry-run`` runs it at toy sizes on the CPU). ``--quick`` runs smaller sizes
+about 8 minutes; ``--dry-run`` runs it at toy sizes on the CPU), ``peak`` (``benchmarks.peak``,
+not in ``all``: peak RSS, and CUDA ``max_memory_allocated`` on a GPU, of real training steps of
+a LLaMA preset, one fresh process per optimizer configuration, as a ratio to torch AdamW; plus
+the computed 1B/7B table). ``--quick`` runs smaller sizes
 and fewer steps (all three under 10 minutes on 2 CPU cores); it is what CI's smoke test runs.
 Results go to ``benchmarks/results/<device>/`` (``--out`` to put them elsewhere).
 """
@@ -17,7 +20,7 @@ import sys
 import time
 
 SUITES = ("memory", "steptime", "convergence")
-EXTRA = ("gpu",)  # not part of ``all``
+EXTRA = ("gpu", "peak")  # not part of ``all``
 
 
 def main(argv=None) -> int:
