@@ -49,6 +49,10 @@ class OptimizerInfo:
         return next(m for m in records.METHODS if m.build is self.cls)
 
     @property
+    def state_dtype(self) -> str:
+        return self.kwargs.get("state_dtype", "float32")
+
+    @property
     def lora_pairs(self) -> bool:
         """Built from a model with LoRA adapters (the optimizer finds its pairs)."""
         return self.method.split == records.LORA_PAIRS
@@ -147,6 +151,26 @@ OPTIMIZERS = [
                   why="a per-parameter test; LoRA pairs: tests/test_adaprelora.py"),
 ]
 
+#: the generic tests a low-precision entry runs: those the stored moments change (the AdamW
+#: twins, equal to float rounding, are replaced by tests/test_state_dtype.py's comparison within
+#: the states' quantization error; the bad-input tests do not depend on the states)
+LOW_PRECISION_TESTS = ("test_resume_is_bit_exact", "test_state_bytes_counts_every_tensor",
+                       "test_init_state_on_meta_device",
+                       "test_nonfinite_gradient_skips_that_parameter",
+                       "test_param_groups_keep_their_own_hyperparameters")
+
+
+def low_precision(info: OptimizerInfo, state_dtype: str) -> OptimizerInfo:
+    """``info`` with its moments stored in ``state_dtype``, running ``LOW_PRECISION_TESTS`` (of
+    those that apply to ``info``)."""
+    only = tuple(t for t in LOW_PRECISION_TESTS if info.only is None or t in info.only)
+    return dataclasses.replace(info, kwargs=dict(info.kwargs, state_dtype=state_dtype),
+                               only=only, why=f"state_dtype={state_dtype!r} runs {only}")
+
+
+#: one entry per class (its first configuration), with each low-precision state_dtype
+OPTIMIZERS += [low_precision(info, state_dtype) for state_dtype in ("bfloat16", "int8")
+               for info in {info.cls: info for info in reversed(OPTIMIZERS)}.values()]
 
 #: the entries whose optimizer takes plain parameters (not LoRA pairs found in a model)
 PER_PARAMETER = [info for info in OPTIMIZERS if not info.lora_pairs]

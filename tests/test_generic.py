@@ -9,6 +9,8 @@ from torch import nn
 
 import slimopt
 from optimizer_registry import OPTIMIZERS, UNIVERSAL_BAD, info_id
+from slimopt.optimizers.core.hyperparameters import OPTIMIZER_WIDE
+from slimopt.optimizers.core.state_precision import stored_names
 
 pytestmark = pytest.mark.parametrize("info", OPTIMIZERS, ids=info_id)
 
@@ -182,7 +184,15 @@ def test_state_bytes_counts_every_tensor(info):
     group = opt.param_groups[0]
     floats = sum(info.state_floats(p, info.kwargs) if opt.takes_matrix_rule(p, group)
                  else 2 * p.numel() for p in model.parameters())
-    assert slimopt.state_bytes(opt) == 4 * floats
+    if info.state_dtype == "float32":
+        assert slimopt.state_bytes(opt) == 4 * floats
+    else:  # each low-precision moment's float32 bytes replaced by what it stores
+        low = [t for s in opt.state.values() for k, t in s.items() if torch.is_tensor(t)
+               and k.endswith(("_bf16", "_int8"))]
+        stored = sum(t.numel() * (2 if t.dtype == torch.bfloat16 else 1)
+                     + 4 * -(-t.numel() // 256) * (t.dtype == torch.uint8) for t in low)
+        assert low and slimopt.state_bytes(opt) == 4 * (floats - sum(t.numel() for t in low)) \
+            + stored
     adamw = torch.optim.AdamW(model.parameters())
     _train(model, adamw, 1)
     assert slimopt.state_bytes(adamw) == 4 * 2 * sum(p.numel() for p in model.parameters()) \
@@ -234,7 +244,8 @@ def test_nonfinite_gradient_skips_that_parameter(info):
 
 def test_param_groups_keep_their_own_hyperparameters(info):
     model = Net()
-    frozen_like = dict(info.kwargs, lr=0.0, weight_decay=0.0)
+    frozen_like = {k: v for k, v in dict(info.kwargs, lr=0.0, weight_decay=0.0).items()
+                   if k not in OPTIMIZER_WIDE}  # a group takes the per-group options only
     opt = info.cls([{"params": [model.tall.weight], **frozen_like},
                     {"params": [p for n, p in model.named_parameters() if n != "tall.weight"],
                      "dense": True}], **info.kwargs)
@@ -242,8 +253,8 @@ def test_param_groups_keep_their_own_hyperparameters(info):
     _train(model, opt, 3)
     assert torch.equal(model.tall.weight, before)
     assert opt.param_groups[1]["dense"] and not opt.param_groups[0]["dense"]
-    assert set(opt.state[model.wide.weight]) == {"step", "nonfinite_skips", "key", "exp_avg",
-                                                 "exp_avg_sq"}
+    moments = {n for k in ("exp_avg", "exp_avg_sq") for n in stored_names(k, info.state_dtype)}
+    assert set(opt.state[model.wide.weight]) == {"step", "nonfinite_skips", "key"} | moments
 
 
 def test_least_squares_loss_decreases(info):

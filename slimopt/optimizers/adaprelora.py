@@ -86,7 +86,7 @@ class AdaPreLoRA(SlimOptimizer):
     def __init__(self, params, lr=1e-3, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8, *,
                  beta1=0.9, momentum_on="gradients", beta2_decay=-0.8, eps1=1e-30, damping=1e-6,
                  clip_threshold=1.0, statistics="reachable", lora_scale=None, maximize=False,
-                 nonfinite="skip"):
+                 nonfinite="skip", state_dtype="float32"):
         arguments = dict(locals())
         if lora_scale is not None:
             check_positive("lora_scale", lora_scale)
@@ -167,9 +167,12 @@ class AdaPreLoRA(SlimOptimizer):
         """After a ReLoRA merge: zero the factor momentum, keep the W-space statistics and the
         step count (the statistics' decay schedule continues)."""
         for p in (A, B):
-            if "exp_avg" in self.state.get(p, {}):
-                self.state[p]["exp_avg"].zero_()
-                self.state[p]["momentum_steps"] = 0
+            state = self.state.get(p, {})
+            self._open_moments(p, state)
+            if "exp_avg" in state:
+                state["exp_avg"].zero_()
+                state["momentum_steps"] = 0
+            self._close_moments(state)
 
     # ------------------------------------------------------------------ step
     def _checked_params(self, group):
@@ -206,7 +209,11 @@ class AdaPreLoRA(SlimOptimizer):
         if self._skip_nonfinite(state_a, finite.get(A, True)) \
                 or self._skip_nonfinite(state_b, finite.get(B, True)):
             return
+        self._open_moments(A, state_a)
+        self._open_moments(B, state_b)
         self._pair_step(group, A, B, state_a, state_b)
+        self._close_moments(state_a)
+        self._close_moments(state_b)
 
     def _pair_step(self, group, A, B, state_a, state_b):
         s, damping = group["lora_scale"], group["damping"]

@@ -17,7 +17,7 @@ class GaLore(SubspaceAdam):
     def __init__(self, params, lr=1e-3, rank=128, update_interval=200, betas=(0.9, 0.999),
                  eps=1e-8, weight_decay=1e-2, scale=0.25, *, moment_rule="keep", recovery=False,
                  residual="orthogonal", limiter=1.01, svd="exact", stagger_refresh=False, seed=0,
-                 maximize=False, nonfinite="skip", compile=False):
+                 maximize=False, nonfinite="skip", compile=False, state_dtype="float32"):
         super().__init__(params, locals())
 
     @staticmethod

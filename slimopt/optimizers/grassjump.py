@@ -28,7 +28,7 @@ class GrassJump(SubspaceAdam):
     def __init__(self, params, lr=1e-3, rank=128, update_interval=200, betas=(0.9, 0.999),
                  eps=1e-8, weight_decay=1e-2, scale=0.25, *, moment_rule="transport", recovery=False,
                  residual="orthogonal", limiter=1.01, store_basis=False, stagger_refresh=False,
-                 seed=0, maximize=False, nonfinite="skip", compile=False):
+                 seed=0, maximize=False, nonfinite="skip", compile=False, state_dtype="float32"):
         super().__init__(params, locals())
 
     argument_docs = {

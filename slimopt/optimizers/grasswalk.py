@@ -25,7 +25,7 @@ class GrassWalk(SubspaceAdam):
                  eps=1e-8, weight_decay=1e-2, scale=0.25, *, moment_rule="transport", recovery=True,
                  residual="orthogonal", limiter=1.01, walk_angle=0.5, walk_tangent_rank=1,
                  walk_init="svd", svd="exact", stagger_refresh=False, seed=0,
-                 maximize=False, nonfinite="skip", compile=False):
+                 maximize=False, nonfinite="skip", compile=False, state_dtype="float32"):
         super().__init__(params, locals())
 
     @staticmethod

@@ -35,6 +35,7 @@ import torch
 from ..kernels import MUON_COEFFICIENTS, newton_schulz
 from ..kernels.ns_coefficients import coefficients_for
 from .core import SlimOptimizer
+from .core import state_precision
 from .core.adam import decoupled_weight_decay_
 from .core.validation import check_choice, check_eps, check_int, is_finite_real
 
@@ -110,10 +111,13 @@ class ROOT(SlimOptimizer):
         "ns_dtype": "the dtype Newton-Schulz runs in: 'bfloat16', 'float32' or 'float64'",
     }
 
+    #: the matrices' momentum is a moment too (``state_dtype``)
+    moment_keys = {**SlimOptimizer.moment_keys, "momentum_buffer": state_precision.SIGNED}
+
     def __init__(self, params, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8, *,
                  momentum=0.95, nesterov=True, percentile=0.9, ns_steps=5,
                  coefficients="adaptive", lr_scale="match_rms", ns_eps=1e-7, ns_dtype="bfloat16",
-                 maximize=False, nonfinite="skip"):
+                 maximize=False, nonfinite="skip", state_dtype="float32"):
         super().__init__(params, locals())
 
     def check_group(self, group):
@@ -160,8 +164,10 @@ class ROOT(SlimOptimizer):
 
     def _matrix_step(self, p, group, state):
         mu = group["momentum"]
-        grad = p.grad
         buf = state["momentum_buffer"]
+        # the buffer's dtype: a float32 work tensor for a half-precision matrix whose momentum
+        # is stored in low precision (state_dtype), else the matrix's (a no-op)
+        grad = p.grad.to(buf.dtype)
         buf.lerp_(grad, 1.0 - mu)
         update = grad.lerp(buf, mu) if group["nesterov"] else buf
         robust = rescale_tiny(suppress_outliers(update, group["percentile"]))

@@ -43,7 +43,8 @@ class SNSM(SubspaceOptimizer):
 
     def __init__(self, params, lr=1e-3, rank=128, update_interval=200, betas=(0.9, 0.999),
                  eps=1e-6, weight_decay=0.0, *, moment_rule="reset", subset_norm=True,
-                 svd="exact", stagger_refresh=False, seed=0, maximize=False, nonfinite="skip"):
+                 svd="exact", stagger_refresh=False, seed=0, maximize=False, nonfinite="skip",
+                 state_dtype="float32"):
         super().__init__(params, locals())
 
     @staticmethod
@@ -79,8 +80,9 @@ class SubspaceMomentum(SNSM):
 
     def __init__(self, params, lr=1e-3, rank=128, update_interval=200, betas=(0.9, 0.999),
                  eps=1e-6, weight_decay=0.0, *, moment_rule="reset", subset_norm=False,
-                 svd="exact", stagger_refresh=False, seed=0, maximize=False, nonfinite="skip"):
+                 svd="exact", stagger_refresh=False, seed=0, maximize=False, nonfinite="skip",
+                 state_dtype="float32"):
         super().__init__(params, lr, rank, update_interval, betas, eps, weight_decay,
                          moment_rule=moment_rule, subset_norm=subset_norm, svd=svd,
                          stagger_refresh=stagger_refresh, seed=seed, maximize=maximize,
-                         nonfinite=nonfinite)
+                         nonfinite=nonfinite, state_dtype=state_dtype)

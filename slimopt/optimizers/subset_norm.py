@@ -35,7 +35,7 @@ class SubsetNorm(SlimOptimizer):
     beta2_may_be_one = True
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, *,
-                 subset_size="auto", maximize=False, nonfinite="skip"):
+                 subset_size="auto", maximize=False, nonfinite="skip", state_dtype="float32"):
         super().__init__(params, locals())
 
     def check_group(self, group):
@@ -65,7 +65,8 @@ class SubsetNorm(SlimOptimizer):
         grad = p.grad
         numerator = grad
         if beta1 > 0:
-            state["exp_avg"].lerp_(grad, 1.0 - beta1)
+            # a float32 work tensor for a half-precision parameter's low-precision state
+            state["exp_avg"].lerp_(grad.to(state["exp_avg"].dtype), 1.0 - beta1)
             numerator = state["exp_avg"]
         state["step"] += 1
         accumulate_(state["subset_acc"], subset_sq_norms(self._view(grad, layout, p), layout),

@@ -17,6 +17,12 @@
   statistics in float16 (``takes_float16``): Adam-style second moments underflow there and turn
   finite gradients into NaN weights, as with ``torch.optim.AdamW``;
 - lazy state creation, or all at once with ``init_state()`` (also on the meta device);
+- **low-precision moments** (``state_dtype``, ``state_precision.py``): the state keys a class
+  lists in ``moment_keys`` are stored in bfloat16 or int8; around a parameter's update they are
+  decoded into float32 work tensors under their usual keys (``_open_moments``), so the rules
+  read and write ``state["exp_avg"]`` as ever, and encoded back after (``_close_moments``). The
+  dense AdamW step decodes in bounded chunks (``DENSE_CHUNK`` elements), so that the transient
+  float32 copies stay small however large an embedding is;
 - a **public seam for distributed engines** (``slimopt.distributed`` uses nothing else):
   ``param_key``/``adopt_key`` (stand-in tensors such as master copies step under their
   parameter's key), ``check_options``, ``step_params`` (whole matrices stepped with the
@@ -36,7 +42,7 @@ import warnings
 import torch
 from torch.optim import Optimizer
 
-from . import state_checks
+from . import state_checks, state_precision
 from .adam import adamw_steps_
 from .group_keys import check_known_keys, resolve_aliases
 from .hyperparameters import document, option_defaults, split_arguments
@@ -50,6 +56,11 @@ logger = logging.getLogger("slimopt")
 NONFINITE_MODES = ("skip", "raise", "off")
 #: group options newer than some checkpoints, and the value an older checkpoint meant
 ADDED_OPTIONS = {"maximize": False}
+#: top-level key of ``state_dict()`` naming the ``state_dtype`` its moments are stored in
+STATE_DTYPE_KEY = "slimopt_state_dtype"
+#: most elements of low-precision dense moments decoded at once in the dense AdamW step (a
+#: multiple of the int8 block and of the stochastic rounding's slice): 2 x 16 MiB of float32
+DENSE_CHUNK = 1 << 22
 FLOAT16_ADVICE = ("use bfloat16, float32 or float64 parameters, or float32 master weights with "
                   "torch.autocast(dtype=torch.float16)")
 UNNAMED_ADVICE = ("pass names: {cls}(model.named_parameters(), ...), or groups from "
@@ -98,6 +109,11 @@ class SlimOptimizer(Optimizer):
     #: state entries held as 0-d tensors on the device (no host sync at a step) and saved as
     #: Python numbers (torch's load would cast a tensor to the parameter's dtype, bfloat16 too)
     scalar_state_keys: frozenset = frozenset()
+    #: the state keys holding moments, stored in ``state_dtype`` (``state_precision.py``), each
+    #: with what its values may be (``SIGNED`` or ``NONNEGATIVE``: the int8 map it gets); the
+    #: dense AdamW's two moments here, a rule adds its own
+    moment_keys: dict = {"exp_avg": state_precision.SIGNED,
+                         "exp_avg_sq": state_precision.NONNEGATIVE}
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -108,7 +124,8 @@ class SlimOptimizer(Optimizer):
     def __init__(self, params, arguments: dict):
         """``arguments``: the subclass ``__init__``'s arguments by name, its ``locals()`` taken as
         its first statement (``self``, ``params`` and ``__class__`` are passed over). Every
-        hyperparameter becomes a group default; ``seed`` and ``nonfinite`` hold optimizer-wide."""
+        hyperparameter becomes a group default; ``seed``, ``nonfinite``, ``compile`` and
+        ``state_dtype`` hold optimizer-wide."""
         if not isinstance(arguments, dict):
             raise TypeError(f"{type(self).__name__} declares no hyperparameters: a slimopt "
                             "optimizer lists them in its own __init__ and passes them on as "
@@ -118,6 +135,11 @@ class SlimOptimizer(Optimizer):
         check_choice("nonfinite", nonfinite, NONFINITE_MODES)
         check_int("seed", seed, 0)
         check_bool("compile", wide.get("compile", False))
+        state_dtype = wide.get("state_dtype", "float32")
+        state_precision.check_state_dtype(state_dtype)
+        #: how the moments are stored: "float32" (as the rules keep them), "bfloat16" or "int8"
+        self.state_dtype = state_dtype
+        self._opened: dict[int, tuple] = {}
         self._param_keys: dict[torch.Tensor, int] = {}
         self._param_names: dict[torch.Tensor, str] = {}
         self._warned_unnamed = False
@@ -298,7 +320,15 @@ class SlimOptimizer(Optimizer):
         groups)`` runs first); otherwise ``finite`` holds the flags of the usual checks, which
         ``router.agree(flags)`` (if present) makes every rank's. ``load_state_dict`` is the
         router's, and so is ``state_dict`` if it has one; ``router.add_group(self, group)`` (if
-        present) plans a group added later."""
+        present) plans a group added later. Refused (``ValueError``) with low-precision states:
+        the engines shard and save the moments as float32 tensors of their own layout."""
+        if self.state_dtype != "float32":
+            raise ValueError(
+                f"{type(self).__name__}(state_dtype={self.state_dtype!r}) cannot be stepped by a "
+                f"sharding engine ({type(router).__name__}: DeepSpeed ZeRO or FSDP2): the engine "
+                "bridges shard and checkpoint the moments as float32 tensors. Use "
+                "state_dtype='float32' there, or low-precision states in one process or under "
+                "DDP")
         self._step_router = router
 
     @property
@@ -321,7 +351,56 @@ class SlimOptimizer(Optimizer):
         else:
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        for key in self.moment_keys:
+            moment = state.get(key)
+            if moment is not None and state_precision.kept_low(moment.shape, self.state_dtype):
+                del state[key]
+                state.update(state_precision.zeros(key, moment.shape, moment.device,
+                                                   self.state_dtype))
         return state
+
+    # ------------------------------------------------------------------ low-precision moments
+    @staticmethod
+    def _moment_work_dtype(p: torch.Tensor) -> torch.dtype:
+        """The dtype low-precision moments are decoded into: float64 for float64 parameters,
+        float32 otherwise."""
+        return torch.float64 if p.dtype == torch.float64 else torch.float32
+
+    def _low_moments(self, state: dict) -> list:
+        """``(index, key, sign)`` of the moments of ``state`` stored in low precision."""
+        if self.state_dtype == "float32":
+            return []
+        return [(i, key, sign) for i, (key, sign) in enumerate(self.moment_keys.items())
+                if state_precision.stored_names(key, self.state_dtype)[0] in state]
+
+    def _open_moments(self, p: torch.Tensor, state: dict) -> None:
+        """Decode the low-precision moments of ``state`` into work tensors under their usual
+        keys (``_close_moments`` stores them back); nothing with ``state_dtype="float32"``."""
+        low = self._low_moments(state)
+        if not low or id(state) in self._opened:
+            return
+        work = self._moment_work_dtype(p)
+        for _, key, sign in low:
+            stored = state[state_precision.stored_names(key, self.state_dtype)[0]]
+            state[key] = state_precision.decode(state, key, self.state_dtype, sign,
+                                                work).view(stored.shape)
+        self._opened[id(state)] = (state, low)
+
+    def _close_moments(self, state: dict) -> None:
+        """Encode the work tensors ``_open_moments`` put in ``state`` back into their stored
+        form (stochastic rounding seeded by the parameter's key and step) and drop them."""
+        opened = self._opened.pop(id(state), None)
+        if opened is None:
+            return
+        for index, key, sign in opened[1]:
+            state_precision.encode_(state, key, self.state_dtype, sign, state.pop(key),
+                                    (self.seed, state["key"], state["step"], index))
+
+    def _close_all_moments(self) -> None:
+        """Close every state still open (after an update that raised: the state keeps its
+        stored form)."""
+        for state, _ in list(self._opened.values()):
+            self._close_moments(state)
 
     def _init_state(self, p: torch.Tensor, group: dict) -> dict:
         state = self.state[self._state_alias.get(p, p)]
@@ -464,11 +543,14 @@ class SlimOptimizer(Optimizer):
         view = group
         if isinstance(group["lr"], torch.Tensor):  # read once: the rules take a Python float
             view = dict(group, lr=float(group["lr"]))
-        if group.get("maximize", False):
-            with negated_gradients(group["params"]):
+        try:
+            if group.get("maximize", False):
+                with negated_gradients(group["params"]):
+                    self._update_group(view, finite)
+            else:
                 self._update_group(view, finite)
-        else:
-            self._update_group(view, finite)
+        finally:
+            self._close_all_moments()
 
     def _update_group(self, group: dict, finite: dict) -> None:
         """Update every parameter of the checked ``group`` (a subclass may treat a group as a
@@ -476,7 +558,9 @@ class SlimOptimizer(Optimizer):
         dense = []
         for p, state in self._to_step(group, finite):
             if self.takes_matrix_rule(p, group):
+                self._open_moments(p, state)
                 self._matrix_step(p, group, state)
+                self._close_moments(state)
             else:
                 dense.append((p, state))
         self._dense_steps(group, dense)
@@ -491,20 +575,72 @@ class SlimOptimizer(Optimizer):
             if not self._skip_nonfinite(state, finite.get(p, True)):
                 yield p, state
 
-    @staticmethod
-    def _dense_steps(group: dict, dense: list) -> None:
+    def _dense_steps(self, group: dict, dense: list) -> None:
         """AdamW for the ``(param, state)`` pairs of ``group``, exactly as ``torch.optim.AdamW``
-        up to float rounding (torch's fused kernel, one call per device, dtype and step count)."""
+        up to float rounding (torch's fused kernel, one call per device, dtype and step count).
+        Low-precision moments are stepped in chunks of at most ``DENSE_CHUNK`` elements
+        (``_dense_chunks``), each decoded, stepped and encoded back before the next."""
         beta1, beta2 = group["betas"]
+        hyper = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                     weight_decay=group["weight_decay"])
         batches: dict[tuple, list] = {}
         for p, state in dense:
             state["step"] += 1
             batches.setdefault((p.device, p.dtype, state["step"]), []).append((p, state))
         for (_, _, step), batch in batches.items():
-            adamw_steps_([p for p, _ in batch], [p.grad for p, _ in batch],
-                         [s["exp_avg"] for _, s in batch], [s["exp_avg_sq"] for _, s in batch],
-                         step, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                         weight_decay=group["weight_decay"])
+            if self.state_dtype == "float32":
+                adamw_steps_([p for p, _ in batch], [p.grad for p, _ in batch],
+                             [s["exp_avg"] for _, s in batch],
+                             [s["exp_avg_sq"] for _, s in batch], step, **hyper)
+                continue
+            for chunk in self._dense_chunks(batch):
+                work = [self._dense_piece(*piece) for piece in chunk]
+                adamw_steps_(*(list(column) for column in zip(*work)), step, **hyper)
+                for (p, state, start, _), (_, _, m, v) in zip(chunk, work):
+                    self._store_dense_piece(state, start, {"exp_avg": m, "exp_avg_sq": v})
+
+    def _dense_chunks(self, batch: list):
+        """Lists of pieces ``(param, state, start, stop)`` (elements of the flattened parameter)
+        of at most ``DENSE_CHUNK`` low-precision elements together: a parameter with
+        low-precision moments and more elements is cut into pieces of ``DENSE_CHUNK``; one whose
+        moments are not low (1-D) is one piece and costs no decoding."""
+        chunk, size = [], 0
+        for p, state in batch:
+            if not self._low_moments(state):
+                chunk.append((p, state, 0, p.numel()))
+                continue
+            if not p.is_contiguous():
+                raise ValueError(
+                    f"{type(self).__name__}(state_dtype={self.state_dtype!r}): a parameter of "
+                    f"shape {tuple(p.shape)} is not contiguous; the chunked AdamW step of "
+                    "low-precision moments needs contiguous parameters (call .contiguous() on "
+                    "it before building the optimizer)")
+            for start in range(0, p.numel(), DENSE_CHUNK):
+                stop = min(start + DENSE_CHUNK, p.numel())
+                if size + stop - start > DENSE_CHUNK and chunk:
+                    yield chunk
+                    chunk, size = [], 0
+                chunk.append((p, state, start, stop))
+                size += stop - start
+        if chunk:
+            yield chunk
+
+    def _dense_piece(self, p, state, start, stop) -> tuple:
+        """``(param, grad, exp_avg, exp_avg_sq)`` of a piece: flat views of the parameter and
+        its gradient and the decoded moments (the whole tensors for moments kept as they are)."""
+        if not self._low_moments(state):
+            return p, p.grad, state["exp_avg"], state["exp_avg_sq"]
+        work = self._moment_work_dtype(p)
+        moments = [state_precision.decode(state, key, self.state_dtype, self.moment_keys[key],
+                                          work, start, stop) for key in ("exp_avg", "exp_avg_sq")]
+        return (p.view(-1)[start:stop], p.grad.reshape(-1)[start:stop], *moments)
+
+    def _store_dense_piece(self, state: dict, start: int, moments: dict) -> None:
+        """Encode a stepped piece's ``moments`` (key -> values) back (nothing for moments kept as
+        they are)."""
+        for index, key, sign in self._low_moments(state):
+            state_precision.encode_(state, key, self.state_dtype, sign, moments[key],
+                                    (self.seed, state["key"], state["step"], index), start)
 
     # ------------------------------------------------------------------ state
     def state_dict(self):
@@ -517,6 +653,8 @@ class SlimOptimizer(Optimizer):
         state["state"] = {index: self._scalars_as_numbers(entry)
                           for index, entry in state["state"].items()}
         state[state_checks.CLASS_KEY] = type(self).__name__
+        if self.state_dtype != "float32":  # a float32 state is saved as before the option
+            state[STATE_DTYPE_KEY] = self.state_dtype
         return state
 
     def _scalars_as_numbers(self, entry: dict) -> dict:
@@ -531,7 +669,21 @@ class SlimOptimizer(Optimizer):
         if self._step_router is not None:
             return self._step_router.load_state_dict(self, state_dict)
         self.check_state_dict(state_dict)
-        return super().load_state_dict(state_dict)
+        if self.state_dtype == "float32":
+            return super().load_state_dict(state_dict)
+        # torch's load casts every floating tensor of the state to its parameter's dtype (and
+        # uint8 codes to float): the stored moments are set aside and put back as they are
+        names = {n for key in self.moment_keys
+                 for n in state_precision.stored_names(key, self.state_dtype)}
+        kept, stored = {}, {}
+        for index, entry in state_dict["state"].items():
+            kept[index] = {k: v for k, v in entry.items() if k not in names}
+            stored[index] = {k: v for k, v in entry.items() if k in names}
+        super().load_state_dict(dict(state_dict, state=kept))
+        for saved, group in zip(state_dict["param_groups"], self.param_groups):
+            for index, p in zip(saved["params"], group["params"]):
+                for name, tensor in stored.get(index, {}).items():
+                    self.state[p][name] = tensor.to(p.device)
 
     def _with_added_options(self, state_dict):
         """A state saved before an option existed (``added_options``) gets the value that state
@@ -560,6 +712,13 @@ class SlimOptimizer(Optimizer):
         A state without the class marker (older slimopt) is checked on everything else."""
         name = type(self).__name__
         state_checks.check_format(state_dict, name)
+        saved_dtype = state_dict.get(STATE_DTYPE_KEY, "float32")
+        if saved_dtype != self.state_dtype:
+            raise ValueError(
+                f"this optimizer state was saved with state_dtype={saved_dtype!r}; this {name} "
+                f"has state_dtype={self.state_dtype!r}. Resume with {name}(..., "
+                f"state_dtype={saved_dtype!r}): slimopt does not convert stored moments on load "
+                "(a conversion would silently change the run you resume)")
         saved_groups, state = state_dict["param_groups"], state_dict["state"]
         state_checks.check_group_layout(saved_groups, self.param_groups)
         state_checks.check_param_indices(state, saved_groups)
@@ -580,6 +739,7 @@ class SlimOptimizer(Optimizer):
                     where = f"parameter {k} (group {index}, shape {tuple(p.shape)})"
                     state_checks.check_param_state(state[k], expected[i],
                                                    self.optional_state_keys, where)
+                    state_checks.check_stored_dtypes(state[k], expected[i], where)
 
     # ------------------------------------------------------------------ diagnostics
     def matrix_rule_name(self, group: dict) -> str:

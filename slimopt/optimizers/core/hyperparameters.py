@@ -17,7 +17,7 @@ import re
 import textwrap
 
 #: arguments that hold for the whole optimizer, not per parameter group
-OPTIMIZER_WIDE = ("seed", "nonfinite", "compile")
+OPTIMIZER_WIDE = ("seed", "nonfinite", "compile", "state_dtype")
 #: names in an ``__init__``'s ``locals()`` that are not hyperparameters
 _NOT_HYPERPARAMETERS = ("self", "params", "__class__")
 
@@ -55,6 +55,10 @@ ARGUMENT_DOCS = {
     "compile": "True: the element-wise part of the low-rank matrices' batched step (moments, "
                "directions, recovery factors) is compiled with torch.compile at the first "
                "steps (README, \"Step time\"); False: eager",
+    "state_dtype": "how the moments are stored: 'float32' (in the parameter's dtype, as "
+                   "before the option), 'bfloat16' (stochastic rounding) or 'int8' (bitsandbytes' "
+                   "block-wise quantization, a scale per 256 elements); 1-D moments stay as they "
+                   "are (README, \"Low-precision states\")",
     "nonfinite": "a parameter whose gradient holds NaN or Inf: 'skip' (left untouched, counted), "
                  "'raise' (FloatingPointError, nothing updated) or 'off' (no check)",
 }

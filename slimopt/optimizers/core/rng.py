@@ -80,22 +80,32 @@ class Draws:
         self.seed = mix_seed(*parts)
         self.calls = 0
 
-    def _halves(self, count: int, device) -> torch.Tensor:
-        """The next ``count`` 32-bit hashes ``h`` as float64 ``h + 0.5``, in (0, 2**32)."""
+    def _hashes(self, count: int, device, scratch: torch.Tensor) -> torch.Tensor:
+        """The next ``count`` 32-bit hashes as int64 in [0, 2**32) (a new tensor); ``scratch``
+        (``count`` int64) holds the shifted copies."""
         if count > MAX_DRAW:
             raise ValueError(f"a random draw of {count:,} numbers is over slimopt's limit of "
                              f"{MAX_DRAW:,} per draw (a basis of d x r with d * r below it works)")
         key = mix_seed(self.seed, self.calls)
         self.calls += 1
         low, high = key & _MASK32, (key >> 32) & _MASK32
-        out = torch.empty(count, dtype=torch.float64, device=device)
-        scratch = out.view(torch.int64)  # holds the shifted copies until the result goes there
         x = _lowbias32_middle(_first_xorshift(count, low, device), scratch)
         # lowbias32(lowbias32(counter ^ low) ^ high): the xorshift(16) that ends the first hash
         # and the one that starts the second fold into one xor, as xorshift(16) is linear and
         # its own inverse on 32 bits
         x = _lowbias32_middle(x.bitwise_xor_(high ^ (high >> 16)), scratch)
-        return out.copy_(_xorshift(x, 16, scratch)).add_(0.5)
+        return _xorshift(x, 16, scratch)
+
+    def _halves(self, count: int, device) -> torch.Tensor:
+        """The next ``count`` 32-bit hashes ``h`` as float64 ``h + 0.5``, in (0, 2**32)."""
+        out = torch.empty(count, dtype=torch.float64, device=device)
+        # the output's memory holds the shifted copies until the result goes there
+        return out.copy_(self._hashes(count, device, out.view(torch.int64))).add_(0.5)
+
+    def bits(self, count: int, device) -> torch.Tensor:
+        """The next ``count`` 32-bit hashes, int64 in [0, 2**32): random bits on their own (the
+        stochastic rounding of low-precision states takes 16 of each)."""
+        return self._hashes(count, device, torch.empty(count, dtype=torch.int64, device=device))
 
     def uniform(self, count: int, device) -> torch.Tensor:
         """``count`` float64 uniforms in (0, 1)."""

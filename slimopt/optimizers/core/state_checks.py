@@ -100,3 +100,15 @@ def check_param_state(entry, expected: dict, optional, where: str) -> None:
                                  f"parameter needs {tuple(want.shape)}")
         elif not _count(got):
             raise ValueError(f"{where}: its state's {key!r} must be an int >= 0, got {got!r}")
+
+
+def check_stored_dtypes(entry: dict, expected: dict, where: str) -> None:
+    """The tensors ``expected`` holds in a dtype that is not floating (int8 codes) or is
+    bfloat16 (low-precision moments) are saved in that dtype: another one would be a state
+    saved with another ``state_dtype`` or built by hand."""
+    for key, want in expected.items():
+        got = entry.get(key)
+        if torch.is_tensor(want) and torch.is_tensor(got) and got.dtype != want.dtype and (
+                want.dtype == torch.bfloat16 or not want.is_floating_point()):
+            raise ValueError(f"{where}: its state's {key!r} is {got.dtype}, this optimizer "
+                             f"stores it as {want.dtype}")

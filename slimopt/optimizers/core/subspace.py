@@ -14,6 +14,9 @@ Per 2-D parameter whose group has an integer ``rank`` below the matrix's smaller
 Every other parameter (not 2-D, a group with ``rank=None`` or ``dense=True``, or
 ``rank >= min(m, n)``, with one warning per group) gets dense AdamW.
 
+**Low-precision moments** (``state_dtype``): a matrix's moments are decoded when it joins a
+batch (a refresh's moment rule acts on them) and stored back once its batch has stepped.
+
 **Batches.** The matrices of a group are stepped in batches of one canonical shape, dtype,
 device and step count (at most ``batch_size`` matrices, and at most ``batch_bytes`` of their
 gradients, at a time: that bounds the transient memory of a batch, a few ``r x k`` tensors per
@@ -218,16 +221,24 @@ class SubspaceOptimizer(SlimOptimizer):
                 dense.append((p, state))
                 continue
             grad = self._canonical(p.grad, p)
+            self._open_moments(p, state)  # the moment rule of a refresh acts on them too
             pending = PendingMatrix(p, state, grad, self._basis_for_step(p, group, state, grad))
             key = (tuple(grad.shape), grad.dtype, grad.device, state["step"])
             batch = batches.setdefault(key, [])
             batch.append(pending)
             if len(batch) == self.batch_size or \
                     len(batch) * grad.numel() * grad.element_size() >= self.batch_bytes:
-                self._step_matrices(group, batches.pop(key))
+                self._step_batch(group, batches.pop(key))
         for batch in batches.values():
-            self._step_matrices(group, batch)
+            self._step_batch(group, batch)
         self._dense_steps(group, dense)
+
+    def _step_batch(self, group: dict, batch: list) -> None:
+        """``_step_matrices``, then the batch's low-precision moments stored back (so that at
+        most a batch's, per shape, are decoded at a time)."""
+        self._step_matrices(group, batch)
+        for m in batch:
+            self._close_moments(m.state)
 
     def _step_matrices(self, group: dict, batch: list) -> None:
         """Step a batch of ``PendingMatrix`` (one canonical shape, dtype and step count); by

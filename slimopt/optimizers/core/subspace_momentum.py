@@ -15,5 +15,7 @@ def subspace_momentum_direction_(basis: torch.Tensor, grad: torch.Tensor,
                                  exp_avg: torch.Tensor, beta1: float) -> torch.Tensor:
     """Update ``exp_avg`` (r x k) in place and return ``S m + (g - S S^T g)`` (d x k)."""
     projected = project(basis, grad)
-    exp_avg.lerp_(projected, 1.0 - beta1)
-    return project_back(basis, exp_avg - projected).add_(grad)
+    # exp_avg may be a float32 work tensor of a half-precision matrix (a low-precision state):
+    # casts that are no-ops when the dtypes agree
+    exp_avg.lerp_(projected.to(exp_avg.dtype), 1.0 - beta1)
+    return project_back(basis, (exp_avg - projected).to(basis.dtype)).add_(grad)
