@@ -29,6 +29,8 @@ FLAGS = {
     "step-in-backward": (["--step-in-backward"], True),
     "step-in-backward-accum": (["--step-in-backward", "--grad-accum", "2",
                                 "--activation-checkpointing"], True),
+    "state-dtype-bfloat16": (["--state-dtype", "bfloat16"], False),
+    "state-dtype-int8": (["--state-dtype", "int8"], False),
 }
 #: float rounding through 8 GrassWalk steps (another summation order of the gradient, float32
 #: weights of size <= 1): measured at most 1.7e-7 (printed on failure); any change of the rule
@@ -142,6 +144,30 @@ def test_bad_input_is_one_line(tmp_path, cache, plain, capsys):
     _fails(base + ["--deepspeed", str(ds), "--step-in-backward"], capsys, "--deepspeed")
     _fails(base + ["--deepspeed", str(ds), "--state-dtype", "bfloat16"], capsys, "--deepspeed",
            "float32")
+
+
+def test_resume_refuses_another_state_dtype_and_applies_another_grad_accum(
+        tmp_path, cache, capsys):
+    _run(["--save-every", "4", "--halt-after", "4"], tmp_path / "r", cache)
+    checkpoint = str(tmp_path / "r" / "checkpoint-4.pt")
+    base = SMALL + ["--cache-dir", cache, "--output-dir", str(tmp_path / "r")]
+    capsys.readouterr()
+    _fails(base + ["--state-dtype", "int8", "--resume", checkpoint], capsys, "state_dtype",
+           "'float32'", "'int8'")
+    _run(["--grad-accum", "2", "--step-in-backward", "--resume", checkpoint], tmp_path / "r",
+         cache)
+    out = capsys.readouterr().out
+    assert "--grad-accum changed from 1 to 2: applied" in out
+    assert "--step-in-backward changed from False to True: applied" in out
+
+
+def test_state_dtype_reaches_the_optimizer(tmp_path, cache):
+    from slimopt.launch.run_setup import build_run
+    for flags, expected in (([], "float32"), (["--state-dtype", "int8"], "int8"),
+                            (["--opt-args", '{"state_dtype": "bfloat16"}'], "bfloat16")):
+        args = pretrain.parse_args(SMALL + ["--cache-dir", cache,
+                                            "--output-dir", str(tmp_path / "s")] + flags)
+        assert build_run(args, 0, 1, torch.device("cpu")).opt.state_dtype == expected
 
 
 def test_deepspeed_takes_grad_accum(tmp_path):
