@@ -21,6 +21,8 @@ alive together (GaLore's ``*_per_layer``, done for every slimopt optimizer, and 
   ``clip_grad_norm_`` of the whole model would have returned, for logging.
 - **Schedulers and checkpoints** work as with ordinary steps: a step reads its group's ``lr``
   when it runs, and the optimizer's state is its own (``state_dict`` / ``load_state_dict``).
+  torch's first ``scheduler.step()`` warns that ``optimizer.step()`` was not called: it only
+  sees calls of ``step()``; the schedule is not shifted (tested).
 - **Non-finite gradients**: the optimizer's ``nonfinite`` policy applies per parameter, as in
   ``optimizer.step()`` (skip and count, or raise out of ``backward``).
 - The step is the optimizer's own single-process step (``optimizer.step_params``): the same
