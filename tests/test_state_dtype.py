@@ -333,8 +333,13 @@ def test_sharding_engines_are_refused():
 
     class Router:
         pass
-    with pytest.raises(ValueError, match="state_dtype='float32' there"):
+    with pytest.raises(ValueError, match=r"\(Router\).*state_dtype='float32' there"):
         opt.attach_step_router(Router())
+    from slimopt.integrations.zero import check_config
+    with pytest.raises(ValueError, match=r"\(DeepSpeed ZeRO-2\).*state_dtype='float32' there"):
+        check_config(opt, {"zero_optimization": {"stage": 2}})  # before the engine is built
+    assert check_config(opt, {"zero_optimization": {"stage": 0}}) == 0  # no bridge: it steps
+    assert opt.step_router is None
 
 
 def test_adaprelora_pairs_store_their_momentum_low():

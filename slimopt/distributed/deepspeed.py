@@ -710,6 +710,7 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, con
         if cfg.get("fp16", {}).get("enabled"):
             raise ValueError("fp16 with slimopt optimizers is not supported; use bf16")
         if stage >= 1:
+            optimizer.check_sharding_engine(f"DeepSpeed ZeRO-{stage}")
             cfg["zero_allow_untested_optimizer"] = True
     with _first_step_skipped(optimizer):
         engine, opt, loader, sched = deepspeed.initialize(

@@ -25,7 +25,10 @@ def check_config(optimizer: SlimOptimizer, config: dict) -> int:
     fp16 = (config.get("fp16") or {}).get("enabled")
     if fp16 is True or str(fp16).lower() == "true":
         raise ValueError("fp16 with slimopt optimizers is not supported; use bf16")
-    return int(zero_cfg.get("stage", 0) or 0)
+    stage = int(zero_cfg.get("stage", 0) or 0)
+    if stage >= 1:
+        optimizer.check_sharding_engine(f"DeepSpeed ZeRO-{stage}")
+    return stage
 
 
 class ZeroSetup:

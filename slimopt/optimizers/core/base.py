@@ -320,16 +320,22 @@ class SlimOptimizer(Optimizer):
         groups)`` runs first); otherwise ``finite`` holds the flags of the usual checks, which
         ``router.agree(flags)`` (if present) makes every rank's. ``load_state_dict`` is the
         router's, and so is ``state_dict`` if it has one; ``router.add_group(self, group)`` (if
-        present) plans a group added later. Refused (``ValueError``) with low-precision states:
-        the engines shard and save the moments as float32 tensors of their own layout."""
+        present) plans a group added later. Refused with low-precision states
+        (``check_sharding_engine``)."""
+        self.check_sharding_engine(type(router).__name__)
+        self._step_router = router
+
+    def check_sharding_engine(self, engine: str) -> None:
+        """Raise a ``ValueError`` if a sharding engine (DeepSpeed ZeRO-1/2/3, FSDP2; ``engine``
+        names it) cannot step this optimizer: with low-precision states (``state_dtype``), whose
+        moments the engine bridges would shard and checkpoint as float32 tensors of their own
+        layout. Engines call it before they are built; ``attach_step_router`` calls it too."""
         if self.state_dtype != "float32":
             raise ValueError(
                 f"{type(self).__name__}(state_dtype={self.state_dtype!r}) cannot be stepped by a "
-                f"sharding engine ({type(router).__name__}: DeepSpeed ZeRO or FSDP2): the engine "
-                "bridges shard and checkpoint the moments as float32 tensors. Use "
-                "state_dtype='float32' there, or low-precision states in one process or under "
-                "DDP")
-        self._step_router = router
+                f"sharding engine ({engine}): the bridges shard and checkpoint the moments as "
+                "float32 tensors. Use state_dtype='float32' there, or low-precision states in "
+                "one process or under DDP (torchrun without --deepspeed)")
 
     @property
     def step_router(self):
@@ -348,14 +354,17 @@ class SlimOptimizer(Optimizer):
         state = {"step": 0, "nonfinite_skips": 0, "key": key}
         if self.takes_matrix_rule(p, group):
             self._init_matrix_state(p, group, state)
+        elif state_precision.kept_low(p.shape, self.state_dtype):  # no float32 copy, ever
+            for name in ("exp_avg", "exp_avg_sq"):
+                state.update(state_precision.zeros(name, p.shape, p.device, self.state_dtype))
         else:
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        for key in self.moment_keys:
-            moment = state.get(key)
+        for name in self.moment_keys:  # a matrix rule's moments
+            moment = state.get(name)
             if moment is not None and state_precision.kept_low(moment.shape, self.state_dtype):
-                del state[key]
-                state.update(state_precision.zeros(key, moment.shape, moment.device,
+                del state[name]
+                state.update(state_precision.zeros(name, moment.shape, moment.device,
                                                    self.state_dtype))
         return state
 
