@@ -15,7 +15,8 @@ from net import free_port
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "distributed",
                       "step_in_backward_worker.py")
-DDP_RUNS = ["run:mlp:1:0", "run:mlp:4:0.05", "run:llama:1:0", "run:llama:4:0.5"]
+DDP_RUNS = ["run:mlp:1:0", "run:mlp:4:0.05", "run:llama:1:0", "run:llama:4:0.5",
+            "run:mlp:4:0.05:int8", "run:llama:4:0.5:bfloat16"]
 
 OPTIMIZERS = [
     (slimopt.GaLore, dict(rank=4, update_interval=3)),
@@ -166,7 +167,8 @@ def ddp_rows():
 def test_ddp_equal_to_ordinary_ddp_steps(ddp_rows, scenario):
     """GrassWalk on an MLP (DDP's default buckets) and GaLore on a tiny LLaMA whose dense AdamW
     parameters (embeddings, head) hold most weights (one-parameter buckets, gradient views of
-    the buckets), accumulation 1 and 4 (the first 3 under no_sync), with and without clipping:
+    the buckets), accumulation 1 and 4 (the first 3 under no_sync), with and without clipping,
+    and with int8 and bfloat16 moments:
     equal to DDP + optimizer.step() on the averaged gradients, every .grad freed after each
     step, and take_grad_norm() the norm clip_grad_norm_ reports (float rounding)."""
     row = ddp_rows[scenario]

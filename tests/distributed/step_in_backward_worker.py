@@ -4,10 +4,11 @@ on rank 0.
 
     torchrun --nproc_per_node 2 tests/distributed/step_in_backward_worker.py SCENARIO [...]
 
-A scenario is ``run:MODEL:ACCUM:CLIP`` (MODEL ``mlp``: GrassWalk on a 3-layer MLP, DDP's default
-buckets; ``llama``: GaLore on a tiny LLaMA whose embeddings and head, stepped by the dense AdamW
-rule, hold most weights, one-parameter buckets and ``gradient_as_bucket_view=True``; CLIP 0 for
-none): the largest weight difference from the reference, whether every gradient was freed after
+A scenario is ``run:MODEL:ACCUM:CLIP[:STATE_DTYPE]`` (MODEL ``mlp``: GrassWalk on a 3-layer
+MLP, DDP's default buckets; ``llama``: GaLore on a tiny LLaMA whose embeddings and head, stepped
+by the dense AdamW rule, hold most weights, one-parameter buckets and
+``gradient_as_bucket_view=True``; CLIP 0 for none; the moments in STATE_DTYPE, default
+float32): the largest weight difference from the reference, whether every gradient was freed after
 each step, and the logged gradient norm against the reference's. ``remove``: two steps in
 backward, ``remove()``, two ordinary steps, against four ordinary ones. ``nosync``: accumulation
 2 without ``no_sync`` raises. ``refuse``: no ``ddp=`` under 2 ranks, a second hook on the same
@@ -32,9 +33,9 @@ def mlp():
                                torch.nn.Tanh(), torch.nn.Linear(24, 6))
 
 
-def build(kind):
-    """The model, a function ``loss(model, batch)``, a batch maker and the optimizer class and
-    groups for ``kind``."""
+def build(kind, state_dtype="float32"):
+    """The model, a function ``loss(model, batch)``, a batch maker, the optimizer's constructor
+    and DDP's options for ``kind``."""
     if kind == "mlp":
         model = mlp()
 
@@ -44,7 +45,8 @@ def build(kind):
         def loss(m, batch):
             return torch.nn.functional.mse_loss(m(batch[0]), batch[1])
         return model, loss, make, lambda p: slimopt.GrassWalk(
-            p.named_parameters(), lr=1e-2, rank=4, update_interval=3), {}
+            p.named_parameters(), lr=1e-2, rank=4, update_interval=3,
+            state_dtype=state_dtype), {}
     model = tiny_llama(vocab=256)
 
     def make(g):
@@ -54,7 +56,8 @@ def build(kind):
     def loss(m, batch):
         return m(input_ids=batch[0], labels=batch[1]).loss
     return model, loss, make, lambda p: slimopt.GaLore(
-        slimopt.param_groups(p, rank=4), lr=1e-2, update_interval=3), \
+        slimopt.param_groups(p, rank=4), lr=1e-2, update_interval=3,
+        state_dtype=state_dtype), \
         dict(bucket_cap_mb=1e-6, gradient_as_bucket_view=True)
 
 
@@ -77,12 +80,12 @@ def micro_steps(ddp, loss, micro, accum):
             (loss(ddp, batch) / accum).backward()
 
 
-def ordinary(kind, accum, clip, steps=None):
-    model, loss, make, optimizer, wrap = build(kind)
+def ordinary(kind, accum, clip, state_dtype="float32"):
+    model, loss, make, optimizer, wrap = build(kind, state_dtype)
     ddp = torch.nn.parallel.DistributedDataParallel(model, **wrap)
     opt = optimizer(model)
     norms = []
-    for micro in (steps or batches(make, accum)):
+    for micro in batches(make, accum):
         micro_steps(ddp, loss, micro, accum)
         norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))))
         if clip:
@@ -93,8 +96,8 @@ def ordinary(kind, accum, clip, steps=None):
     return model, norms
 
 
-def in_backward(kind, accum, clip):
-    model, loss, make, optimizer, wrap = build(kind)
+def in_backward(kind, accum, clip, state_dtype):
+    model, loss, make, optimizer, wrap = build(kind, state_dtype)
     ddp = torch.nn.parallel.DistributedDataParallel(model, **wrap)
     opt = optimizer(model)
     handle = slimopt.step_in_backward(opt, accumulation_steps=accum,
@@ -111,9 +114,9 @@ def max_diff(a, b):
     return max(float((p - q).abs().max()) for p, q in zip(a.parameters(), b.parameters()))
 
 
-def run(kind, accum, clip):
-    reference, ref_norms = ordinary(kind, accum, clip)
-    model, norms, freed = in_backward(kind, accum, clip)
+def run(kind, accum, clip, state_dtype="float32"):
+    reference, ref_norms = ordinary(kind, accum, clip, state_dtype)
+    model, norms, freed = in_backward(kind, accum, clip, state_dtype)
     reference_moved = max_diff(reference, build(kind)[0])
     return dict(max_diff=max_diff(model, reference), freed=freed, moved=reference_moved,
                 norm_diff=max(abs(a - b) / b for a, b in zip(norms, ref_norms)))
@@ -172,7 +175,7 @@ def main():
     for scenario in sys.argv[1:]:
         kind, *rest = scenario.split(":")
         if kind == "run":
-            row = run(rest[0], int(rest[1]), float(rest[2]))
+            row = run(rest[0], int(rest[1]), float(rest[2]), *rest[3:])
         else:
             row = {"remove": remove, "nosync": nosync, "refuse": refuse}[kind]()
         if dist.get_rank() == 0:
