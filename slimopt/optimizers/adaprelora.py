@@ -168,11 +168,10 @@ class AdaPreLoRA(SlimOptimizer):
         step count (the statistics' decay schedule continues)."""
         for p in (A, B):
             state = self.state.get(p, {})
-            self._open_moments(p, state)
-            if "exp_avg" in state:
-                state["exp_avg"].zero_()
-                state["momentum_steps"] = 0
-            self._close_moments(state)
+            with self._moments_decoded((p, state)):
+                if "exp_avg" in state:
+                    state["exp_avg"].zero_()
+                    state["momentum_steps"] = 0
 
     # ------------------------------------------------------------------ step
     def _checked_params(self, group):
@@ -209,11 +208,8 @@ class AdaPreLoRA(SlimOptimizer):
         if self._skip_nonfinite(state_a, finite.get(A, True)) \
                 or self._skip_nonfinite(state_b, finite.get(B, True)):
             return
-        self._open_moments(A, state_a)
-        self._open_moments(B, state_b)
-        self._pair_step(group, A, B, state_a, state_b)
-        self._close_moments(state_a)
-        self._close_moments(state_b)
+        with self._moments_decoded((A, state_a), (B, state_b)):
+            self._pair_step(group, A, B, state_a, state_b)
 
     def _pair_step(self, group, A, B, state_a, state_b):
         s, damping = group["lora_scale"], group["damping"]

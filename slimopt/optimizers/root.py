@@ -34,8 +34,7 @@ import torch
 
 from ..kernels import MUON_COEFFICIENTS, newton_schulz
 from ..kernels.ns_coefficients import coefficients_for
-from .core import SlimOptimizer
-from .core import state_precision
+from .core import SlimOptimizer, state_precision
 from .core.adam import decoupled_weight_decay_
 from .core.validation import check_choice, check_eps, check_int, is_finite_real
 

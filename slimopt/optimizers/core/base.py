@@ -405,6 +405,19 @@ class SlimOptimizer(Optimizer):
             state_precision.encode_(state, key, self.state_dtype, sign, state.pop(key),
                                     (self.seed, state["key"], state["step"], index))
 
+    @contextlib.contextmanager
+    def _moments_decoded(self, *pairs):
+        """``_open_moments`` for each ``(param, state)`` of ``pairs`` for the duration, then
+        ``_close_moments``: what a rule stepping parameters one by one (or a pair) wraps its
+        update in."""
+        for p, state in pairs:
+            self._open_moments(p, state)
+        try:
+            yield
+        finally:
+            for _, state in pairs:
+                self._close_moments(state)
+
     def _close_all_moments(self) -> None:
         """Close every state still open (after an update that raised: the state keeps its
         stored form)."""
@@ -567,9 +580,8 @@ class SlimOptimizer(Optimizer):
         dense = []
         for p, state in self._to_step(group, finite):
             if self.takes_matrix_rule(p, group):
-                self._open_moments(p, state)
-                self._matrix_step(p, group, state)
-                self._close_moments(state)
+                with self._moments_decoded((p, state)):
+                    self._matrix_step(p, group, state)
             else:
                 dense.append((p, state))
         self._dense_steps(group, dense)
