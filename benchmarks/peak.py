@@ -60,10 +60,11 @@ formula checked against a saved-tensor count in the tests), with and without act
 checkpointing; and the LLaMA-7B-on-24-GB recipe.
 
 Writes ``peak.json``, ``peak.md`` and ``peak.png`` (rewritten after every configuration, so an
-interrupted run keeps what it measured). ``--peak-merge EARLIER/peak.json`` keeps an earlier
-run's rows (same settings required) beside this run's, each row with the ratios to the AdamW of
-its own run and each run's command and commit listed: a long CPU measurement can be split into
-runs that each measure AdamW again. At LLaMA-350M on 2 shared CPU cores a configuration takes
+interrupted run keeps what it measured). ``--peak-merge A/peak.json [B/peak.json ...]`` keeps
+earlier runs' rows (same settings required) beside this run's, each row with the ratios to the
+AdamW of its own run and each run's command and commit listed: a long CPU measurement can be
+split into runs that each measure AdamW again (``--peak-merge-only`` writes the merged tables
+without measuring). At LLaMA-350M on 2 shared CPU cores a configuration takes
 3-7 minutes (a lean one the longest: its steps go one parameter at a time).
 """
 from __future__ import annotations
@@ -570,6 +571,10 @@ def computed(sizes=COMPUTED_SIZES, tokens: int = BATCH * SEQ_LEN, optimizer=COMP
                                f"{' + ' + state if state != 'float32' else ''})", 2 * p,
                                largest, b, act_c, act_c, state_dtype=state, key=name)
             row["fits"] = row["total_ckpt"] <= GPU_BYTES
+            # under accumulation every parameter's bf16 .grad lives from its first micro-batch
+            # to its step
+            row["total_ckpt_accumulation"] = row["total_ckpt"] - largest + 2 * p
+            row["fits_accumulation"] = row["total_ckpt_accumulation"] <= GPU_BYTES
             recipe.append(row)
         out["recipe_7b"] = dict(rank=PAPER_RANK["7b"], rows=recipe)
         progress("[peak] computed the 7B recipe")
@@ -688,19 +693,28 @@ def computed_markdown(comp: dict) -> list[str]:
                   "(`slimopt.step_in_backward(opt, accumulation_steps=N)`: micro-batch 1, "
                   "gradients accumulated to the batch of 512 in `.grad` until the N-th "
                   "micro-batch), int8 states (`state_dtype=\"int8\"`), activation "
-                  f"checkpointing, rank {recipe['rank']}. Under gradient accumulation each "
-                  "parameter's `.grad` lives from its first micro-batch to its step, so the "
-                  "gradient column is one gradient at a time only with `accumulation_steps=1`; "
-                  "with accumulation add the bf16 gradients (= the weights' bytes) or accumulate "
-                  "in the projected space.", "",
+                  f"checkpointing, rank {recipe['rank']}. `step_in_backward` accumulates in "
+                  "`.grad`: with `accumulation_steps=1` (each micro-batch a step, which is what "
+                  "GaLore's per-layer hook does whatever its accumulation setting, GaLore#78) "
+                  "one gradient is alive at a time; with `accumulation_steps > 1` every "
+                  "parameter's bf16 `.grad` lives from its first micro-batch to its step, which adds the weights' "
+                  "bytes again (last two columns).", "",
                   "| slimopt optimizer | weights | gradient (one at a time) | state | "
-                  "activations (ckpt) | total | fits in 24 GB |",
-                  "|---|---:|---:|---:|---:|---:|---|"]
+                  "activations (ckpt) | total | fits in 24 GB | total with accumulation | fits |",
+                  "|---|---:|---:|---:|---:|---:|---|---:|---|"]
         for r in recipe["rows"]:
             lines.append(f"| {r['name']} | {gb(r['weights'])} | {gb(r['grads'])} | "
                          f"{gb(r['state'])} | {gb(r['activations_ckpt'])} | "
-                         f"{gb(r['total_ckpt'])} | {'yes' if r['fits'] else 'no'} |")
-        lines += ["", "Fits (computed): " + (", ".join(r["name"] for r in fits) or "none") + "."]
+                         f"{gb(r['total_ckpt'])} | {'yes' if r['fits'] else 'no'} | "
+                         f"{gb(r['total_ckpt_accumulation'])} | "
+                         f"{'yes' if r['fits_accumulation'] else 'no'} |")
+        best = min(recipe["rows"], key=lambda r: r["total_ckpt"])
+        lines += ["", "Fits in 24 GB (computed, `accumulation_steps=1`): "
+                  + (", ".join(r["name"] for r in fits) or "none")
+                  + f"; the smallest total is {best['name']}'s, {gb(best['total_ckpt'])}. With "
+                  "accumulation in `.grad`: "
+                  + (", ".join(r["name"] for r in recipe["rows"] if r["fits_accumulation"])
+                     or "none (bf16 weights and bf16 gradients alone are 27 GB)") + "."]
     return lines
 
 
@@ -771,10 +785,12 @@ def add_arguments(group) -> None:
                             "MALLOC_MMAP_THRESHOLD_=65536, see benchmarks/peak.py)")
     group.add_argument("--peak-no-computed", action="store_true",
                        help="skip the computed 1B/7B section")
-    group.add_argument("--peak-merge", default=None, metavar="PEAK_JSON",
-                       help="an earlier run's peak.json with the same settings: its rows are "
+    group.add_argument("--peak-merge", nargs="+", default=None, metavar="PEAK_JSON",
+                       help="earlier runs' peak.json with the same settings: their rows are "
                             "kept (each with the ratios to its own run's AdamW) and listed "
                             "with this run's, each with its run's command and commit")
+    group.add_argument("--peak-merge-only", action="store_true",
+                       help="with --peak-merge: measure nothing, write the merged runs' tables")
 
 
 def settings(args) -> dict:
@@ -787,7 +803,11 @@ def settings(args) -> dict:
     if unknown:
         raise SystemExit(f"python -m benchmarks peak: unknown configuration(s) {unknown}; "
                          f"known: {' '.join(known)}")
-    if REFERENCE not in configs:
+    if args.peak_merge_only:
+        if not args.peak_merge:
+            raise SystemExit("python -m benchmarks peak: --peak-merge-only needs --peak-merge")
+        configs = []
+    elif REFERENCE not in configs:
         configs.insert(0, REFERENCE)
     for name, value in (("--peak-steps", args.peak_steps), ("--peak-batch", args.peak_batch),
                         ("--peak-seq-len", args.peak_seq_len),
@@ -798,26 +818,32 @@ def settings(args) -> dict:
                 batch=args.peak_batch, seq_len=args.peak_seq_len, threads=args.peak_threads,
                 rank=args.peak_rank or PRESETS[preset][1]["rank"], lean_state=args.peak_lean_state,
                 malloc=args.peak_malloc, device=args.device, seed=0,
-                computed=not args.peak_no_computed, merge=args.peak_merge)
+                computed=not args.peak_no_computed, merge=args.peak_merge or [],
+                merge_only=args.peak_merge_only)
 
 
 #: the settings two merged runs must share
 SHARED_SETTINGS = ("preset", "steps", "batch", "seq_len", "threads", "rank", "malloc", "device")
 
 
-def earlier_runs(path: str, s: dict) -> tuple[list, list]:
-    """(runs, rows) of an earlier run's peak.json, refused (``SystemExit``) when its settings
-    differ from ``s``; a run that merged others brings theirs."""
-    with open(path) as f:
-        earlier = json.load(f)
-    old = earlier["data"]["settings"]
-    differ = [k for k in SHARED_SETTINGS if old.get(k) != s[k]]
-    if differ:
-        raise SystemExit(f"python -m benchmarks peak --peak-merge {path}: its settings differ "
-                         f"({', '.join(f'{k}: {old.get(k)} != {s[k]}' for k in differ)})")
-    runs = earlier["data"].get("runs") or [{k: earlier[k] for k in ("command", "commit",
-                                                                     "time")}]
-    rows = [dict(r, run=r.get("run", 1)) for r in earlier["data"]["rows"]]
+def earlier_runs(paths, s: dict) -> tuple[list, list]:
+    """(runs, rows) of earlier runs' peak.json files, in order, each row numbered by its run;
+    refused (``SystemExit``) when a file's settings differ from ``s``; a file that merged
+    others brings theirs."""
+    runs, rows = [], []
+    for path in [paths] if isinstance(paths, str) else paths:
+        with open(path) as f:
+            earlier = json.load(f)
+        old = earlier["data"]["settings"]
+        differ = [k for k in SHARED_SETTINGS if old.get(k) != s[k]]
+        if differ:
+            what = ", ".join(f"{k}: {old.get(k)} != {s[k]}" for k in differ)
+            raise SystemExit(f"python -m benchmarks peak --peak-merge {path}: its settings "
+                             f"differ ({what})")
+        mine = earlier["data"].get("runs") or [{k: earlier[k] for k in ("command", "commit",
+                                                                        "time")}]
+        rows += [dict(r, run=r.get("run", 1) + len(runs)) for r in earlier["data"]["rows"]]
+        runs += mine
     return runs, rows
 
 
@@ -846,11 +872,13 @@ def run(args, folder: str, info: dict) -> list[str]:
     if s["merge"]:
         data["runs"], data["rows"] = earlier_runs(s["merge"], s)
     this_run = len(data["runs"]) + 1
-    data["runs"].append({k: info[k] for k in ("command", "commit", "time")})
+    if s["configs"]:
+        data["runs"].append({k: info[k] for k in ("command", "commit", "time")})
+    ratios(data["rows"])
     if s["computed"]:
         data["computed"] = computed(lean_state=s["lean_state"], progress=say)
     env = child_env(s["threads"], s["malloc"])
-    paths = []
+    paths = report.write(folder, "peak", info, data, markdown(data), figure(data))
     for i, config in enumerate(s["configs"]):
         spec = dict(config=config, preset=s["preset"], steps=s["steps"], batch=s["batch"],
                     seq_len=s["seq_len"], threads=s["threads"], rank=s["rank"],

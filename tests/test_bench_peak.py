@@ -109,13 +109,16 @@ def test_computed_markdown():
     r = peak.computed_row("AdamW, fp32 weights", 4 * 10**9, 4 * 10**9, 8 * 10**9,
                           10**9, 2 * 10**8)
     lean = peak.computed_row("GrassJump lean (in-backward + int8)", 2 * 10**9, 10**8,
-                             10**9, 2 * 10**8, 2 * 10**8, key="grassjump", fits=True)
+                             10**9, 2 * 10**8, 2 * 10**8, key="grassjump", fits=True,
+                             total_ckpt_accumulation=5 * 10**9, fits_accumulation=False)
     comp = dict(tokens=256, sizes={"1b": dict(rank=512, params=10**9, rows=[r])},
                 recipe_7b=dict(rank=1024, rows=[lean]))
     text = "\n".join(peak.computed_markdown(comp))
     assert "| AdamW, fp32 weights | 4.0 GB | 4.0 GB | 8.0 GB | 1.0 GB (0.2 GB) | 17.0 GB | " \
            "16.2 GB |" in text
-    assert "## Computed, 1B and 7B" in text and "Fits (computed): GrassJump lean" in text
+    assert "## Computed, 1B and 7B" in text
+    assert "(computed, `accumulation_steps=1`): GrassJump lean" in text
+    assert "| 3.3 GB | yes | 5.0 GB | no |" in text
 
 
 def test_configs_and_labels():
@@ -194,3 +197,30 @@ def test_merge_keeps_each_runs_ratios(tmp_path):
     assert "| GrassJump lean (in-backward + int8 states) | 2 | 2.00 GiB | 0.40 |" in text
     with pytest.raises(SystemExit, match="settings differ"):
         peak.earlier_runs(str(path), dict(s, preset="60m"))
+
+
+def test_merge_only_writes_the_merged_runs(tmp_path):
+    from benchmarks.report import stamp
+    g = 2**30
+    s = dict(preset="350m", steps=2, batch=1, seq_len=256, threads=2, rank=256, malloc="mmap",
+             device="cpu")
+    for name, rows in (("a", [_row("adamw", 6 * g, g // 2, 3 * g)]),
+                       ("b", [_row("adamw", 5 * g, g // 2, 3 * g),
+                              _row("snsm-lean", 2 * g, g // 2, g // 8)])):
+        (tmp_path / f"{name}.json").write_text(json.dumps(dict(
+            command=f"python -m benchmarks peak {name}", commit=name, time="t",
+            data=dict(settings=s, rows=rows))))
+    import argparse
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--device", default="cpu")
+    peak.add_arguments(parser)
+    args = parser.parse_args(["--peak-no-computed", "--peak-merge-only", "--peak-merge",
+                              str(tmp_path / "a.json"), str(tmp_path / "b.json")])
+    paths = peak.run(args, str(tmp_path), stamp("cpu", ["peak", "--peak-merge-only"]))
+    data = json.loads((tmp_path / "peak.json").read_text())["data"]
+    assert [r["run"] for r in data["rows"]] == [1, 2, 2] and len(data["runs"]) == 2
+    assert data["rows"][2]["vs_adamw"] == pytest.approx(0.4)
+    assert any(p.endswith("peak.png") for p in paths)
+    with pytest.raises(SystemExit, match="needs --peak-merge"):
+        peak.settings(parser.parse_args(["--peak-merge-only"]))
