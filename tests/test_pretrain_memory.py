@@ -142,8 +142,15 @@ def test_bad_input_is_one_line(tmp_path, cache, plain, capsys):
     ds = tmp_path / "ds.json"
     ds.write_text(json.dumps({"gradient_accumulation_steps": 2}))
     _fails(base + ["--deepspeed", str(ds), "--step-in-backward"], capsys, "--deepspeed")
-    _fails(base + ["--deepspeed", str(ds), "--state-dtype", "bfloat16"], capsys, "--deepspeed",
-           "float32")
+
+
+def test_zero_refuses_low_precision_states_in_one_line(tmp_path, cache, capsys):
+    pytest.importorskip("deepspeed")
+    ds = tmp_path / "z2.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    _fails(SMALL + ["--cache-dir", cache, "--output-dir", str(tmp_path / "x"), "--deepspeed",
+                    str(ds), "--state-dtype", "bfloat16"], capsys, "--deepspeed", "ZeRO-2",
+           "state_dtype='float32' there")
 
 
 def test_resume_refuses_another_state_dtype_and_applies_another_grad_accum(

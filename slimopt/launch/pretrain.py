@@ -32,8 +32,9 @@ Memory (issue 13), each recorded in the checkpoint:
   communication hook). ``--grad-clip`` then clips each parameter's gradient on its own; the
   logged gradient norm is still the global norm before clipping. slimopt optimizers only, not
   with ``--deepspeed``.
-- ``--state-dtype float32|bfloat16|int8``: the slimopt optimizer's moments (peers refuse it,
-  and ``--deepspeed`` takes float32 only); a resume must keep it.
+- ``--state-dtype float32|bfloat16|int8``: the slimopt optimizer's moments (refused for the
+  peers, and by DeepSpeed ZeRO-1/2/3, whose bridge keeps float32 moments); a resume must keep
+  it.
 
 Every user error (missing data, unknown preset or optimizer, a bad or mismatched checkpoint) is a
 one-line message and exit code 2, not a traceback.

@@ -141,9 +141,9 @@ def check_ranges(args, error) -> None:
 
 def check_memory_flags(args, error) -> None:
     """``--step-in-backward`` and ``--state-dtype`` need a slimopt optimizer (the first one
-    without DeepSpeed, the second float32 under it); ``--state-dtype`` defaults to
-    ``--opt-args``' or float32 for a slimopt optimizer; ``--grad-accum`` to 1 (to the DeepSpeed
-    config's with ``--deepspeed``)."""
+    without DeepSpeed; ZeRO-1/2/3 refuse low-precision states themselves, before the engine is
+    built); ``--state-dtype`` defaults to ``--opt-args``' or float32 for a slimopt optimizer;
+    ``--grad-accum`` to 1 (to the DeepSpeed config's with ``--deepspeed``)."""
     method = BY_NAME[args.optimizer]
     slimopt_names = ", ".join(sorted(n for n in KNOWN if not BY_NAME[n].is_peer))
     if args.step_in_backward:
@@ -161,10 +161,6 @@ def check_memory_flags(args, error) -> None:
         if given != args.state_dtype:
             error(f"--opt-args sets state_dtype {given!r} but --state-dtype is "
                   f"{args.state_dtype}")
-        if args.deepspeed and args.state_dtype != "float32":
-            error(f"--state-dtype {args.state_dtype} does not work with --deepspeed (the ZeRO "
-                  "bridge shards and saves float32 moments); use it in one process or under "
-                  "DDP")
     elif not method.is_peer:
         args.state_dtype = args.opt_args.get("state_dtype", "float32")
     if args.grad_accum is None and not args.deepspeed:
