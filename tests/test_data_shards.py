@@ -138,6 +138,20 @@ def test_cache_is_reused_and_rebuilt_when_damaged(corpus_file, tmp_path, monkeyp
     assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]
 
 
+def test_a_full_disk_while_writing_is_one_line_and_leaves_no_temp_file(corpus_file, tmp_path,
+                                                                       monkeypatch):
+    import errno
+    corpus = open_corpus(corpus_file, max_chars=10**9)
+    tokenizer = trained_bpe(corpus, 300, str(tmp_path), say=quiet)
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(shards_mod, "_boundary", full)
+    with pytest.raises(DataError, match="No space left on device.*free space under --cache-dir"):
+        token_shards(corpus, tokenizer, str(tmp_path), say=quiet)
+    assert not [f for f in os.listdir(tmp_path) if f.startswith("tokens-")]
+
+
 @pytest.mark.parametrize("n", [1, 2, 3, 5, 64, 1000, 4097])
 def test_the_batch_permutation_is_a_deterministic_bijection(n):
     keys = batch_order.round_keys(seed=7, epoch=0)

@@ -21,6 +21,7 @@ rebuilt, with a note.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -31,12 +32,13 @@ import numpy as np
 import torch
 
 from .checkpoint_io import file_sha256
+from .cli_errors import first_line
 from .data import Corpus, DataError
 from .tokenizer import RunTokenizer, note_rebuilding
 
 SHARD_FORMAT = 1
 #: characters of documents tokenized at a time (a longer document is one chunk by itself)
-CHUNK_CHARS = 1_000_000
+CHUNK_CHARS = 250_000
 PROGRESS_SECONDS = 30.0
 EVAL_FRACTION = 0.02
 
@@ -207,6 +209,11 @@ def token_shards(corpus: Corpus, tokenizer: RunTokenizer, cache_dir: str, say=pr
         with open(record_tmp, "w") as f:
             json.dump(record, f, indent=1)
         os.replace(record_tmp, record_path)
+    except OSError as err:  # a full disk, a file that cannot be read: one line, no temporary
+        full = err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+        raise DataError(f"building the token cache {path} failed ({type(err).__name__}: "
+                        f"{first_line(err)})" + ("; free space under --cache-dir or pass "
+                                                 "another --cache-dir" if full else "")) from None
     finally:
         for leftover in (tmp, ends_tmp, record_tmp):
             if os.path.exists(leftover):
