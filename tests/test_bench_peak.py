@@ -143,12 +143,12 @@ def test_unknown_config_refused():
 
 
 @pytest.mark.bench
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(900)
 def test_peak_quick(tmp_path):
     pytest.importorskip("matplotlib")
     t0 = time.time()
     proc = subprocess.run([sys.executable, "-m", "benchmarks", "peak", "--quick", "--out",
-                           str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+                           str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     folder = tmp_path / "cpu"
     for ext in ("json", "md", "png"):
@@ -178,14 +178,16 @@ def test_peak_quick(tmp_path):
 def test_merge_keeps_each_runs_ratios(tmp_path):
     g = 2**30
     s = dict(preset="350m", steps=2, batch=1, seq_len=256, threads=2, rank=256, malloc="mmap",
-             device="cpu")
+             device="cpu", configs=["adamw", "grassjump", "root"])
     earlier = dict(command="python -m benchmarks peak A", commit="abc", time="t1",
                    data=dict(settings=s, rows=[_row("adamw", 6 * g, g // 2, 3 * g),
                                                _row("grassjump", 4 * g, g // 2, g)]))
     path = tmp_path / "peak.json"
     path.write_text(json.dumps(earlier))
     runs, rows = peak.earlier_runs(str(path), s)
-    assert [r["run"] for r in rows] == [1, 1] and runs[0]["commit"] == "abc"
+    assert [r["run"] for r in rows] == [1, 1, 1] and runs[0]["commit"] == "abc"
+    assert rows[2]["config"] == "root" and rows[2]["status"] == "not run"
+    del rows[2]
     rows += [dict(_row("adamw", 5 * g, g // 2, 3 * g), run=2),
              dict(_row("grassjump-lean", 2 * g, g // 2, g // 4), run=2)]
     peak.ratios(rows)
