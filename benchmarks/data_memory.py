@@ -3,8 +3,8 @@ slimopt-pretrain's data path as the corpus grows.
 
 It writes synthetic ``.jsonl`` corpora of 1x, 4x and 16x ``--base-mb`` megabytes (documents of
 50-500 words drawn from a fixed made-up vocabulary; a temporary folder, deleted after) and, in a
-fresh Python process per corpus and phase, measures the peak resident memory (``ru_maxrss``)
-and the resident memory after the imports (the baseline), so the difference is what the phase
+fresh Python process per corpus and phase, measures the peak resident memory (``VmHWM``) and
+the resident memory after the imports (the baseline), so the difference is what the phase
 itself holds:
 
 - ``bpe``: training the byte-level BPE (vocabulary 2048) on the corpus's first
@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import random
-import resource
 import shutil
 import subprocess
 import sys
@@ -34,12 +33,15 @@ PHASES = ("bpe", "write", "read")
 BATCHES, BATCH, SEQ_LEN = 200, 64, 256
 
 
-def _rss_mb() -> float:
+def _status_mb(field: str) -> float:
+    """``VmRSS`` (resident now) or ``VmHWM`` (its peak) of this process, in MB. The peak is read
+    here, not from ``ru_maxrss``: Linux carries ``ru_maxrss`` over ``fork`` and ``exec``, so a
+    child would report at least its parent's size."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
+    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def write_corpus(path: str, megabytes: float, seed: int = 0) -> int:
@@ -69,7 +71,7 @@ def child(phase: str, corpus_path: str, tokenizer_path: str, cache: str) -> dict
     from slimopt.launch.tokenizer import pretrained_tokenizer, trained_bpe
     import datasets  # noqa: F401
     import tokenizers  # noqa: F401
-    baseline = _rss_mb()
+    baseline = _status_mb("VmRSS")
     t0 = time.perf_counter()
     corpus = open_corpus(corpus_path, max_chars=None)
     out = {}
@@ -83,9 +85,9 @@ def child(phase: str, corpus_path: str, tokenizer_path: str, cache: str) -> dict
             train, _ = shards.blocks(SEQ_LEN)
             for step in range(BATCHES):
                 batch_at(train, step, BATCH, 0)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak, end = _status_mb("VmHWM"), _status_mb("VmRSS")
     return dict(out, phase=phase, seconds=time.perf_counter() - t0, baseline_mb=baseline,
-                peak_mb=peak, held_mb=peak - baseline)
+                peak_mb=peak, held_mb=peak - baseline, end_mb=end)
 
 
 def _run_child(phase, corpus_path, tokenizer_path, cache) -> dict:
@@ -119,7 +121,7 @@ def measure(base_mb: float, work: str) -> list[dict]:
             rows.append(row)
             print(f"{factor:>3}x ({size_mb:7.1f} MB) {phase:<5}: peak {row['peak_mb']:7.1f} MB, "
                   f"baseline {row['baseline_mb']:7.1f} MB, held {row['held_mb']:6.1f} MB, "
-                  f"{row['seconds']:6.1f} s", file=sys.stderr)
+                  f"end {row['end_mb']:7.1f} MB, {row['seconds']:6.1f} s", file=sys.stderr)
         shutil.rmtree(cache, ignore_errors=True)
         os.remove(corpus_path)
     return rows
@@ -127,18 +129,18 @@ def measure(base_mb: float, work: str) -> list[dict]:
 
 def table(rows: list[dict]) -> str:
     lines = ["| corpus | documents | tokens | phase | peak RSS (MB) | after imports (MB) | "
-             "held by the phase (MB) | time (s) |",
-             "|---|---:|---:|---|---:|---:|---:|---:|"]
+             "held by the phase (MB) | RSS at the end (MB) | time (s) |",
+             "|---|---:|---:|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         tokens = f"{r['tokens']:,}" if "tokens" in r else ""
         lines.append(f"| {r['factor']}x ({r['corpus_mb']:.0f} MB) | {r['corpus_documents']:,} | "
                      f"{tokens} | {r['phase']} | {r['peak_mb']:.0f} | {r['baseline_mb']:.0f} | "
-                     f"{r['held_mb']:.0f} | {r['seconds']:.1f} |")
+                     f"{r['held_mb']:.0f} | {r['end_mb']:.0f} | {r['seconds']:.1f} |")
     from slimopt.launch.tokenizer import TOKENIZER_SAMPLE_CHARS
     lines += ["", f"bpe: training on at most the first {TOKENIZER_SAMPLE_CHARS:,} characters; "
                   f"write: tokenize and write the shards; read: open them (SHA-256 checked) and "
                   f"read {BATCHES} batches of {BATCH} x {SEQ_LEN} tokens in the run's order. "
-                  "Each phase in a fresh process; peak RSS is ru_maxrss."]
+                  "Each phase in a fresh process; peak RSS is its VmHWM."]
     return "\n".join(lines)
 
 
