@@ -187,7 +187,7 @@ class RunLock:
 
 # ---------------------------------------------------------------------------- DeepSpeed tags
 def file_sha256(path: str, chunk: int = 1 << 24) -> str:
-    """SHA-256 of a file, read 16 MiB at a time (DeepSpeed tags, token shards)."""
+    """SHA-256 of a file, read ``chunk`` bytes at a time (DeepSpeed tags, token shards)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
