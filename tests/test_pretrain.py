@@ -139,19 +139,37 @@ def test_small_preset_size():
     assert sizes == {"tiny": 1_328_256, "small": 4_212_992}
 
 
-def test_two_cpu_ranks_match_one_process(tmp_path, cache):
-    common = SMALL + ["--cache-dir", cache, "--optimizer", "grasswalk", "--no-tensorboard"]
-    single = pretrain.execute(common + ["--output-dir", str(tmp_path / "one")])
+def _two_ranks(*args):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", str(free_port()), "-m", "slimopt.launch.pretrain", *common,
-           "--output-dir", str(tmp_path / "two")]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+           "--master_port", str(free_port()), "-m", "slimopt.launch.pretrain", *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+
+
+def test_two_cpu_ranks_match_one_process(tmp_path, cache):
+    common = SMALL + ["--optimizer", "grasswalk", "--no-tensorboard"]
+    single = pretrain.execute(common + ["--cache-dir", cache, "--output-dir", str(tmp_path / "one")])
+    # a cold cache: local rank 0 builds the tokenizer and the token shards, rank 1 reads them
+    cold = tmp_path / "cold-cache"
+    proc = _two_ranks(*common, "--cache-dir", str(cold), "--output-dir", str(tmp_path / "two"))
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(list(cold.glob("tokens-*.bin"))) == 1
     two = json.loads((tmp_path / "two" / "result.json").read_text())
     # DDP averages the two half-batch gradients: the full batch's gradient up to rounding
     assert two["eval_loss"] == pytest.approx(single["eval_loss"], rel=1e-4)
     assert two["tokens"] == single["tokens"]
+
+
+def test_a_data_failure_on_the_building_rank_reaches_every_rank(tmp_path):
+    proc = _two_ranks(*SMALL, "--cache-dir", str(tmp_path / "cache"), "--data",
+                      str(tmp_path / "missing.jsonl"), "--output-dir", str(tmp_path / "out"))
+    assert proc.returncode != 0
+    errors = [line for line in (proc.stdout + proc.stderr).splitlines()
+              if line.startswith("slimopt-pretrain: error:")]
+    assert any("missing.jsonl" in line for line in errors), errors  # the builder's own error
+    assert any("another rank" in line for line in errors), errors   # and rank 1 is told
+    # torchrun prints its own traceback for a failed child; none comes from slimopt's code
+    assert f"slimopt{os.sep}launch{os.sep}" not in proc.stderr
 
 
 def test_deepspeed_zero2_two_ranks_resume_one_rank_and_contradictions(tmp_path, cache, capsys):

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .data import open_corpus
+from .data import DataError, open_corpus
 from .deepspeed_config import load_deepspeed_config
 from .presets import llama_config
 from .records import BY_NAME
@@ -61,6 +61,31 @@ def load_data(args, say):
         say(f"data: cut at --max-chars {args.max_chars:,} characters; the source has more "
             "(raise --max-chars to use it)")
     return train_blocks, eval_blocks, tokenizer
+
+
+def load_data_once_per_node(args, say, world, device):
+    """``load_data`` on every rank, the token shards built once per node: each node's local rank
+    0 trains the tokenizer and writes the shards while the node's other ranks wait, which then
+    read the cached files (a cold cache is not tokenized ``world`` times). A builder's failure
+    reaches every rank: the builder raises its own error, the others a ``DataError`` pointing to
+    it, so no rank is left waiting."""
+    if world == 1:
+        return load_data(args, say)
+    builder = int(os.environ.get("LOCAL_RANK", "0")) == 0
+    loaded, failure = None, None
+    if builder:
+        try:
+            loaded = load_data(args, say)
+        except Exception as err:  # noqa: BLE001 -- re-raised below, after the other ranks know
+            failure = err
+    failed = torch.tensor([float(failure is not None)], device=device)
+    torch.distributed.all_reduce(failed)
+    if failure is not None:
+        raise failure
+    if float(failed) > 0:
+        raise DataError("the data could not be prepared on another rank (its local rank 0, "
+                        "which builds the token cache for its node): see that rank's error")
+    return loaded if builder else load_data(args, say)
 
 
 # ---------------------------------------------------------------------------- optimizer
@@ -162,7 +187,7 @@ def build_run(args, rank, world, device) -> Run:
     """Data, model, optimizer, schedule and the DDP or DeepSpeed wrapper, in that order."""
     import transformers
     say = print if rank == 0 else (lambda *a, **k: None)
-    train_blocks, eval_blocks, tokenizer = load_data(args, say)
+    train_blocks, eval_blocks, tokenizer = load_data_once_per_node(args, say, world, device)
     config = llama_config(args.preset, tokenizer.vocab_size, args.seq_len)
     torch.manual_seed(args.seed)
     model = transformers.LlamaForCausalLM(config).to(device)
