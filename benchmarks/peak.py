@@ -754,7 +754,12 @@ def figure(data: dict):
     ax.set_title(f"Peak memory, LLaMA {s['preset']}, micro-batch {s['batch']} x {s['seq_len']}, "
                  f"{s['device']}", fontsize=10)
     ax.set_xlim(0, max(b + t for b, t in zip(base, train)) * 1.25)
-    ax.legend(fontsize=7, loc="lower right")
+    handles, names_ = ax.get_legend_handles_labels()
+    for colour, what in (("black", "torch AdamW"), ("tab:orange", "peers"),
+                         ("tab:cyan", "slimopt"), ("tab:blue", "slimopt lean")):
+        handles.append(plt.Rectangle((0, 0), 1, 1, color=colour))
+        names_.append(what)
+    ax.legend(handles, names_, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     return fig
 
