@@ -226,3 +226,18 @@ def test_merge_only_writes_the_merged_runs(tmp_path):
     assert any(p.endswith("peak.png") for p in paths)
     with pytest.raises(SystemExit, match="needs --peak-merge"):
         peak.settings(parser.parse_args(["--peak-merge-only"]))
+
+
+def test_checkpointing_configs():
+    g = 2**30
+    assert peak.label("grassjump-lean-ckpt", "int8") == \
+        "GrassJump lean (in-backward + int8 states) + activation checkpointing"
+    rows = [_row("adamw", 6 * g, g // 2, 3 * g), _row("adamw-ckpt", 5.9 * g, g // 2, 3 * g),
+            _row("grassjump-lean", 2.8 * g, g // 2, g // 4),
+            _row("grassjump-lean-ckpt", 2.4 * g, g // 2, g // 4)]
+    peak.ratios(rows)
+    assert peak.leanest(rows)["config"] == "grassjump-lean-ckpt"
+    assert peak.leanest(rows, checkpointing=False)["config"] == "grassjump-lean"
+    text = peak.markdown(_data(rows))
+    assert "without activation checkpointing: **GrassJump lean (in-backward + int8 states)**" \
+        in text and "**0.47x**" in text and "**0.40x**" in text
