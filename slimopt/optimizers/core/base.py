@@ -733,6 +733,15 @@ class SlimOptimizer(Optimizer):
         A state without the class marker (older slimopt) is checked on everything else."""
         name = type(self).__name__
         state_checks.check_format(state_dict, name)
+        saved_groups, state = state_dict["param_groups"], state_dict["state"]
+        state_checks.check_group_layout(saved_groups, self.param_groups)
+        state_checks.check_param_indices(state, saved_groups)
+        for index, saved in enumerate(saved_groups):
+            # torch's __setstate__ (every load_state_dict, accelerate's wrapper) adds
+            # defaults['differentiable'] without adding it to the groups
+            state_checks.check_group_options(saved, set(self.defaults) - {"differentiable"},
+                                             index)
+        # after the checks that tell another optimizer's state (which has no marker either)
         saved_dtype = state_dict.get(STATE_DTYPE_KEY, "float32")
         if saved_dtype != self.state_dtype:
             raise ValueError(
@@ -740,14 +749,7 @@ class SlimOptimizer(Optimizer):
                 f"has state_dtype={self.state_dtype!r}. Resume with {name}(..., "
                 f"state_dtype={saved_dtype!r}): slimopt does not convert stored moments on load "
                 "(a conversion would silently change the run you resume)")
-        saved_groups, state = state_dict["param_groups"], state_dict["state"]
-        state_checks.check_group_layout(saved_groups, self.param_groups)
-        state_checks.check_param_indices(state, saved_groups)
         for index, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
-            # torch's __setstate__ (every load_state_dict, accelerate's wrapper) adds
-            # defaults['differentiable'] without adding it to the groups
-            state_checks.check_group_options(saved, set(self.defaults) - {"differentiable"},
-                                             index)
             check_known_keys(saved, self.defaults, name, f"group {index} of the state: ")
             merged = dict(saved, params=group["params"])
             try:
