@@ -4,9 +4,7 @@ computed rows, the ratios and the tables), and ``python -m benchmarks peak --qui
 ``bench`` marker."""
 import json
 import os
-import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -17,6 +15,7 @@ if ROOT not in sys.path:
 
 transformers = pytest.importorskip("transformers")
 from benchmarks import peak  # noqa: E402
+from test_benchmarks_quick import run_quick  # noqa: E402
 
 
 def test_activation_formula_hand_numbers():
@@ -145,14 +144,7 @@ def test_unknown_config_refused():
 @pytest.mark.bench
 @pytest.mark.timeout(900)
 def test_peak_quick(tmp_path):
-    pytest.importorskip("matplotlib")
-    t0 = time.time()
-    proc = subprocess.run([sys.executable, "-m", "benchmarks", "peak", "--quick", "--out",
-                           str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    folder = tmp_path / "cpu"
-    for ext in ("json", "md", "png"):
-        assert (folder / f"peak.{ext}").stat().st_size > 0, ext
+    folder, elapsed = run_quick("peak", tmp_path, ["peak"])
     data = json.loads((folder / "peak.json").read_text())
     assert data["command"].startswith("python -m benchmarks peak --quick")
     rows = {r["config"]: r for r in data["data"]["rows"]}
@@ -172,7 +164,7 @@ def test_peak_quick(tmp_path):
     text = (folder / "peak.md").read_text()
     assert text.startswith("Command: `python -m benchmarks peak --quick")
     assert "## Computed, 1B and 7B" in text and "LLaMA-7B on a 24 GB GPU" in text
-    print(f"python -m benchmarks peak --quick: {time.time() - t0:.0f} s")
+    print(f"python -m benchmarks peak --quick: {elapsed:.0f} s")
 
 
 def test_merge_keeps_each_runs_ratios(tmp_path):
