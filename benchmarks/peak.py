@@ -877,7 +877,14 @@ def earlier_runs(paths, s: dict) -> tuple[list, list]:
                           reason="the run was stopped before this configuration")
                      for c in old.get("configs", []) if c not in done]
         runs += mine
-    return runs, rows
+    return runs, measured_where_stopped(rows)
+
+
+def measured_where_stopped(rows: list) -> list:
+    """``rows`` without the "not run" rows of configurations that another run measured (a run
+    stopped early, its missing configurations measured by a later one)."""
+    measured = {r["config"] for r in rows if r["status"] != "not run"}
+    return [r for r in rows if r["status"] != "not run" or r["config"] not in measured]
 
 
 def malloc_note(malloc: str) -> str:

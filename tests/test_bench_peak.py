@@ -193,6 +193,17 @@ def test_merge_keeps_each_runs_ratios(tmp_path):
         peak.earlier_runs(str(path), dict(s, preset="60m"))
 
 
+def test_a_stopped_runs_gap_measured_by_a_later_run_is_not_listed_as_not_run():
+    g = 2**30
+    rows = [dict(_row("adamw", 6 * g, g // 2, 3 * g), run=1),
+            dict(config="root", status="not run", label="ROOT", run=1, reason="stopped"),
+            dict(config="sara", status="not run", label="SARA", run=1, reason="stopped"),
+            dict(_row("root", 4 * g, g // 2, g), run=2)]
+    kept = peak.measured_where_stopped(rows)
+    assert [(r["config"], r["status"]) for r in kept] == [
+        ("adamw", "ok"), ("sara", "not run"), ("root", "ok")]
+
+
 def test_merge_only_writes_the_merged_runs(tmp_path):
     from benchmarks.report import stamp
     g = 2**30
