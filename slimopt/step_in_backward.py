@@ -72,7 +72,9 @@ class StepInBackward:
         self._counts: dict[int, int] = {}
         self._group_of = {id(p): group for group in optimizer.param_groups
                           for p in group["params"] if p.requires_grad}
-        self._square_norms: list[torch.Tensor] = []
+        #: sum of the squared norms of the gradients stepped since take_grad_norm() (a running
+        #: sum, not a list: a run that never reads it must not grow a tensor per step)
+        self._square_norm: torch.Tensor | None = None
         if ddp is not None:
             self._world = torch.distributed.get_world_size(ddp.process_group)
             try:
@@ -106,7 +108,9 @@ class StepInBackward:
             for p in params:
                 norm = (torch.nn.utils.clip_grad_norm_([p], self.max_grad_norm)
                         if self.max_grad_norm is not None else torch.linalg.vector_norm(p.grad))
-                self._square_norms.append(norm.float().square())
+                square = norm.float().square()
+                self._square_norm = square if self._square_norm is None else \
+                    self._square_norm + square.to(self._square_norm.device)
                 by_group.setdefault(id(self._group_of[id(p)]), []).append(p)
             for group_params in by_group.values():
                 group = self._group_of[id(group_params[0])]
@@ -139,11 +143,9 @@ class StepInBackward:
     def take_grad_norm(self) -> torch.Tensor | None:
         """The L2 norm of all gradients stepped since the previous call (before clipping; under
         DDP the averaged ones), or None if none stepped; starts a new count."""
-        if not self._square_norms:
+        if self._square_norm is None:
             return None
-        norm = torch.stack([n.to(self._square_norms[0].device)
-                            for n in self._square_norms]).sum().sqrt()
-        self._square_norms = []
+        norm, self._square_norm = self._square_norm.sqrt(), None
         return norm
 
     def remove(self) -> None:
