@@ -148,11 +148,6 @@ class AdaPreLoRA(SlimOptimizer):
     def takes_float16(self, param, group):
         return self.is_pair(group)  # stepped in float32
 
-    @staticmethod
-    def _work_dtype(p: torch.Tensor) -> torch.dtype:
-        """float64 stays; everything else is computed in float32."""
-        return torch.float64 if p.dtype == torch.float64 else torch.float32
-
     def _init_matrix_state(self, p, group, state):
         A, B = group["params"]
         work = self._work_dtype(p)

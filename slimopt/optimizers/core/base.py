@@ -368,12 +368,13 @@ class SlimOptimizer(Optimizer):
                                                    self.state_dtype))
         return state
 
-    # ------------------------------------------------------------------ low-precision moments
     @staticmethod
-    def _moment_work_dtype(p: torch.Tensor) -> torch.dtype:
-        """The dtype low-precision moments are decoded into: float64 for float64 parameters,
-        float32 otherwise."""
+    def _work_dtype(p: torch.Tensor) -> torch.dtype:
+        """The dtype a parameter's maths runs in (and low-precision moments are decoded into):
+        float64 for float64 parameters, float32 otherwise."""
         return torch.float64 if p.dtype == torch.float64 else torch.float32
+
+    # ------------------------------------------------------------------ low-precision moments
 
     def _low_moments(self, state: dict) -> list:
         """``(index, key, sign)`` of the moments of ``state`` stored in low precision."""
@@ -388,7 +389,7 @@ class SlimOptimizer(Optimizer):
         low = self._low_moments(state)
         if not low or id(state) in self._opened:
             return
-        work = self._moment_work_dtype(p)
+        work = self._work_dtype(p)
         for _, key, sign in low:
             stored = state[state_precision.stored_names(key, self.state_dtype)[0]]
             state[key] = state_precision.decode(state, key, self.state_dtype, sign,
@@ -651,7 +652,7 @@ class SlimOptimizer(Optimizer):
         its gradient and the decoded moments (the whole tensors for moments kept as they are)."""
         if not self._low_moments(state):
             return p, p.grad, state["exp_avg"], state["exp_avg_sq"]
-        work = self._moment_work_dtype(p)
+        work = self._work_dtype(p)
         moments = [state_precision.decode(state, key, self.state_dtype, self.moment_keys[key],
                                           work, start, stop) for key in ("exp_avg", "exp_avg_sq")]
         return (p.view(-1)[start:stop], p.grad.reshape(-1)[start:stop], *moments)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 
 import torch
 
@@ -57,7 +58,12 @@ def check_state_dtype(value) -> None:
 def bitsandbytes_functional():
     """``bitsandbytes.functional``, imported on first use; ``ImportError`` naming the install
     command when it is missing. Its CPU backend logs a warning about optional 'kernels' at import
-    (a 4-bit matmul slimopt does not use): silenced for that import."""
+    (a 4-bit matmul slimopt does not use): silenced for that import. Called at every int8
+    encode and decode: once imported, the module is returned at once (no logger work on the
+    step's path)."""
+    imported = sys.modules.get("bitsandbytes.functional")
+    if imported is not None:
+        return imported
     noisy = logging.getLogger("bitsandbytes.backends.cpu.ops")
     level = noisy.level
     noisy.setLevel(logging.ERROR)

@@ -153,10 +153,6 @@ class SubspaceOptimizer(SlimOptimizer):
         self._init_inner_state(p, group, state, d, k, r)
 
     # ------------------------------------------------------------------ bases
-    @staticmethod
-    def _work_dtype(p: torch.Tensor) -> torch.dtype:
-        return p.dtype if p.dtype in (torch.float32, torch.float64) else torch.float32
-
     def _draw(self, policy, state, grad32, rank, interval, previous=None):
         """The basis of ``interval``: the policy's first, or its move from ``previous``."""
         gen = Draws(self.seed, state["key"], interval)
