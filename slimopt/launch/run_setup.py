@@ -51,7 +51,9 @@ def load_data(args, say):
     corpus = open_corpus(args.data, text_column=args.text_column, max_chars=args.max_chars)
     tokenizer = run_tokenizer(args, corpus, say)
     shards = token_shards(corpus, tokenizer, args.cache_dir, say)
-    args.data_sha256, args.tokenizer_sha256 = shards.record["data_sha256"], tokenizer.sha256
+    # the record holds the tokenizer's digest, checked against it when the cache is opened
+    args.data_sha256 = shards.record["data_sha256"]
+    args.tokenizer_sha256 = shards.record["tokenizer_sha256"]
     train_blocks, eval_blocks = shards.blocks(args.seq_len)
     record = shards.record
     say(f"data: {record['documents']:,} documents ({corpus.corpus_id}), "

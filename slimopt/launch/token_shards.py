@@ -160,8 +160,8 @@ def _write(corpus: Corpus, tokenizer: RunTokenizer, path: str, ends_path: str, s
             for ids, end in zip(encoded, doc_ends.tolist()):
                 flat[end - len(ids) - 1:end - 1] = ids
                 flat[end - 1] = eos
-            out.write(flat.tobytes())
-            file_digest.update(flat.tobytes())
+            out.write(flat)  # the array's buffer, written and hashed without a copy
+            file_digest.update(flat)
             ends.write((doc_ends + tokens).astype(np.uint64).tobytes())
             docs, tokens = docs + len(chunk), tokens + len(flat)
             now = time.monotonic()
