@@ -28,6 +28,8 @@ import sys
 import tempfile
 import time
 
+from .report import ROOT
+
 FACTORS = (1, 4, 16)
 PHASES = ("bpe", "write", "read")
 BATCHES, BATCH, SEQ_LEN = 200, 64, 256
@@ -95,7 +97,7 @@ def _run_child(phase, corpus_path, tokenizer_path, cache) -> dict:
            tokenizer_path, cache]
     env = dict(os.environ, TOKENIZERS_PARALLELISM="true")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
-                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+                          cwd=ROOT)
     if proc.returncode != 0:
         raise RuntimeError(f"{phase} on {corpus_path} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

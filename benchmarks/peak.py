@@ -265,11 +265,11 @@ def _warm_up(device: str) -> None:
     del toy, ids
 
 
-def _lean_state_dtype(config: str, wanted: str) -> str:
-    """The ``state_dtype`` a lean configuration runs with: ``wanted`` if the optimizer takes a
-    ``state_dtype``, else "float32" (the row's label says which)."""
+def _lean_state_dtype(name: str, wanted: str) -> str:
+    """The ``state_dtype`` optimizer ``name`` runs with in a lean configuration: ``wanted`` if it
+    takes a ``state_dtype``, else "float32" (the row's label says which)."""
     from slimopt.launch.registry import OPTIMIZERS
-    takes = "state_dtype" in inspect.signature(OPTIMIZERS[config[:-len(LEAN)]]).parameters
+    takes = "state_dtype" in inspect.signature(OPTIMIZERS[name]).parameters
     return wanted if takes else "float32"
 
 
@@ -295,7 +295,7 @@ def build(config: str, model, rank: int, lr: float, lean_state: str, device):
     name = config[:-len(LEAN)] if config.endswith(LEAN) else config
     options = dict(cli_defaults(name))
     if config.endswith(LEAN):
-        state = _lean_state_dtype(config, lean_state)
+        state = _lean_state_dtype(name, lean_state)
         if state != "float32":
             options["state_dtype"] = state
         opt = build_optimizer(name, model, lr=lr, rank=rank, **options)
@@ -567,7 +567,7 @@ def computed(sizes=COMPUTED_SIZES, tokens: int = BATCH * SEQ_LEN, optimizer=COMP
             plain = _slimopt_state(optimizer, model, rank, "float32")
             rows.append(computed_row(f"{_display(optimizer)} plain, {w} weights", p * elem,
                                      p * elem, plain, act, act_c, weights_dtype=w))
-            state = lean_state if _takes_state_dtype(optimizer) else "float32"
+            state = _lean_state_dtype(optimizer, lean_state)
             lean = _slimopt_state(optimizer, model, rank, state)
             rows.append(computed_row(f"{_display(optimizer)} lean (in-backward"
                                      f"{' + ' + state if state != 'float32' else ''}), "
@@ -583,7 +583,7 @@ def computed(sizes=COMPUTED_SIZES, tokens: int = BATCH * SEQ_LEN, optimizer=COMP
         act_c = activation_bytes(hidden, inter, heads, layers, GALORE_VOCAB, tokens, 2, True)
         recipe = []
         for name in OPTIMIZERS:
-            state = lean_state if _takes_state_dtype(name) else "float32"
+            state = _lean_state_dtype(name, lean_state)
             b = _slimopt_state(name, model, PAPER_RANK["7b"], state)
             row = computed_row(f"{_display(name)} lean (in-backward"
                                f"{' + ' + state if state != 'float32' else ''})", 2 * p,
@@ -602,11 +602,6 @@ def computed(sizes=COMPUTED_SIZES, tokens: int = BATCH * SEQ_LEN, optimizer=COMP
 def _display(name: str) -> str:
     from slimopt.launch.records import BY_NAME
     return BY_NAME[name].display
-
-
-def _takes_state_dtype(name: str) -> bool:
-    from slimopt.launch.registry import OPTIMIZERS
-    return "state_dtype" in inspect.signature(OPTIMIZERS[name]).parameters
 
 
 # ------------------------------------------------------------------------------ tables, figure

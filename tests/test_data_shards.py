@@ -18,6 +18,7 @@ from slimopt.launch import train_step  # noqa: E402
 from slimopt.launch.data import DataError, open_corpus  # noqa: E402
 from slimopt.launch.token_shards import token_shards  # noqa: E402
 from slimopt.launch.tokenizer import pretrained_tokenizer, trained_bpe  # noqa: E402
+import test_pretrain_contract as contract  # noqa: E402  (its cache fixture and refusal check)
 
 SMALL = ["--preset", "tiny", "--seq-len", "32", "--batch-size", "4", "--vocab-size", "300",
          "--max-chars", "150000", "--eval-every", "3", "--eval-batches", "1", "--no-progress",
@@ -38,9 +39,7 @@ def corpus_file(tmp_path_factory):
     return str(path)
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("cache"))
+cache = contract.cache  # the module's token cache fixture
 
 
 def _packed(docs, tokenizer, seq_len):
@@ -222,14 +221,7 @@ def _tiny_tokenizer(folder):
     return fast
 
 
-def _refused(args, capsys, *needles):
-    with pytest.raises(SystemExit) as err:
-        pretrain.execute(args)
-    assert err.value.code == 2
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("slimopt-pretrain: error: "), lines
-    for needle in needles:
-        assert needle in lines[0], lines[0]
+_refused = contract._refused  # one stderr line holding every needle, exit 2, nothing trained
 
 
 def test_pretrained_tokenizer_from_a_local_path(tmp_path, cache, capsys):
